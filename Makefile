@@ -1,0 +1,31 @@
+PY := .venv/bin/python
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: run test lint format bench clean
+
+.venv/.installed: pyproject.toml scripts/install_torch.sh
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	scripts/install_torch.sh $(PY)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+run: .venv/.installed
+	.venv/bin/qwenkit chat
+
+lint: .venv/.installed
+	.venv/bin/ruff check src tests benchmarks
+	.venv/bin/ruff format --check src tests benchmarks
+
+format: .venv/.installed
+	.venv/bin/ruff check --fix src tests benchmarks
+	.venv/bin/ruff format src tests benchmarks
+
+test: lint
+	$(PY) -m pytest
+
+bench: .venv/.installed
+	$(PY) benchmarks/inference.py
+
+clean:
+	rm -rf .venv build src/*.egg-info
