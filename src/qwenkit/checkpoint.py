@@ -1,0 +1,385 @@
+"""Hugging Face checkpoint directories: read the original Qwen and the Qwen2 layouts, write Qwen2.
+
+Reading is lazy (safetensors memory maps, one tensor at a time onto a model built on the meta
+device), so peak memory stays near the size of the model itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from qwenkit.config import QwenConfig
+from qwenkit.errors import QwenkitError
+from qwenkit.model import Qwen
+from qwenkit.tokenizer import Tokenizer
+
+ORIGINAL, QWEN2 = "qwen", "qwen2"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QWENKIT_KEYS = ("use_dynamic_ntk", "use_logn_attn", "use_window_attn", "window_sizes")
+IGNORED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")  # buffers some exporters save; recomputed here
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, default: torch.dtype = torch.float32) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return default
+    if isinstance(dtype, torch.dtype):
+        if dtype in DTYPES.values():
+            return dtype
+        raise QwenkitError(f"unsupported dtype {dtype}; choose one of: {', '.join(DTYPES)}")
+    if dtype not in DTYPES:
+        raise QwenkitError(f"unsupported dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def read_config_json(path: str | os.PathLike) -> dict:
+    directory = Path(path)
+    if not directory.exists():
+        raise QwenkitError(f"checkpoint not found: {directory}")
+    if not directory.is_dir():
+        raise QwenkitError(f"a checkpoint is a directory with config.json, got a file: {directory}")
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise QwenkitError(f"no config.json in {directory}: not a Hugging Face checkpoint directory")
+    try:
+        return json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QwenkitError(f"{config_file} is not valid JSON: {e}") from None
+
+
+def detect_layout(hf: dict) -> str:
+    model_type = hf.get("model_type")
+    architectures = hf.get("architectures") or []
+    if model_type == "qwen" or "QWenLMHeadModel" in architectures or "kv_channels" in hf:
+        return ORIGINAL
+    if model_type == "qwen2" or "Qwen2ForCausalLM" in architectures:
+        return QWEN2
+    raise QwenkitError(
+        f"unknown checkpoint layout (model_type={model_type!r}, architectures={architectures}); "
+        "qwenkit reads the original Qwen layout and the Qwen2 family (Qwen1.5/2/2.5)"
+    )
+
+
+def config_from_hf(hf: dict) -> tuple[QwenConfig, str]:
+    """QwenConfig and layout name from a checkpoint's config.json contents."""
+    layout = detect_layout(hf)
+    try:
+        if layout == ORIGINAL:
+            if float(hf.get("rotary_pct", 1.0)) != 1.0:
+                raise QwenkitError(f"rotary_pct {hf['rotary_pct']} is not supported (Qwen uses 1.0)")
+            config = QwenConfig(
+                vocab_size=hf["vocab_size"],
+                hidden_size=hf["hidden_size"],
+                intermediate_size=hf["intermediate_size"] // 2,  # the original stores twice the FFN width
+                num_hidden_layers=hf["num_hidden_layers"],
+                num_attention_heads=hf["num_attention_heads"],
+                head_dim=hf.get("kv_channels"),
+                max_position_embeddings=hf.get("seq_length", 2048),
+                rope_theta=float(hf.get("rotary_emb_base", 10000.0)),
+                rms_norm_eps=hf.get("layer_norm_epsilon", 1e-6),
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                initializer_range=hf.get("initializer_range", 0.02),
+                use_dynamic_ntk=bool(hf.get("use_dynamic_ntk", False)),
+                use_logn_attn=bool(hf.get("use_logn_attn", False)),
+            )
+        else:
+            scaling = hf.get("rope_scaling") or {}
+            rope_parameters = hf.get("rope_parameters") or {}
+            rope_type = scaling.get("rope_type", scaling.get("type")) or rope_parameters.get("rope_type")
+            if rope_type not in (None, "default"):
+                raise QwenkitError(f"rope scaling {rope_type!r} is not supported; qwenkit uses dynamic NTK")
+            if hf.get("use_sliding_window"):
+                raise QwenkitError("Qwen2 sliding-window attention is not supported; qwenkit has window_sizes")
+            extras = hf.get("qwenkit") or {}
+            config = QwenConfig(
+                vocab_size=hf["vocab_size"],
+                hidden_size=hf["hidden_size"],
+                intermediate_size=hf["intermediate_size"],
+                num_hidden_layers=hf["num_hidden_layers"],
+                num_attention_heads=hf["num_attention_heads"],
+                num_key_value_heads=hf.get("num_key_value_heads"),
+                head_dim=hf.get("head_dim"),
+                max_position_embeddings=hf.get("max_position_embeddings", 32768),
+                rope_theta=float(hf.get("rope_theta", rope_parameters.get("rope_theta", 10000.0))),
+                rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                initializer_range=hf.get("initializer_range", 0.02),
+                **{k: extras[k] for k in QWENKIT_KEYS if k in extras},
+            )
+    except KeyError as e:
+        raise QwenkitError(f"config.json lacks the key {e.args[0]!r}") from None
+    except TypeError as e:
+        raise QwenkitError(f"config.json has a value of the wrong type: {e}") from None
+    return config, layout
+
+
+def config_to_hf(config: QwenConfig, dtype: torch.dtype) -> dict:
+    """config.json contents in the Qwen2 layout, plus qwenkit's own switches (ignored by others)."""
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_position_embeddings,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None,
+        "rms_norm_eps": config.rms_norm_eps,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "initializer_range": config.initializer_range,
+        "attention_dropout": 0.0,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": config.num_hidden_layers,
+        "use_cache": True,
+        "bos_token_id": 151643,
+        "eos_token_id": 151643,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "qwenkit": {k: getattr(config, k) for k in QWENKIT_KEYS},
+    }
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The checkpoint's weight files, from an index when there is one."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = directory / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise QwenkitError(f"{index} is not a valid weight index: {e}") from None
+            files = [directory / name for name in dict.fromkeys(weight_map.values())]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise QwenkitError(f"{index} names missing shard files: {', '.join(missing)}")
+            return files
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).is_file():
+            return [directory / name]
+    raise QwenkitError(f"no weights in {directory} (expected model.safetensors or an index with shards)")
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs, one at a time, without reading whole files into memory."""
+    for file in files:
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                        yield name, f.get_tensor(name)
+            except Exception as e:  # safetensors raises its own error types for corrupt files
+                if isinstance(e, QwenkitError):
+                    raise
+                raise QwenkitError(f"cannot read {file}: {e}") from None
+        else:
+            yield from torch.load(file, map_location="cpu", mmap=True, weights_only=True).items()
+
+
+def tensor_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Names, shapes and dtypes of every tensor, read from file headers only (safetensors)."""
+    shapes = {}
+    for file in files:
+        if file.suffix != ".safetensors":
+            for name, tensor in torch.load(file, map_location="meta", mmap=True, weights_only=True).items():
+                shapes[name] = (tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+            continue
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118
+                piece = f.get_slice(name)
+                shapes[name] = (tuple(piece.get_shape()), piece.get_dtype())
+    return shapes
+
+
+_ORIGINAL_BLOCK = {
+    "ln_1.weight": ["input_layernorm.weight"],
+    "ln_2.weight": ["post_attention_layernorm.weight"],
+    "attn.c_attn.weight": ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
+    "attn.c_attn.bias": ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"],
+    "attn.c_proj.weight": ["self_attn.o_proj.weight"],
+    "mlp.w1.weight": ["mlp.up_proj.weight"],  # w1 is "up"
+    "mlp.w2.weight": ["mlp.gate_proj.weight"],  # SiLU is applied to w2: the gate
+    "mlp.c_proj.weight": ["mlp.down_proj.weight"],
+}
+_ORIGINAL_TOP = {
+    "transformer.wte.weight": "model.embed_tokens.weight",
+    "transformer.ln_f.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+
+
+def original_to_qwen2(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """Rename (and for the fused c_attn, split into Q, K, V) one tensor of the original layout."""
+    if name in _ORIGINAL_TOP:
+        return [(_ORIGINAL_TOP[name], tensor)]
+    match = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)", name)
+    if match and match.group(2) in _ORIGINAL_BLOCK:
+        targets = [f"model.layers.{match.group(1)}.{t}" for t in _ORIGINAL_BLOCK[match.group(2)]]
+        if len(targets) == 1:
+            return [(targets[0], tensor)]
+        if tensor.shape[0] % 3:
+            raise QwenkitError(f"{name} has shape {tuple(tensor.shape)}; the fused QKV needs a multiple of 3")
+        return list(zip(targets, tensor.chunk(3, dim=0), strict=True))
+    return [(name, tensor)]  # unknown: reported as unexpected by the caller
+
+
+def load_weights(model: Qwen, directory: Path, layout: str, dtype: torch.dtype, device) -> None:
+    """Fill a model built on the meta device from the checkpoint, checking every name and shape."""
+    expected = {name: p for name, p in model.named_parameters()}  # tied head appears once, as embed
+    tied = model.config.tie_word_embeddings
+    loaded: dict[str, torch.Tensor] = {}
+    unexpected, misshaped = [], []
+    for name, tensor in iter_tensors(weight_files(directory)):
+        if IGNORED_TENSORS.fullmatch(name):
+            continue
+        pieces = original_to_qwen2(name, tensor) if layout == ORIGINAL else [(name, tensor)]
+        for target, piece in pieces:
+            if tied and target == "lm_head.weight":
+                continue
+            if target not in expected:
+                unexpected.append(name)
+            elif tuple(piece.shape) != tuple(expected[target].shape):
+                misshaped.append(f"{name} {tuple(piece.shape)} != {tuple(expected[target].shape)}")
+            else:
+                loaded[target] = piece.to(device=device, dtype=dtype)
+    missing = [name for name in expected if name not in loaded]
+    problems = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        if names:
+            shown = ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+            problems.append(f"{label} tensors: {shown}")
+    if problems:
+        raise QwenkitError(f"checkpoint {directory} does not match its config: " + "; ".join(problems))
+    model.load_state_dict(loaded, strict=False, assign=True)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def load(
+    path: str | os.PathLike | None = None, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
+) -> tuple[Qwen, Tokenizer]:
+    """Load a checkpoint directory (original Qwen or Qwen2 layout) -> (model in eval mode, tokenizer).
+
+    With no path, the embedded demo model. dtype: float32, bfloat16 or float16; by default float32
+    on CPU and the checkpoint's own dtype on GPUs.
+    """
+    if path is None:
+        from qwenkit import default_model_path
+
+        path = default_model_path()
+    directory = Path(path)
+    hf = read_config_json(directory)
+    config, layout = config_from_hf(hf)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise QwenkitError("device cuda was asked for but no CUDA GPU is available")
+    stored = hf.get("torch_dtype") or hf.get("dtype")
+    default = DTYPES.get(stored, torch.bfloat16) if device.type != "cpu" else torch.float32
+    dtype = resolve_dtype(dtype, default)
+    tokenizer = Tokenizer.from_file(directory)
+    with torch.device("meta"):
+        model = Qwen(config)
+    load_weights(model, directory, layout, dtype, device)
+    from qwenkit.generation import GenerationConfig
+
+    model.generation_config = GenerationConfig.from_checkpoint(directory, chat=layout == ORIGINAL and None)
+    return model.eval(), tokenizer
+
+
+def save(
+    model: Qwen,
+    tokenizer: Tokenizer | None,
+    path: str | os.PathLike,
+    dtype: str | torch.dtype | None = None,
+    max_shard_bytes: int = 4 * 1024**3,
+) -> Path:
+    """Write a Qwen2-layout directory transformers and vLLM load; written to a temporary directory
+    beside the target and renamed at the end, so a crash never leaves a half-written checkpoint."""
+    target = Path(path)
+    dtype = resolve_dtype(dtype, model.dtype)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        state = {
+            name: tensor.detach().to(device="cpu", dtype=dtype).contiguous()
+            for name, tensor in model.state_dict().items()
+            if not (model.config.tie_word_embeddings and name == "lm_head.weight")
+        }
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name, tensor in state.items():
+            nbytes = tensor.numel() * tensor.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = tensor
+            size += nbytes
+        metadata = {"format": "pt"}
+        if len(shards) == 1:
+            save_file(shards[0], staging / "model.safetensors", metadata=metadata)
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, start=1):
+                file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, staging / file, metadata=metadata)
+                weight_map.update(dict.fromkeys(shard, file))
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (staging / "config.json").write_text(json.dumps(config_to_hf(model.config, dtype), indent=2))
+        from qwenkit.generation import GenerationConfig
+
+        generation = model.generation_config or GenerationConfig()
+        (staging / "generation_config.json").write_text(json.dumps(generation.to_hf(), indent=2))
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer.path, staging / "qwen.tiktoken")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def describe(path: str | os.PathLike) -> dict:
+    """What `qwenkit info` prints: layout, shapes, parameters, dtype, memory; reads no weights."""
+    directory = Path(path)
+    hf = read_config_json(directory)
+    config, layout = config_from_hf(hf)
+    shapes = tensor_shapes(weight_files(directory))
+    stored = sum(_numel(shape) for shape, _ in shapes.values())
+    dtypes = sorted({dtype for _, dtype in shapes.values()})
+    params = config.num_parameters
+    return {
+        "path": str(directory),
+        "layout": "original Qwen (QWenLMHeadModel)" if layout == ORIGINAL else "Qwen2 (Qwen2ForCausalLM)",
+        "config": config.to_dict(),
+        "parameters": params,
+        "stored_tensors": len(shapes),
+        "stored_parameters": stored,
+        "stored_dtypes": dtypes,
+        "memory_gib": {name: round(params * torch.empty((), dtype=d).element_size() / 1024**3, 3)
+                       for name, d in DTYPES.items()},
+        "tokenizer": (directory / "qwen.tiktoken").is_file(),
+    }
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

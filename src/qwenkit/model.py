@@ -1,0 +1,325 @@
+"""The Qwen network in one file.
+
+Pre-norm decoder blocks (report §2.2): RMSNorm in fp32, rotary embeddings computed in fp32,
+attention with bias on Q/K/V and grouped-query support, SwiGLU MLP, untied output head.
+Inference-only long-context switches (report §2.5): dynamic NTK, LogN query scaling and
+layer-wise window attention. Module names follow transformers' Qwen2 layout so state dicts,
+peft adapters and checkpoints are interchangeable with it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwenkit.config import QwenConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def ntk_alpha(length: int, training_length: int) -> float:
+    """Dynamic NTK factor as the original computes it at prefill: 1 up to S, 3 up to 2S, 7 up to 4S."""
+    context_value = math.log(length / training_length, 2) + 1
+    return max(2 ** math.ceil(context_value) - 1, 1)
+
+
+def logn_scale(positions: torch.Tensor, training_length: int) -> torch.Tensor:
+    """LogN query factor for 0-based positions: log(i)/log(S) for 1-based i beyond S, else 1."""
+    i = (positions + 1).double()
+    return torch.where(i > training_length, i.log() / math.log(training_length), torch.ones_like(i))
+
+
+def rotary_cos_sin(
+    positions: torch.Tensor, head_dim: int, base: float, alpha: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [B, T, head_dim] in fp32 for positions [B, T] and per-row NTK factors alpha [B]."""
+    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
+    inv_freqs = {}
+    for a in alpha.unique().tolist():  # NTK-scaled base, computed in Python floats like the original
+        inv_freqs[a] = 1.0 / ((base * a ** (head_dim / (head_dim - 2))) ** exponents)
+    inv_freq = torch.stack([inv_freqs[a] for a in alpha.tolist()])  # [B, head_dim/2]
+    freqs = positions.to(torch.float32)[:, :, None] * inv_freq[:, None, :]
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, T, D] by half-split RoPE in fp32 and cast back (rotate_half = cat(-x2, x1))."""
+    x32 = x.float()
+    x1, x2 = x32.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x32 * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys/values for every layer, plus what decoding must remember.
+
+    Slots are filled left to right for all rows at once (prompts are left-padded), so one integer
+    `length` tells how many are in use. `positions` holds each slot's real position (-1 for padding)
+    and `alpha` the dynamic-NTK factor fixed at prefill, as the original does.
+    """
+
+    def __init__(self, config: QwenConfig, batch_size: int, max_length: int, device, dtype):
+        shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.positions = torch.full((batch_size, max_length), -1, dtype=torch.long, device=device)
+        self.alpha: torch.Tensor | None = None
+        self.padded = False
+        self.length = 0
+        self.max_length = max_length
+
+    def next_positions(self) -> torch.Tensor:
+        """Positions [B, 1] of the token that follows what is cached."""
+        return self.positions[:, : self.length].max(dim=1, keepdim=True).values + 1
+
+
+class Attention(nn.Module):
+    def __init__(self, config: QwenConfig, layer_index: int):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.layer_index = layer_index
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        query_scale: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if query_scale is not None:  # LogN scaling, after RoPE
+            q = (q.float() * query_scale[:, None, :, None]).to(q.dtype)
+        if cache is not None:
+            start, end = cache.length, cache.length + t
+            cache.keys[self.layer_index][:, :, start:end] = k
+            cache.values[self.layer_index][:, :, start:end] = v
+            k = cache.keys[self.layer_index][:, :, :end]
+            v = cache.values[self.layer_index][:, :, :end]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); the original's w2 is the gate, w1 the up projection."""
+
+    def __init__(self, config: QwenConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: QwenConfig, layer_index: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_index)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope, mask, is_causal, query_scale, cache):
+        h = x + self.self_attn(self.input_layernorm(x), rope, mask, is_causal, query_scale, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: QwenConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Qwen(nn.Module):
+    """Qwen causal LM: LongTensor [B, T] -> logits [B, T, vocab]."""
+
+    def __init__(self, config: QwenConfig):
+        super().__init__()
+        self.config = config
+        self.model = Transformer(config)  # named "model" so parameter names match the Qwen2 layout
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.generation_config = None  # set by qwenkit.load(); generation falls back to Qwen's defaults
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def init_weights(self, seed: int | None = None) -> None:
+        """Initialization as the original: normal(0, 0.02), output projections 0.02/sqrt(2*layers)."""
+        generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, param in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "model.norm.weight":
+                nn.init.ones_(param)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(param)
+            else:
+                is_output = name.endswith(("o_proj.weight", "down_proj.weight"))
+                values = torch.empty(param.shape, dtype=torch.float32)
+                values.normal_(0.0, out_std if is_output else std, generator=generator)
+                with torch.no_grad():
+                    param.copy_(values)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits for input_ids [B, T].
+
+        attention_mask [B, T] (1 = token, 0 = left padding) is only needed for padded batches.
+        With a cache, the tokens are appended after what it holds; pass `attention_mask` only with
+        the first (prefill) call. `last_only` computes logits for the last position alone.
+        """
+        config = self.config
+        b, t = input_ids.shape
+        if cache is not None and cache.length + t > cache.max_length:
+            raise ValueError(f"KV cache holds {cache.max_length} tokens; {cache.length + t} needed")
+        positions, key_positions, padded = self._positions(input_ids, attention_mask, cache)
+        x = self.model.embed_tokens(input_ids)
+        long_context = not self.training  # NTK, LogN and windows are inference-only
+        training_length = config.max_position_embeddings
+
+        if cache is not None and cache.alpha is not None:
+            alpha = cache.alpha  # fixed at prefill, as the original does
+        elif long_context and config.use_dynamic_ntk:
+            lengths = (key_positions.max(dim=1).values + 1).tolist()  # real length of each row
+            alpha = torch.tensor([ntk_alpha(n, training_length) for n in lengths], device=x.device)
+        else:
+            alpha = torch.ones(b, device=x.device)
+        if cache is not None:
+            cache.alpha = alpha
+        rope = rotary_cos_sin(positions.clamp(min=0), config.head_dim, config.rope_theta, alpha)
+
+        last_position = int(positions.max()) if long_context else 0
+        query_scale = None
+        if config.use_logn_attn and last_position >= training_length:
+            query_scale = logn_scale(positions, training_length).float()
+
+        windows = config.layer_window_sizes() if long_context and config.use_window_attn else None
+        chunk_after_prefix = cache is not None and cache.length > 0 and t > 1
+        masks: dict[int | None, torch.Tensor | None] = {}
+
+        def mask_for(window: int | None) -> torch.Tensor | None:
+            if window is not None and last_position < window:
+                window = None  # every key a query can see lies inside this layer's window
+            if window not in masks:
+                needed = padded or window is not None or chunk_after_prefix
+                masks[window] = attention_mask_from_positions(positions, key_positions, window) if needed else None
+            return masks[window]
+
+        # Without a mask, prefill uses SDPA's causal mode (flash kernels on CUDA); one new token sees all keys.
+        is_causal = t > 1 and not chunk_after_prefix
+        for i, layer in enumerate(self.model.layers):
+            mask = mask_for(windows[i] if windows is not None else None)
+            x = layer(x, rope, mask, is_causal and mask is None, query_scale, cache)
+        if cache is not None:
+            cache.length += t
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x))
+
+    def _positions(self, input_ids, attention_mask, cache):
+        """Real positions of the new tokens [B, T] and of every visible key [B, S]; -1 marks padding."""
+        b, t = input_ids.shape
+        device = input_ids.device
+        if cache is not None and cache.length > 0:
+            if attention_mask is not None:
+                raise ValueError("attention_mask is only accepted with the first call on a cache")
+            positions = cache.next_positions() + torch.arange(t, device=device)
+            padded = cache.padded
+        elif attention_mask is not None:
+            attention_mask = attention_mask.to(device=device, dtype=torch.long)
+            positions = attention_mask.cumsum(dim=1) - 1
+            positions = positions.masked_fill(attention_mask == 0, -1)
+            padded = bool((attention_mask == 0).any())
+        else:
+            positions = torch.arange(t, device=device).expand(b, t)
+            padded = False
+        if cache is None:
+            return positions, positions, padded
+        cache.positions[:, cache.length : cache.length + t] = positions
+        cache.padded = padded
+        return positions, cache.positions[:, : cache.length + t], padded
+
+    # Generation and chat live in their own modules; these methods give the official call forms.
+    def generate(self, input_ids: torch.Tensor, **settings) -> torch.Tensor:
+        from qwenkit.generation import generate
+
+        return generate(self, input_ids, **settings)
+
+    def stream_generate(self, tokenizer, input_ids: torch.Tensor, **settings) -> Iterator[str]:
+        from qwenkit.generation import stream_generate
+
+        return stream_generate(self, tokenizer, input_ids, **settings)
+
+    def chat(self, tokenizer, query: str, history=None, system: str = "You are a helpful assistant.", **settings):
+        from qwenkit.chat import chat
+
+        return chat(self, tokenizer, query, history=history, system=system, **settings)
+
+    def chat_stream(
+        self, tokenizer, query: str, history=None, system: str = "You are a helpful assistant.", **settings
+    ) -> Iterator[str]:
+        from qwenkit.chat import chat_stream
+
+        return chat_stream(self, tokenizer, query, history=history, system=system, **settings)
+
+
+def attention_mask_from_positions(
+    query_positions: torch.Tensor, key_positions: torch.Tensor, window: int | None
+) -> torch.Tensor:
+    """Boolean mask [B, 1, T, S]: a query sees real keys at or before its position (within `window`).
+
+    Queries are the last T of the S key slots. Each query also sees its own slot, so padding rows
+    never have an empty softmax (which would turn into NaN and leak through the values).
+    """
+    q = query_positions[:, None, :, None]
+    k = key_positions[:, None, None, :]
+    visible = (k >= 0) & (k <= q)
+    if window is not None:
+        visible &= q - k < window
+    t, s = query_positions.shape[1], key_positions.shape[1]
+    own_slot = torch.arange(s, device=k.device)[None, :] == torch.arange(s - t, s, device=k.device)[:, None]
+    return visible | own_slot
