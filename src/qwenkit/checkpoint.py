@@ -98,7 +98,9 @@ def config_from_hf(hf: dict) -> tuple[QwenConfig, str]:
             if rope_type not in (None, "default"):
                 raise QwenkitError(f"rope scaling {rope_type!r} is not supported; qwenkit uses dynamic NTK")
             if hf.get("use_sliding_window"):
-                raise QwenkitError("Qwen2 sliding-window attention is not supported; qwenkit has window_sizes")
+                raise QwenkitError(
+                    "Qwen2 sliding-window attention is not supported; qwenkit has window_sizes"
+                )
             extras = hf.get("qwenkit") or {}
             config = QwenConfig(
                 vocab_size=hf["vocab_size"],
@@ -269,7 +271,9 @@ def load_weights(model: Qwen, directory: Path, layout: str, dtype: torch.dtype, 
 
 
 def load(
-    path: str | os.PathLike | None = None, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
+    path: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
 ) -> tuple[Qwen, Tokenizer]:
     """Load a checkpoint directory (original Qwen or Qwen2 layout) -> (model in eval mode, tokenizer).
 
@@ -295,7 +299,7 @@ def load(
     load_weights(model, directory, layout, dtype, device)
     from qwenkit.generation import GenerationConfig
 
-    model.generation_config = GenerationConfig.from_checkpoint(directory, chat=layout == ORIGINAL and None)
+    model.generation_config = GenerationConfig.from_checkpoint(directory)
     return model.eval(), tokenizer
 
 
@@ -372,8 +376,10 @@ def describe(path: str | os.PathLike) -> dict:
         "stored_tensors": len(shapes),
         "stored_parameters": stored,
         "stored_dtypes": dtypes,
-        "memory_gib": {name: round(params * torch.empty((), dtype=d).element_size() / 1024**3, 3)
-                       for name, d in DTYPES.items()},
+        "memory_gib": {
+            name: round(params * torch.empty((), dtype=d).element_size() / 1024**3, 3)
+            for name, d in DTYPES.items()
+        },
         "tokenizer": (directory / "qwen.tiktoken").is_file(),
     }
 

@@ -66,7 +66,10 @@ class GenerationConfig:
 
     def validate(self) -> None:
         checks = [
-            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0, "max_new_tokens must be >= 0"),
+            (
+                isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0,
+                "max_new_tokens must be >= 0",
+            ),
             (self.temperature > 0, "temperature must be > 0"),
             (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0 (0 = off)"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
@@ -107,7 +110,10 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
 
 
 def process_logits(
-    logits: torch.Tensor, seen: torch.Tensor | None, config: GenerationConfig, generator: torch.Generator | None
+    logits: torch.Tensor,
+    seen: torch.Tensor | None,
+    config: GenerationConfig,
+    generator: torch.Generator | None,
 ) -> torch.Tensor:
     """Next token per row from fp32 logits [B, V]: repetition penalty, then greedy or
     temperature -> top-k -> top-p sampling (the order transformers uses)."""
@@ -131,7 +137,9 @@ def process_logits(
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def _prepare(model: Qwen, input_ids, attention_mask, settings) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+def _prepare(
+    model: Qwen, input_ids, attention_mask, settings
+) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     config = model.generation_config or GenerationConfig()
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() == 1:
@@ -139,7 +147,9 @@ def _prepare(model: Qwen, input_ids, attention_mask, settings) -> tuple[torch.Te
         if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.dtype != torch.long:
             raise QwenkitError("input_ids must be a non-empty LongTensor [B, T]")
     else:
-        rows = [list(input_ids)] if input_ids and isinstance(input_ids[0], int) else [list(r) for r in input_ids]
+        rows = (
+            [list(input_ids)] if input_ids and isinstance(input_ids[0], int) else [list(r) for r in input_ids]
+        )
         input_ids, pad_mask = left_pad(rows, config.pad_token_id)
         attention_mask = pad_mask if len(rows) > 1 else None
     if int(input_ids.max()) >= model.config.vocab_size or int(input_ids.min()) < 0:

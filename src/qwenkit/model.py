@@ -76,7 +76,9 @@ class KVCache:
     def __init__(self, config: QwenConfig, batch_size: int, max_length: int, device, dtype):
         shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.values = [
+            torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)
+        ]
         self.positions = torch.full((batch_size, max_length), -1, dtype=torch.long, device=device)
         self.alpha: torch.Tensor | None = None
         self.padded = False
@@ -246,7 +248,9 @@ class Qwen(nn.Module):
                 window = None  # every key a query can see lies inside this layer's window
             if window not in masks:
                 needed = padded or window is not None or chunk_after_prefix
-                masks[window] = attention_mask_from_positions(positions, key_positions, window) if needed else None
+                masks[window] = (
+                    attention_mask_from_positions(positions, key_positions, window) if needed else None
+                )
             return masks[window]
 
         # Without a mask, prefill uses SDPA's causal mode (flash kernels on CUDA); one new token sees all keys.
@@ -294,7 +298,9 @@ class Qwen(nn.Module):
 
         return stream_generate(self, tokenizer, input_ids, **settings)
 
-    def chat(self, tokenizer, query: str, history=None, system: str = "You are a helpful assistant.", **settings):
+    def chat(
+        self, tokenizer, query: str, history=None, system: str = "You are a helpful assistant.", **settings
+    ):
         from qwenkit.chat import chat
 
         return chat(self, tokenizer, query, history=history, system=system, **settings)
