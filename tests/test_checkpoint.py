@@ -1,0 +1,269 @@
+"""Checkpoint directories: the original Qwen layout, the Qwen2 layout, transformers round trips, errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
+
+import qwenkit
+from qwenkit import Qwen, QwenConfig, QwenkitError
+from qwenkit.checkpoint import describe
+
+IDS = torch.tensor([[151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 108386, 12345]])
+
+
+def make_model(**overrides) -> Qwen:
+    model = Qwen(QwenConfig.from_preset("tiny", **overrides))
+    model.init_weights(seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    return model.eval()
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids)
+
+
+def write_original_layout(model: Qwen, directory, vocab_path, shards: int = 2) -> None:
+    """A checkpoint as the official Qwen release lays it out (QWenLMHeadModel), from the same weights."""
+    config = model.config
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {
+        "transformer.wte.weight": model.model.embed_tokens.weight,
+        "transformer.ln_f.weight": model.model.norm.weight,
+        "lm_head.weight": model.lm_head.weight,
+    }
+    for i, layer in enumerate(model.model.layers):
+        attn, mlp, p = layer.self_attn, layer.mlp, f"transformer.h.{i}."
+        state[p + "ln_1.weight"] = layer.input_layernorm.weight
+        state[p + "ln_2.weight"] = layer.post_attention_layernorm.weight
+        state[p + "attn.c_attn.weight"] = torch.cat(
+            [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+        )
+        state[p + "attn.c_attn.bias"] = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+        state[p + "attn.c_proj.weight"] = attn.o_proj.weight
+        state[p + "mlp.w1.weight"] = mlp.up_proj.weight
+        state[p + "mlp.w2.weight"] = mlp.gate_proj.weight
+        state[p + "mlp.c_proj.weight"] = mlp.down_proj.weight
+    state = {k: v.detach().clone().contiguous() for k, v in state.items()}
+    names = list(state)
+    weight_map = {}
+    for s in range(shards):
+        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: state[n] for n in names[s::shards]}
+        save_file(part, directory / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    hf_config = {
+        "architectures": ["QWenLMHeadModel"],
+        "model_type": "qwen",
+        "auto_map": {"AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"},
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size * 2,
+        "kv_channels": config.head_dim,
+        "layer_norm_epsilon": config.rms_norm_eps,
+        "max_position_embeddings": 32768,
+        "no_bias": True,
+        "num_attention_heads": config.num_attention_heads,
+        "num_hidden_layers": config.num_hidden_layers,
+        "rotary_emb_base": config.rope_theta,
+        "rotary_pct": 1.0,
+        "seq_length": config.max_position_embeddings,
+        "tie_word_embeddings": False,
+        "use_dynamic_ntk": True,
+        "use_flash_attn": "auto",
+        "use_logn_attn": True,
+        "vocab_size": config.vocab_size,
+    }
+    (directory / "config.json").write_text(json.dumps(hf_config))
+    generation = {
+        "chat_format": "chatml",
+        "eos_token_id": 151643,
+        "pad_token_id": 151643,
+        "max_window_size": 6144,
+        "max_new_tokens": 512,
+        "do_sample": True,
+        "top_k": 0,
+        "top_p": 0.8,
+        "repetition_penalty": 1.1,
+    }
+    (directory / "generation_config.json").write_text(json.dumps(generation))
+    shutil.copyfile(vocab_path, directory / "qwen.tiktoken")
+
+
+@pytest.fixture
+def original_checkpoint(tmp_path, official_tokenizer):
+    model = make_model()
+    write_original_layout(model, tmp_path / "qwen-original", official_tokenizer.path)
+    return model, tmp_path / "qwen-original"
+
+
+def test_original_layout_loads_with_the_same_logits(original_checkpoint):
+    model, directory = original_checkpoint
+    loaded, tokenizer = qwenkit.load(directory)
+    assert loaded.config.intermediate_size == model.config.intermediate_size
+    assert loaded.config.use_dynamic_ntk and loaded.config.use_logn_attn
+    assert loaded.generation_config.repetition_penalty == 1.1
+    assert tokenizer.im_end_id == 151645
+    torch.testing.assert_close(logits(loaded), logits(model), atol=0, rtol=0)
+    assert describe(directory)["layout"].startswith("original Qwen")
+
+
+def test_original_layout_converts_to_qwen2_that_transformers_loads(original_checkpoint, tmp_path):
+    model, directory = original_checkpoint
+    loaded, tokenizer = qwenkit.load(directory)
+    qwenkit.save(loaded, tokenizer, tmp_path / "converted")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "converted", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(IDS).logits, logits(model), atol=1e-4, rtol=0)
+    again, _ = qwenkit.load(tmp_path / "converted")
+    assert again.config.use_dynamic_ntk  # qwenkit's own switches survive in the "qwenkit" key
+    torch.testing.assert_close(logits(again), logits(model), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 2, "tie_word_embeddings": True}])
+def test_saved_checkpoint_loads_in_transformers(tmp_path, official_tokenizer, overrides):
+    model = make_model(**overrides)
+    qwenkit.save(model, official_tokenizer, tmp_path / "out", max_shard_bytes=8_000_000)
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()  # sharded
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(IDS).logits, logits(model), atol=1e-4, rtol=0)
+    greedy = model.generate(IDS, max_new_tokens=8, do_sample=False, repetition_penalty=1.0)
+    theirs = hf.generate(IDS, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=151643)
+    assert greedy.tolist() == theirs.tolist()
+
+
+def test_qwen2_checkpoint_written_by_transformers_loads(tmp_path, official_tokenizer):
+    hf_config = transformers.Qwen2Config(
+        vocab_size=151936,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(hf_config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    with pytest.raises(QwenkitError, match="qwen.tiktoken"):
+        qwenkit.load(tmp_path / "hf")
+    shutil.copyfile(official_tokenizer.path, tmp_path / "hf" / "qwen.tiktoken")
+    model, _ = qwenkit.load(tmp_path / "hf")
+    assert model.config.rope_theta == 1000000.0 and model.config.num_key_value_heads == 2
+    with torch.no_grad():
+        torch.testing.assert_close(logits(model), hf(IDS).logits, atol=1e-4, rtol=0)
+
+
+def test_pytorch_bin_checkpoints_load(tmp_path, official_tokenizer):
+    model = make_model()
+    qwenkit.save(model, official_tokenizer, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "ckpt" / "pytorch_model.bin")
+    loaded, _ = qwenkit.load(tmp_path / "ckpt")
+    torch.testing.assert_close(logits(loaded), logits(model), atol=0, rtol=0)
+
+
+def test_dtypes(tmp_path, official_tokenizer):
+    model = make_model()
+    qwenkit.save(model, official_tokenizer, tmp_path / "bf16", dtype="bfloat16")
+    info = describe(tmp_path / "bf16")
+    assert info["stored_dtypes"] == ["BF16"]
+    loaded, _ = qwenkit.load(tmp_path / "bf16")  # float32 on CPU by default
+    assert loaded.dtype == torch.float32
+    loaded, _ = qwenkit.load(tmp_path / "bf16", dtype="bfloat16")
+    assert loaded.dtype == torch.bfloat16
+    with pytest.raises(QwenkitError, match="unsupported dtype 'int3'"):
+        qwenkit.load(tmp_path / "bf16", dtype="int3")
+
+
+def corrupt(directory, change):
+    """Rewrite model.safetensors with `change(state)` applied."""
+    from safetensors.torch import load_file
+
+    state = load_file(directory / "model.safetensors")
+    change(state)
+    save_file(state, directory / "model.safetensors")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda s: s.pop("model.layers.1.mlp.up_proj.weight"),
+            "missing tensors: model.layers.1.mlp.up_proj.weight",
+        ),
+        (
+            lambda s: s.update({"model.layers.9.extra": torch.zeros(2)}),
+            "unexpected tensors: model.layers.9.extra",
+        ),
+        (
+            lambda s: s.update({"model.norm.weight": torch.ones(65)}),
+            r"mis-shaped tensors: model.norm.weight \(65,\)",
+        ),
+    ],
+)
+def test_mismatched_tensors_are_named(tmp_path, official_tokenizer, change, message):
+    qwenkit.save(make_model(), official_tokenizer, tmp_path / "ckpt")
+    corrupt(tmp_path / "ckpt", change)
+    with pytest.raises(QwenkitError, match=message):
+        qwenkit.load(tmp_path / "ckpt")
+
+
+def test_bad_directories(tmp_path):
+    with pytest.raises(QwenkitError, match="checkpoint not found"):
+        qwenkit.load(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(QwenkitError, match="no config.json"):
+        qwenkit.load(tmp_path / "empty")
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(QwenkitError, match="unknown checkpoint layout"):
+        qwenkit.load(tmp_path / "llama")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    with pytest.raises(QwenkitError, match="not valid JSON"):
+        qwenkit.load(tmp_path / "broken")
+
+
+def test_save_replaces_atomically(tmp_path, official_tokenizer):
+    model = make_model()
+    qwenkit.save(model, official_tokenizer, tmp_path / "ckpt")
+    qwenkit.save(model, official_tokenizer, tmp_path / "ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging directories left behind
+
+
+def test_loading_is_lazy(tmp_path, official_tokenizer):
+    """Peak resident memory while loading stays near the model's own size (no second full copy)."""
+    model = Qwen(QwenConfig.from_preset("tiny", hidden_size=512, intermediate_size=1408, num_hidden_layers=6))
+    qwenkit.save(model, official_tokenizer, tmp_path / "big")
+    size_mb = model.config.num_parameters * 4 / 2**20
+    del model
+    script = textwrap.dedent(f"""
+        import re, torch, qwenkit
+
+        def peak_mb():  # VmHWM: this process's own peak (ru_maxrss can carry the parent's over exec)
+            return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
+
+        before = peak_mb()
+        model, _ = qwenkit.load({str(tmp_path / "big")!r})
+        with torch.no_grad():
+            total = sum(float(p.sum()) for p in model.parameters())  # touch every weight
+        print(peak_mb() - before)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    growth_mb = float(out.stdout.split()[-1])
+    assert 0.8 * size_mb < growth_mb < 1.4 * size_mb, (growth_mb, size_mb)

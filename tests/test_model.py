@@ -1,0 +1,252 @@
+"""The network against transformers' Qwen2 model, the KV cache, and the long-context formulas."""
+
+import math
+
+import pytest
+import torch
+import transformers
+
+from qwenkit import PRESETS, Qwen, QwenConfig
+from qwenkit.model import KVCache, attention_mask_from_positions, logn_scale, ntk_alpha, rotary_cos_sin
+
+VOCAB = 1000
+
+
+def tiny_config(**overrides) -> QwenConfig:
+    values = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        rope_theta=10000.0,
+    )
+    return QwenConfig(**{**values, **overrides})
+
+
+def build_pair(**overrides) -> tuple[Qwen, transformers.Qwen2ForCausalLM]:
+    """A random qwenkit model and transformers' Qwen2 model holding the very same weights."""
+    config = tiny_config(**overrides)
+    model = Qwen(config)
+    model.init_weights(seed=0)
+    with torch.no_grad():  # non-zero biases and norms, so their wiring is checked too
+        for name, p in model.named_parameters():
+            if name.endswith(("bias", "norm.weight", "layernorm.weight")):
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+    hf_config = transformers.Qwen2Config(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        rope_theta=config.rope_theta,
+        rms_norm_eps=config.rms_norm_eps,
+        tie_word_embeddings=config.tie_word_embeddings,
+    )
+    hf = transformers.Qwen2ForCausalLM(hf_config)
+    hf.load_state_dict(model.state_dict(), strict=not config.tie_word_embeddings)
+    return model.eval(), hf.eval()
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_logits_match_transformers(kv_heads, tied):
+    model, hf = build_pair(num_key_value_heads=kv_heads, tie_word_embeddings=tied)
+    ids = torch.randint(0, VOCAB, (2, 23), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(ids), hf(ids).logits
+    assert ours.shape == (2, 23, VOCAB)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_left_padded_batch_matches_transformers_and_unpadded_rows():
+    model, hf = build_pair(num_key_value_heads=2)
+    ids = torch.randint(0, VOCAB, (2, 19), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask)
+        theirs = hf(ids, attention_mask=mask).logits
+        alone = model(ids[1:, 6:])
+    real = mask.bool()
+    assert not ours.isnan().any()
+    torch.testing.assert_close(ours[real], theirs[real], atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours[1, 6:], alone[0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("switches", [{}, {"use_dynamic_ntk": True, "use_logn_attn": True}])
+def test_incremental_decoding_equals_full_forward(switches):
+    model, _ = build_pair(num_key_value_heads=2, **switches)
+    ids = torch.randint(0, VOCAB, (1, 90), generator=torch.Generator().manual_seed(3))  # crosses S=64
+    with torch.no_grad():
+        # the original fixes the NTK factor at prefill; the full pass below uses the prefill length too
+        full = model(ids[:, :40])
+        cache = KVCache(model.config, 1, 50, model.device, model.dtype)
+        steps = [model(ids[:, :30], cache=cache)]  # prefill
+        steps += [model(ids[:, i : i + 1], cache=cache) for i in range(30, 37)]  # one token at a time
+        steps.append(model(ids[:, 37:40], cache=cache))  # a chunk after a prefix
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=0)
+
+
+def test_incremental_decoding_with_padding_and_windows():
+    model, _ = build_pair(use_window_attn=True, window_sizes=[8, 16, 32])
+    ids = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask)
+        cache = KVCache(model.config, 2, 48, model.device, model.dtype)
+        steps = [model(ids[:, :20], attention_mask=mask[:, :20], cache=cache)]
+        steps += [model(ids[:, i : i + 1], cache=cache) for i in range(20, 48)]
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(steps, dim=1)[real], full[real], atol=1e-4, rtol=0)
+
+
+def test_ntk_alpha_at_and_around_power_of_two_boundaries():
+    s = 2048
+    for length, alpha in [(1, 1), (s - 1, 1), (s, 1), (s + 1, 3), (2 * s, 3), (2 * s + 1, 7), (4 * s, 7)]:
+        assert ntk_alpha(length, s) == alpha, length
+    assert ntk_alpha(4 * s + 1, s) == 15
+    for length in range(1, 20 * s, 97):  # the formula as written in the report's code
+        expected = max(2 ** math.ceil(math.log(length / s, 2) + 1) - 1, 1)
+        assert ntk_alpha(length, s) == expected
+
+
+def test_dynamic_ntk_rotary_base_and_activation():
+    dim, base = 128, 10000.0
+    positions = torch.arange(5)[None]
+    cos, sin = rotary_cos_sin(positions, dim, base, torch.tensor([3.0]))
+    scaled_base = base * 3 ** (dim / (dim - 2))
+    inv_freq = 1.0 / (scaled_base ** (torch.arange(0, dim, 2).float() / dim))
+    angles = positions[0, :, None].float() * inv_freq[None]
+    torch.testing.assert_close(cos[0], torch.cat([angles, angles], -1).cos())
+    torch.testing.assert_close(sin[0], torch.cat([angles, angles], -1).sin())
+
+    # Within the training length the switch changes nothing; beyond it, it changes the logits.
+    model, _ = build_pair()
+    ntk, _ = build_pair(use_dynamic_ntk=True)
+    short = torch.randint(0, VOCAB, (1, 64))
+    long = torch.randint(0, VOCAB, (1, 65))
+    with torch.no_grad():
+        torch.testing.assert_close(model(short), ntk(short))
+        assert (model(long) - ntk(long)).abs().max() > 1e-3
+        ntk.train()  # never during training
+        torch.testing.assert_close(model.train()(long), ntk(long))
+
+
+def test_batch_rows_get_their_own_ntk_alpha():
+    model, _ = build_pair(use_dynamic_ntk=True)
+    ids = torch.randint(0, VOCAB, (2, 100), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :50] = 0  # row 1 is 50 tokens long: alpha 1; row 0 is 100: alpha 3
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask)
+        torch.testing.assert_close(batch[0], model(ids[:1])[0], atol=1e-4, rtol=0)
+        torch.testing.assert_close(batch[1, 50:], model(ids[1:, 50:])[0], atol=1e-4, rtol=0)
+
+
+def test_logn_factors():
+    s = 2048
+    factors = logn_scale(torch.arange(4 * s), s)
+    assert factors[:s].eq(1).all()  # 1-based positions 1..S
+    assert factors[s].item() == pytest.approx(math.log(s + 1) / math.log(s), abs=1e-12)
+    assert factors[2 * s - 1].item() == pytest.approx(math.log(2 * s) / math.log(s), abs=1e-12)
+    assert factors[4 * s - 1].item() == pytest.approx(math.log(4 * s, s), abs=1e-12)
+
+
+def test_logn_scales_queries_only_beyond_training_length():
+    plain, _ = build_pair()
+    logn, _ = build_pair(use_logn_attn=True)
+    ids = torch.randint(0, VOCAB, (1, 80), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        a, b = plain(ids), logn(ids)
+    torch.testing.assert_close(a[:, :64], b[:, :64])  # positions up to S are untouched
+    assert (a[:, 64:] - b[:, 64:]).abs().max() > 1e-4
+
+
+def test_window_mask():
+    positions = torch.arange(6)[None]
+    mask = attention_mask_from_positions(positions, positions, window=3)[0, 0]
+    expected = torch.tensor(
+        [[1 if 0 <= i - j < 3 else 0 for j in range(6)] for i in range(6)], dtype=torch.bool
+    )
+    assert torch.equal(mask, expected)
+    # left padding: pad keys are never visible; a pad query sees only its own slot (no empty softmax)
+    padded = torch.tensor([[-1, -1, 0, 1, 2]])
+    mask = attention_mask_from_positions(padded, padded, window=None)[0, 0]
+    assert mask[0].tolist() == [True, False, False, False, False]
+    assert mask[4].tolist() == [False, False, True, True, True]
+    # decoding: one query at position 9 over 10 cached keys, window 4
+    keys = torch.arange(10)[None]
+    mask = attention_mask_from_positions(torch.tensor([[9]]), keys, window=4)[0, 0, 0]
+    assert mask.tolist() == [False] * 6 + [True] * 4
+
+
+def test_window_attention_in_the_model():
+    model, _ = build_pair(use_window_attn=True, window_sizes=[4, 8, 64])
+    plain, _ = build_pair()
+    ids = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        a, b = model(ids), plain(ids)
+    torch.testing.assert_close(a[:, :4], b[:, :4])  # no window cuts anything yet
+    assert (a[:, 4:] - b[:, 4:]).abs().max() > 1e-4
+    # changing a token outside every window of the last query's receptive field leaves it alone:
+    # lowest layer window 4, then 8, then 64 -> the last query reaches back 3 + 7 + 29 tokens at most
+    model.config.window_sizes = [2, 2, 2]
+    changed = ids.clone()
+    changed[0, 0] = (ids[0, 0] + 1) % VOCAB
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[:, -1], model(changed)[:, -1])
+
+
+def test_default_window_schedule():
+    config = QwenConfig.from_preset("qwen-7b", max_position_embeddings=2048)
+    sizes = config.default_window_sizes()
+    assert sizes == [2048] * 4 + [4096] * 4 + [8192] * 24
+
+
+@pytest.mark.parametrize(
+    "name, billions",
+    [
+        ("qwen-1.8b", 1.84),
+        ("qwen-7b", 7.72),
+        ("qwen-14b", 14.17),
+        ("qwen-72b", 72.29),
+        ("qwen2.5-0.5b", 0.49),
+        ("qwen2.5-1.5b", 1.54),
+        ("qwen2.5-7b", 7.61),
+    ],
+)
+def test_preset_parameter_counts(name, billions):
+    config = QwenConfig.from_preset(name)
+    assert round(config.num_parameters / 1e9, 2) == billions
+    assert name in PRESETS
+
+
+def test_parameter_count_formula_matches_a_built_model():
+    for name in ("tiny", "tiny-gqa"):
+        model = Qwen(QwenConfig.from_preset(name))
+        assert sum(p.numel() for p in model.parameters()) == model.config.num_parameters
+
+
+def test_initialization_follows_the_original():
+    model = Qwen(QwenConfig.from_preset("tiny", num_hidden_layers=8))
+    model.init_weights(seed=0)
+    assert model.model.embed_tokens.weight.std().item() == pytest.approx(0.02, rel=0.02)
+    assert model.model.layers[0].self_attn.o_proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)
+    assert model.model.layers[0].mlp.down_proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)
+    assert model.model.layers[0].self_attn.q_proj.bias.abs().sum() == 0
+    assert model.model.norm.weight.eq(1).all()
+
+
+def test_bfloat16_forward_keeps_fp32_norm_and_rope():
+    model, _ = build_pair()
+    ids = torch.randint(0, VOCAB, (1, 12))
+    with torch.no_grad():
+        full = model(ids)
+        half = model.to(torch.bfloat16)(ids)
+    assert half.dtype == torch.bfloat16
+    assert (half.float() - full).abs().max() < 0.05 * full.abs().max()
