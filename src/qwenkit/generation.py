@@ -109,20 +109,16 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
     return ids, mask
 
 
-def process_logits(
-    logits: torch.Tensor,
-    seen: torch.Tensor | None,
-    config: GenerationConfig,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    """Next token per row from fp32 logits [B, V]: repetition penalty, then greedy or
-    temperature -> top-k -> top-p sampling (the order transformers uses)."""
+def warp_logits(logits: torch.Tensor, seen: torch.Tensor | None, config: GenerationConfig) -> torch.Tensor:
+    """Repetition penalty, then (when sampling) temperature -> top-k -> top-p on fp32 logits [B, V],
+    in the order transformers applies them; filtered tokens get -inf."""
     if config.repetition_penalty != 1.0 and seen is not None:
         p = config.repetition_penalty
         logits = torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
     if not config.do_sample:
-        return logits.argmax(dim=-1)
-    logits = logits / config.temperature
+        return logits
+    if config.temperature != 1.0:
+        logits = logits / config.temperature
     if config.top_k > 0:
         kth = torch.topk(logits, min(config.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -133,13 +129,21 @@ def process_logits(
         drop = mass_before >= config.top_p
         drop[:, 0] = False
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return logits
 
 
-def _prepare(
-    model: Qwen, input_ids, attention_mask, settings
-) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+def pick_tokens(
+    logits: torch.Tensor, seen: torch.Tensor | None, config: GenerationConfig, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Next token per row: greedy or sampled from the warped distribution."""
+    logits = warp_logits(logits, seen, config)
+    if not config.do_sample:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+
+def _prepare(model: Qwen, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """input_ids as a LongTensor [B, T] on the model's device; a list of prompts is left-padded."""
     config = model.generation_config or GenerationConfig()
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() == 1:
@@ -147,14 +151,14 @@ def _prepare(
         if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.dtype != torch.long:
             raise QwenkitError("input_ids must be a non-empty LongTensor [B, T]")
     else:
-        rows = (
-            [list(input_ids)] if input_ids and isinstance(input_ids[0], int) else [list(r) for r in input_ids]
-        )
+        if not input_ids:
+            raise QwenkitError("the prompt is empty")
+        rows = [list(input_ids)] if isinstance(input_ids[0], int) else [list(r) for r in input_ids]
         input_ids, pad_mask = left_pad(rows, config.pad_token_id)
         attention_mask = pad_mask if len(rows) > 1 else None
     if int(input_ids.max()) >= model.config.vocab_size or int(input_ids.min()) < 0:
         raise QwenkitError(f"token ids must lie in [0, {model.config.vocab_size})")
-    return input_ids.to(model.device), attention_mask, settings
+    return input_ids.to(model.device), attention_mask
 
 
 @torch.inference_mode()
@@ -168,7 +172,7 @@ def generate_tokens(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (next_tokens [B], finished [B]) per step; finished rows get the pad id from then on."""
     config = (model.generation_config or GenerationConfig()).updated(**settings)
-    input_ids, attention_mask, _ = _prepare(model, input_ids, attention_mask, settings)
+    input_ids, attention_mask = _prepare(model, input_ids, attention_mask)
     b, t = input_ids.shape
     limit = context_length(model)
     if t > limit:
@@ -192,7 +196,7 @@ def generate_tokens(
     finished = torch.zeros(b, dtype=torch.bool, device=model.device)
     logits = model(input_ids, attention_mask=mask, cache=cache, last_only=True)[:, -1].float()
     for step in range(max_new):
-        tokens = process_logits(logits, seen, config, generator)
+        tokens = pick_tokens(logits, seen, config, generator)
         tokens = tokens.masked_fill(finished, config.pad_token_id)
         done_now = torch.isin(tokens, single_stops)
         if multi_stops:
@@ -218,7 +222,7 @@ def generate(
     """Prompt + new ids [B, T + n]. Rows stop independently; after a stop a row is filled with the pad
     id. Settings: max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
     stop (token ids or id sequences, added to the end-of-text ids), seed."""
-    input_ids, attention_mask, _ = _prepare(model, input_ids, attention_mask, settings)
+    input_ids, attention_mask = _prepare(model, input_ids, attention_mask)
     steps = [tokens for tokens, _ in generate_tokens(model, input_ids, attention_mask, **settings)]
     if not steps:
         return input_ids

@@ -1,0 +1,181 @@
+"""Generation: transformers parity, sampling processors, batching, stops, streaming, errors."""
+
+import pytest
+import torch
+import transformers
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from qwenkit import GenerationConfig, Qwen, QwenConfig, QwenkitError
+from qwenkit.generation import generate_tokens, left_pad, warp_logits
+
+
+@pytest.fixture(scope="module")
+def model() -> Qwen:
+    model = Qwen(QwenConfig.from_preset("tiny-gqa"))
+    model.init_weights(seed=0)
+    with torch.no_grad():  # a sharper random model, so greedy choices are far from ties
+        model.lm_head.weight.mul_(40)
+    return model.eval()
+
+
+def prompt(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 151643, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def to_transformers(model: Qwen) -> transformers.Qwen2ForCausalLM:
+    c = model.config
+    hf = transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=c.num_key_value_heads,
+            rope_theta=c.rope_theta,
+            tie_word_embeddings=False,
+        )
+    )
+    hf.load_state_dict(model.state_dict())
+    return hf.eval()
+
+
+def test_greedy_generation_equals_transformers(model):
+    hf = to_transformers(model)
+    ids = torch.cat([prompt(9, 1), prompt(9, 2)])
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    ours = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, stop=[])
+    theirs = hf.generate(
+        ids, attention_mask=mask, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=151643
+    )
+    assert ours.tolist() == theirs.tolist()
+    with_penalty = model.generate(ids[:1], max_new_tokens=20, do_sample=False, repetition_penalty=1.3)
+    theirs = hf.generate(
+        ids[:1],
+        max_new_tokens=20,
+        do_sample=False,
+        repetition_penalty=1.3,
+        eos_token_id=None,
+        pad_token_id=151643,
+    )
+    assert with_penalty.tolist() == theirs.tolist()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(temperature=0.7),
+        dict(top_k=5),
+        dict(top_p=0.6),
+        dict(temperature=1.3, top_k=50, top_p=0.9),
+        dict(repetition_penalty=1.1, top_p=0.8),
+    ],
+)
+def test_warping_equals_transformers_processors(settings):
+    config = GenerationConfig(do_sample=True, top_p=1.0).updated(**settings)
+    logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(0)) * 3
+    history = torch.randint(0, 500, (3, 12), generator=torch.Generator().manual_seed(1))
+    seen = torch.zeros(3, 500, dtype=torch.bool).scatter_(1, history, True)
+    expected = logits.clone()
+    if config.repetition_penalty != 1.0:
+        expected = RepetitionPenaltyLogitsProcessor(config.repetition_penalty)(history, expected)
+    for warper in (
+        TemperatureLogitsWarper(config.temperature),
+        TopKLogitsWarper(config.top_k) if config.top_k else None,
+        TopPLogitsWarper(config.top_p) if config.top_p < 1 else None,
+    ):
+        if warper is not None:
+            expected = warper(history, expected)
+    torch.testing.assert_close(warp_logits(logits, seen, config), expected)
+
+
+def test_seeded_sampling_is_reproducible(model):
+    ids = prompt(5)
+    a = model.generate(ids, max_new_tokens=12, do_sample=True, top_p=0.95, temperature=2.0, seed=3)
+    b = model.generate(ids, max_new_tokens=12, do_sample=True, top_p=0.95, temperature=2.0, seed=3)
+    c = model.generate(ids, max_new_tokens=12, do_sample=True, top_p=0.95, temperature=2.0, seed=4)
+    assert a.tolist() == b.tolist()
+    assert a.tolist() != c.tolist()
+
+
+def test_batch_rows_equal_single_rows_and_stop_independently(model):
+    rows = [prompt(7, 3)[0].tolist(), prompt(3, 4)[0].tolist()]
+    alone = [
+        model.generate([r], max_new_tokens=10, do_sample=False, stop=[])[0, len(r) :].tolist() for r in rows
+    ]
+    stop_token = alone[0][3]  # row 0 stops at its 4th token; row 1 (presumably) goes on
+    assert stop_token not in alone[1]
+    batch = model.generate(rows, max_new_tokens=10, do_sample=False, stop=[stop_token])
+    width = 7
+    assert batch.shape == (2, width + 10)
+    assert batch[0, width:].tolist() == alone[0][:4] + [151643] * 6  # finished rows are padded
+    assert batch[1, width:].tolist() == alone[1]
+
+
+def test_multi_token_stop_sequences(model):
+    full = model.generate(prompt(6), max_new_tokens=12, do_sample=False, stop=[])[0, 6:].tolist()
+    stop = full[4:6]
+    out = model.generate(prompt(6), max_new_tokens=12, do_sample=False, stop=[stop])[0, 6:].tolist()
+    first = next(i for i in range(len(full) - 1) if full[i : i + 2] == stop)
+    assert out[: first + 2] == full[: first + 2]
+    assert set(out[first + 2 :]) <= {151643}
+
+
+def test_generation_stops_at_the_context_window(model):
+    ids = prompt(250)  # tiny preset: context of 256 tokens
+    out = model.generate(ids, max_new_tokens=50, do_sample=False, stop=[])
+    assert out.shape[1] == 256
+    with pytest.raises(QwenkitError, match="prompt has 300 tokens; the model's context window is 256"):
+        model.generate(prompt(300), max_new_tokens=1)
+
+
+def test_stream_generate_yields_the_decoded_continuation(model, official_tokenizer):
+    ids = official_tokenizer.encode("你好，世界！Hello")
+    out = model.generate([ids], max_new_tokens=30, do_sample=False, stop=[])[0, len(ids) :].tolist()
+    deltas = list(model.stream_generate(official_tokenizer, ids, max_new_tokens=30, do_sample=False, stop=[]))
+    assert "".join(deltas) == official_tokenizer.decode(out, skip_special_tokens=True)
+    assert all(deltas)
+
+
+def test_stream_generate_stop_strings(model, official_tokenizer):
+    ids = official_tokenizer.encode("Once upon a time")
+    settings = dict(max_new_tokens=30, do_sample=False, stop=[])
+    text = "".join(model.stream_generate(official_tokenizer, ids, **settings))
+    stop = text[10:13]
+    cut = text.index(stop)
+    deltas = list(
+        model.stream_generate(official_tokenizer, ids, stop_strings=[stop, "never there"], **settings)
+    )
+    assert "".join(deltas) == text[:cut]
+
+
+def test_generation_config_defaults_and_validation(model):
+    config = GenerationConfig()
+    assert (config.top_p, config.top_k, config.max_new_tokens, config.do_sample) == (0.8, 0, 512, True)
+    for bad in (dict(top_p=0), dict(top_p=1.5), dict(temperature=0), dict(max_new_tokens=-1), dict(top_k=-2)):
+        with pytest.raises(QwenkitError, match="invalid generation setting"):
+            model.generate(prompt(3), **bad)
+    with pytest.raises(QwenkitError, match="unknown generation settings: beam_width"):
+        model.generate(prompt(3), beam_width=4)
+    with pytest.raises(QwenkitError, match="token ids must lie in"):
+        model.generate(torch.tensor([[10**7]]))
+
+
+def test_left_pad():
+    ids, mask = left_pad([[1, 2, 3], [4]], pad_id=0)
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    with pytest.raises(QwenkitError):
+        left_pad([[1], []], pad_id=0)
+
+
+def test_generate_tokens_reports_finished_rows(model):
+    first = model.generate(prompt(4), max_new_tokens=1, do_sample=False, stop=[])[0, -1].item()
+    steps = list(generate_tokens(model, prompt(4), max_new_tokens=5, do_sample=False, stop=[first]))
+    assert len(steps) == 1 and steps[0][1].tolist() == [True]
