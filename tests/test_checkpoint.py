@@ -181,7 +181,7 @@ def test_dtypes(tmp_path, official_tokenizer):
     model = make_model()
     qwenkit.save(model, official_tokenizer, tmp_path / "bf16", dtype="bfloat16")
     info = describe(tmp_path / "bf16")
-    assert info["stored_dtypes"] == ["BF16"]
+    assert info["stored_dtypes"] == ["bfloat16"]
     loaded, _ = qwenkit.load(tmp_path / "bf16")  # float32 on CPU by default
     assert loaded.dtype == torch.float32
     loaded, _ = qwenkit.load(tmp_path / "bf16", dtype="bfloat16")

@@ -10,7 +10,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def build(dtype: torch.dtype) -> Qwen:
-    model = Qwen(QwenConfig.from_preset("tiny-gqa", hidden_size=256, num_attention_heads=4, num_key_value_heads=2))
+    model = Qwen(
+        QwenConfig.from_preset("tiny-gqa", hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
+    )
     model.init_weights(seed=0)
     return model.eval().to("cuda", dtype)
 

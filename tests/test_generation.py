@@ -179,3 +179,20 @@ def test_generate_tokens_reports_finished_rows(model):
     first = model.generate(prompt(4), max_new_tokens=1, do_sample=False, stop=[])[0, -1].item()
     steps = list(generate_tokens(model, prompt(4), max_new_tokens=5, do_sample=False, stop=[first]))
     assert len(steps) == 1 and steps[0][1].tolist() == [True]
+
+
+def test_embedding_padding_rows_are_never_generated(model):
+    config, head = model.generation_config, model.lm_head.weight.detach().clone()
+    try:
+        first = model.generate(prompt(4), max_new_tokens=1, do_sample=False, stop=[])[0, -1].item()
+        with torch.no_grad():
+            model.lm_head.weight[151900] = head[first] * 3  # a padding row that beats the best real token
+        assert model.generate(prompt(4), max_new_tokens=1, do_sample=False, stop=[])[0, -1].item() == 151900
+        model.generation_config = GenerationConfig(vocab_size=151851)
+        assert model.generate(prompt(4), max_new_tokens=1, do_sample=False, stop=[])[0, -1].item() == first
+        out = model.generate(prompt(4), max_new_tokens=5, do_sample=True, top_p=1.0, stop=[], seed=0)
+        assert out[0, 4:].max().item() < 151851
+    finally:
+        model.generation_config = config
+        with torch.no_grad():
+            model.lm_head.weight.copy_(head)

@@ -1,32 +1,37 @@
-"""qwenkit: the whole Qwen recipe in one readable package."""
+"""qwenkit: the whole Qwen recipe in one readable package.
+
+Names are imported on first use (PEP 562), so `import qwenkit.errors` or `qwenkit --help` does not
+pay for importing torch.
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
 
-from qwenkit import chat
-from qwenkit.checkpoint import load, save
-from qwenkit.config import PRESETS, QwenConfig
-from qwenkit.errors import QwenkitError
-from qwenkit.generation import GenerationConfig
-from qwenkit.model import Qwen
-from qwenkit.tokenizer import Tokenizer
-
-__all__ = [
-    "PRESETS",
-    "GenerationConfig",
-    "Qwen",
-    "QwenConfig",
-    "QwenkitError",
-    "Tokenizer",
-    "chat",
-    "default_model_path",
-    "load",
-    "save",
-]
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "load": "qwenkit.checkpoint",
+    "save": "qwenkit.checkpoint",
+    "PRESETS": "qwenkit.config",
+    "QwenConfig": "qwenkit.config",
+    "QwenkitError": "qwenkit.errors",
+    "GenerationConfig": "qwenkit.generation",
+    "Qwen": "qwenkit.model",
+    "Tokenizer": "qwenkit.tokenizer",
+}
+__all__ = [*_EXPORTS, "chat", "default_model_path"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name == "chat":
+        return importlib.import_module("qwenkit.chat")
+    raise AttributeError(f"module 'qwenkit' has no attribute {name!r}")
 
 
 def default_model_path() -> Path:
@@ -45,6 +50,12 @@ def default_model_path() -> Path:
 
 def _build_placeholder_model(path: Path) -> None:
     from importlib.util import find_spec
+
+    from qwenkit.checkpoint import save
+    from qwenkit.config import QwenConfig
+    from qwenkit.errors import QwenkitError
+    from qwenkit.model import Qwen
+    from qwenkit.tokenizer import Tokenizer
 
     spec = find_spec("dashscope")
     vocab = Path(spec.submodule_search_locations[0]) / "resources" / "qwen.tiktoken" if spec else None

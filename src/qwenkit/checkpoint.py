@@ -184,25 +184,38 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                     for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
                         yield name, f.get_tensor(name)
             except Exception as e:  # safetensors raises its own error types for corrupt files
-                if isinstance(e, QwenkitError):
-                    raise
                 raise QwenkitError(f"cannot read {file}: {e}") from None
         else:
             yield from torch.load(file, map_location="cpu", mmap=True, weights_only=True).items()
 
 
+SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "BF16": "bfloat16",
+    "F16": "float16",
+    "I64": "int64",
+}
+
+
 def tensor_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Names, shapes and dtypes of every tensor, read from file headers only (safetensors)."""
+    """Names, shapes and dtypes (torch's names) of every tensor, from file headers only for safetensors."""
     shapes = {}
     for file in files:
-        if file.suffix != ".safetensors":
-            for name, tensor in torch.load(file, map_location="meta", mmap=True, weights_only=True).items():
-                shapes[name] = (tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
-            continue
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118
-                piece = f.get_slice(name)
-                shapes[name] = (tuple(piece.get_shape()), piece.get_dtype())
+        try:
+            if file.suffix != ".safetensors":
+                for name, tensor in torch.load(
+                    file, map_location="meta", mmap=True, weights_only=True
+                ).items():
+                    shapes[name] = (tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+                continue
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                    piece = f.get_slice(name)
+                    dtype = piece.get_dtype()
+                    shapes[name] = (tuple(piece.get_shape()), SAFETENSORS_DTYPES.get(dtype, dtype.lower()))
+        except Exception as e:  # corrupt files raise safetensors' or pickle's own error types
+            raise QwenkitError(f"cannot read {file}: {e}") from None
     return shapes
 
 
@@ -300,6 +313,7 @@ def load(
     from qwenkit.generation import GenerationConfig
 
     model.generation_config = GenerationConfig.from_checkpoint(directory)
+    model.generation_config.vocab_size = tokenizer.vocab_size  # never sample embedding padding rows
     return model.eval(), tokenizer
 
 

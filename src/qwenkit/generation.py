@@ -36,6 +36,7 @@ class GenerationConfig:
     stop_words_ids: list[list[int]] = field(default_factory=list)
     chat_format: str = "chatml"
     max_window_size: int = 6144
+    vocab_size: int | None = None  # ids from here on (embedding padding rows) are never generated
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path) -> GenerationConfig:
@@ -112,6 +113,9 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
 def warp_logits(logits: torch.Tensor, seen: torch.Tensor | None, config: GenerationConfig) -> torch.Tensor:
     """Repetition penalty, then (when sampling) temperature -> top-k -> top-p on fp32 logits [B, V],
     in the order transformers applies them; filtered tokens get -inf."""
+    if config.vocab_size is not None and config.vocab_size < logits.shape[-1]:
+        logits = logits.clone()
+        logits[:, config.vocab_size :] = float("-inf")
     if config.repetition_penalty != 1.0 and seen is not None:
         p = config.repetition_penalty
         logits = torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
@@ -133,7 +137,10 @@ def warp_logits(logits: torch.Tensor, seen: torch.Tensor | None, config: Generat
 
 
 def pick_tokens(
-    logits: torch.Tensor, seen: torch.Tensor | None, config: GenerationConfig, generator: torch.Generator | None
+    logits: torch.Tensor,
+    seen: torch.Tensor | None,
+    config: GenerationConfig,
+    generator: torch.Generator | None,
 ) -> torch.Tensor:
     """Next token per row: greedy or sampled from the warped distribution."""
     logits = warp_logits(logits, seen, config)

@@ -1,0 +1,285 @@
+"""The `qwenkit` command on a tiny checkpoint: chat REPL, generate, convert, info, and the error path.
+
+Most tests call `main([...])` in-process (fast); two run `python -m qwenkit` to prove the entry
+point, exit codes and piped stdin.
+"""
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from qwenkit import Qwen, QwenConfig, load, save
+from qwenkit.cli import build_parser, main
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch):
+    """Never build or read the default model in the user's real cache."""
+    monkeypatch.setenv("QWENKIT_HOME", str(tmp_path / "qwenkit-home"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(official_tokenizer):
+    model = Qwen(QwenConfig.from_preset("tiny"))
+    model.init_weights(seed=0)
+    with torch.no_grad():  # non-zero biases, so the Q/K/V split of the original layout is checked
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tiny_model, official_tokenizer) -> str:
+    return str(save(tiny_model, official_tokenizer, tmp_path_factory.mktemp("ckpt") / "tiny"))
+
+
+def run_chat(monkeypatch, capsys, args: list[str], lines: list[str]) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in lines)))
+    code = main(["chat", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, expected: str) -> None:
+    assert code == 1
+    assert err.startswith("qwenkit: error: ") and err.count("\n") == 1, err
+    assert expected in err
+    assert "Traceback" not in err
+
+
+def test_every_verb_has_help_with_examples(capsys):
+    assert main(["--help"]) == 0
+    top = capsys.readouterr().out
+    verbs = build_parser()._subparsers._group_actions[0].choices
+    for verb in verbs:
+        assert verb in top
+        assert main([verb, "--help"]) == 0
+        assert "examples:\n  qwenkit " + verb in capsys.readouterr().out
+
+
+def test_chat_repl_commands(checkpoint, tmp_path, monkeypatch, capsys):
+    marker = tmp_path / "pwned"
+    code, out, err = run_chat(
+        monkeypatch,
+        capsys,
+        ["--model", checkpoint],
+        [
+            ":seed 7",
+            ":conf max_new_tokens=8",
+            "What is the capital of France?",
+            ":history",
+            ":conf top_p=0.5",
+            f":conf top_p=__import__('pathlib').Path({str(marker)!r}).touch()",
+            ":conf nope=1",
+            ":conf temperature='hot'",
+            ":conf top_p=2",
+            ":bogus",
+            ":cl",
+            ":h",
+            ":conf",
+            ":clear-history",
+            ":his",
+            ":exit",
+            "this line is never read as a question",
+        ],
+    )
+    assert code == 0 and err == ""
+    assert "seed: 7" in out
+    assert "[1] User> What is the capital of France?\n    Assistant> " in out
+    assert "  top_p = 0.5\n" in out
+    assert not marker.exists()  # the value was parsed as a literal, never evaluated
+    assert "is not a literal value" in out
+    assert "unknown setting 'nope'" in out
+    assert "temperature takes a value of type float" in out
+    assert "top_p must be in (0, 1]" in out
+    assert "unknown command :bogus; type :help for the list" in out
+    assert ":clear-history | :clh" in out  # the :h listing
+    assert "  max_new_tokens = 8\n" in out  # the :conf listing kept the good change, not the bad ones
+    assert "history cleared\nUser> (no history)" in out
+    assert "never read" not in out
+
+
+def test_chat_same_seed_same_reply(checkpoint, monkeypatch, capsys):
+    lines = [":seed 7", ":conf max_new_tokens=8", "Hi!", ":clear-history", "Hi!", ":exit"]
+    code, out, _ = run_chat(monkeypatch, capsys, ["--model", checkpoint], lines)
+    assert code == 0
+    model, tokenizer = load(checkpoint)
+    reply = list(model.chat_stream(tokenizer, "Hi!", [], seed=7, max_new_tokens=8))[-1]
+    assert reply and out.count(f"Assistant> {reply}\n") == 2
+    # --seed on the command line gives the same replies in a new session.
+    code, again, _ = run_chat(monkeypatch, capsys, ["--model", checkpoint, "--seed", "7"], lines[1:])
+    assert again.count(f"Assistant> {reply}\n") == 2
+
+
+def test_chat_turn_error_keeps_repl_going(checkpoint, monkeypatch, capsys):
+    long_question = "word " * 300  # the tiny preset's context is 256 tokens
+    lines = [":conf max_new_tokens=4", long_question, ":history"]  # then EOF, no :exit
+    code, out, err = run_chat(monkeypatch, capsys, ["--model", checkpoint], lines)
+    assert code == 0
+    assert err.startswith("error: the prompt has ") and err.count("\n") == 1
+    assert "(no history)" in out and "Traceback" not in err
+
+
+def test_ctrl_c_at_the_prompt_exits_130(checkpoint, monkeypatch, capsys):
+    def interrupted(prompt=""):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("builtins.input", interrupted)
+    assert main(["chat", "--model", checkpoint]) == 130
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_generate_greedy_matches_model_generate(checkpoint, capsys):
+    args = ["generate", "--model", checkpoint, "--prompt", "The capital of France is"]
+    args += ["--greedy", "--max-new-tokens", "12"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == first
+    model, tokenizer = load(checkpoint)
+    ids = tokenizer.encode("The capital of France is")
+    out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
+    assert first == tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True) + "\n"
+
+
+def test_generate_sampling_reproducible_with_seed(checkpoint, capsys):
+    args = ["generate", "--model", checkpoint, "--prompt", "Once", "--max-new-tokens", "6", "--top-k", "50"]
+    outs = []
+    for seed in ("3", "3", "4"):
+        assert main([*args, "--seed", seed]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] != outs[2]
+
+
+def write_original_layout(model: Qwen, vocab: Path, directory: Path) -> None:
+    """Write `model` as an official Qwen (QWenLMHeadModel) checkpoint: fused QKV, w1/w2 MLP names."""
+    c, sd = model.config, model.state_dict()
+    tensors = {
+        "transformer.wte.weight": sd["model.embed_tokens.weight"],
+        "transformer.ln_f.weight": sd["model.norm.weight"],
+        "lm_head.weight": sd["lm_head.weight"],
+    }
+    for i in range(c.num_hidden_layers):
+        ours, theirs = f"model.layers.{i}.", f"transformer.h.{i}."
+        tensors[theirs + "ln_1.weight"] = sd[ours + "input_layernorm.weight"]
+        tensors[theirs + "ln_2.weight"] = sd[ours + "post_attention_layernorm.weight"]
+        for kind in ("weight", "bias"):
+            qkv = [sd[f"{ours}self_attn.{x}_proj.{kind}"] for x in "qkv"]
+            tensors[f"{theirs}attn.c_attn.{kind}"] = torch.cat(qkv)
+        tensors[theirs + "attn.c_proj.weight"] = sd[ours + "self_attn.o_proj.weight"]
+        tensors[theirs + "mlp.w1.weight"] = sd[ours + "mlp.up_proj.weight"]
+        tensors[theirs + "mlp.w2.weight"] = sd[ours + "mlp.gate_proj.weight"]
+        tensors[theirs + "mlp.c_proj.weight"] = sd[ours + "mlp.down_proj.weight"]
+    directory.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, directory / "model.safetensors")
+    config = {
+        "architectures": ["QWenLMHeadModel"],
+        "model_type": "qwen",
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": 2 * c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "kv_channels": c.head_dim,
+        "seq_length": c.max_position_embeddings,
+        "rotary_emb_base": c.rope_theta,
+        "layer_norm_epsilon": c.rms_norm_eps,
+        "torch_dtype": "float32",
+    }
+    (directory / "config.json").write_text(json.dumps(config))
+    shutil.copyfile(vocab, directory / "qwen.tiktoken")
+
+
+def test_convert_original_layout_then_info(tiny_model, official_tokenizer, tmp_path, capsys):
+    src, dst = tmp_path / "original", tmp_path / "converted"
+    write_original_layout(tiny_model, official_tokenizer.path, src)
+    assert main(["convert", str(src), str(dst)]) == 0
+    summary = capsys.readouterr().out
+    assert summary.count("\n") == 1 and "original Qwen" in summary and "Qwen2 layout, float32" in summary
+
+    assert main(["info", str(dst), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layout"] == "Qwen2 (Qwen2ForCausalLM)"
+    assert info["parameters"] == QwenConfig.from_preset("tiny").num_parameters == info["stored_parameters"]
+    assert info["stored_dtypes"] == ["float32"] and info["tokenizer"] is True
+    converted, _ = load(dst)
+    ids = torch.tensor([official_tokenizer.encode("Converted weights give the same logits.")])
+    with torch.no_grad():
+        torch.testing.assert_close(converted(ids), tiny_model(ids))
+
+    assert main(["info", str(src)]) == 0
+    table = capsys.readouterr().out
+    assert "original Qwen (QWenLMHeadModel)" in table and "4 query, 4 key/value, head dim 16" in table
+    assert f"({QwenConfig.from_preset('tiny').num_parameters:,})" in table
+
+    # An existing checkpoint is replaced only with --force; SRC itself never.
+    assert_one_line_error(main(["convert", str(src), str(dst)]), capsys.readouterr().err, "--force")
+    assert main(["convert", str(src), str(dst), "--dtype", "bfloat16", "--force"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(dst), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stored_dtypes"] == ["bfloat16"]
+    assert_one_line_error(main(["convert", str(dst), str(dst), "--force"]), capsys.readouterr().err, "SRC")
+
+
+@pytest.fixture
+def bad_dirs(tmp_path) -> dict[str, str]:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return {name: str(tmp_path / name) for name in ("missing", "empty", "llama")}
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["chat", "--model", "{missing}"], "checkpoint not found"),
+        (["generate", "--model", "{empty}", "--prompt", "x"], "no config.json"),
+        (["info", "{empty}"], "no config.json"),
+        (["info", "{llama}"], "unknown checkpoint layout"),
+        (["convert", "{llama}", "{missing}"], "unknown checkpoint layout"),
+    ],
+)
+def test_bad_checkpoints_give_one_line_errors(bad_dirs, args, expected, capsys):
+    code = main([a.format(**bad_dirs) for a in args])
+    assert_one_line_error(code, capsys.readouterr().err, expected)
+
+
+def test_bad_settings_give_one_line_errors(checkpoint, capsys):
+    long_prompt = "word " * 300
+    code = main(["generate", "--model", checkpoint, "--prompt", long_prompt])
+    assert_one_line_error(code, capsys.readouterr().err, "context window is 256")
+    code = main(["generate", "--model", checkpoint, "--prompt", "x", "--top-p", "1.5"])
+    assert_one_line_error(code, capsys.readouterr().err, "top_p must be in (0, 1]")
+    assert main(["chat", "--model", checkpoint, "--dtype", "int8"]) == 2  # argparse's usage error
+    assert "invalid choice: 'int8'" in capsys.readouterr().err
+
+
+def test_python_m_qwenkit_entry_point(checkpoint, tmp_path):
+    env = {"QWENKIT_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
+    failed = subprocess.run(
+        [sys.executable, "-m", "qwenkit", "info", str(tmp_path / "nowhere")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert failed.returncode == 1 and failed.stdout == ""
+    assert failed.stderr == f"qwenkit: error: checkpoint not found: {tmp_path / 'nowhere'}\n"
+
+    chat = subprocess.run(
+        [sys.executable, "-m", "qwenkit", "chat", "--model", checkpoint, "--seed", "1"],
+        input=":conf max_new_tokens=4\nhello\n:q\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert chat.returncode == 0, chat.stderr
+    assert "User> Assistant> " in chat.stdout and chat.stderr == ""
