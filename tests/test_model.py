@@ -7,7 +7,14 @@ import torch
 import transformers
 
 from qwenkit import PRESETS, Qwen, QwenConfig
-from qwenkit.model import KVCache, attention_mask_from_positions, logn_scale, ntk_alpha, rotary_cos_sin
+from qwenkit.model import (
+    KVCache,
+    attention_mask_from_positions,
+    logn_scale,
+    ntk_alpha,
+    rotary_cos_sin,
+    rotary_inv_freq,
+)
 
 VOCAB = 1000
 
@@ -118,7 +125,7 @@ def test_ntk_alpha_at_and_around_power_of_two_boundaries():
 def test_dynamic_ntk_rotary_base_and_activation():
     dim, base = 128, 10000.0
     positions = torch.arange(5)[None]
-    cos, sin = rotary_cos_sin(positions, dim, base, torch.tensor([3.0]))
+    cos, sin = rotary_cos_sin(positions, rotary_inv_freq(dim, base, [3]))
     scaled_base = base * 3 ** (dim / (dim - 2))
     inv_freq = 1.0 / (scaled_base ** (torch.arange(0, dim, 2).float() / dim))
     angles = positions[0, :, None].float() * inv_freq[None]

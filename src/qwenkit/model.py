@@ -43,15 +43,15 @@ def logn_scale(positions: torch.Tensor, training_length: int) -> torch.Tensor:
     return torch.where(i > training_length, i.log() / math.log(training_length), torch.ones_like(i))
 
 
-def rotary_cos_sin(
-    positions: torch.Tensor, head_dim: int, base: float, alpha: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [B, T, head_dim] in fp32 for positions [B, T] and per-row NTK factors alpha [B]."""
-    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
-    inv_freqs = {}
-    for a in alpha.unique().tolist():  # NTK-scaled base, computed in Python floats like the original
-        inv_freqs[a] = 1.0 / ((base * a ** (head_dim / (head_dim - 2))) ** exponents)
-    inv_freq = torch.stack([inv_freqs[a] for a in alpha.tolist()])  # [B, head_dim/2]
+def rotary_inv_freq(head_dim: int, base: float, alphas: list[float], device=None) -> torch.Tensor:
+    """Inverse frequencies [B, head_dim/2] in fp32, the base NTK-scaled by each row's alpha."""
+    exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
+    per_alpha = {a: 1.0 / ((base * a ** (head_dim / (head_dim - 2))) ** exponents) for a in set(alphas)}
+    return torch.stack([per_alpha[a] for a in alphas])
+
+
+def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [B, T, head_dim] in fp32 for positions [B, T]."""
     freqs = positions.to(torch.float32)[:, :, None] * inv_freq[:, None, :]
     angles = torch.cat((freqs, freqs), dim=-1)
     return angles.cos(), angles.sin()
@@ -70,7 +70,8 @@ class KVCache:
 
     Slots are filled left to right for all rows at once (prompts are left-padded), so one integer
     `length` tells how many are in use. `positions` holds each slot's real position (-1 for padding)
-    and `alpha` the dynamic-NTK factor fixed at prefill, as the original does.
+    and `inv_freq` the rotary frequencies with the dynamic-NTK factor fixed at prefill, as the
+    original does.
     """
 
     def __init__(self, config: QwenConfig, batch_size: int, max_length: int, device, dtype):
@@ -80,7 +81,7 @@ class KVCache:
             torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)
         ]
         self.positions = torch.full((batch_size, max_length), -1, dtype=torch.long, device=device)
-        self.alpha: torch.Tensor | None = None
+        self.inv_freq: torch.Tensor | None = None
         self.padded = False
         self.length = 0
         self.max_length = max_length
@@ -223,18 +224,20 @@ class Qwen(nn.Module):
         long_context = not self.training  # NTK, LogN and windows are inference-only
         training_length = config.max_position_embeddings
 
-        if cache is not None and cache.alpha is not None:
-            alpha = cache.alpha  # fixed at prefill, as the original does
-        elif long_context and config.use_dynamic_ntk:
-            lengths = (key_positions.max(dim=1).values + 1).tolist()  # real length of each row
-            alpha = torch.tensor([ntk_alpha(n, training_length) for n in lengths], device=x.device)
+        if cache is not None and cache.inv_freq is not None:
+            inv_freq = cache.inv_freq  # NTK factor fixed at prefill, as the original does
         else:
-            alpha = torch.ones(b, device=x.device)
-        if cache is not None:
-            cache.alpha = alpha
-        rope = rotary_cos_sin(positions.clamp(min=0), config.head_dim, config.rope_theta, alpha)
+            alphas = [1.0] * b
+            if long_context and config.use_dynamic_ntk:
+                lengths = (key_positions.max(dim=1).values + 1).tolist()  # real length of each row
+                alphas = [ntk_alpha(n, training_length) for n in lengths]
+            inv_freq = rotary_inv_freq(config.head_dim, config.rope_theta, alphas, x.device)
+            if cache is not None:
+                cache.inv_freq = inv_freq
+        rope = rotary_cos_sin(positions.clamp(min=0), inv_freq)
 
-        last_position = int(positions.max()) if long_context else 0
+        uses_position = long_context and (config.use_logn_attn or config.use_window_attn)
+        last_position = int(positions.max()) if uses_position else 0
         query_scale = None
         if config.use_logn_attn and last_position >= training_length:
             query_scale = logn_scale(positions, training_length).float()
