@@ -23,3 +23,25 @@ def official_tokenizer() -> Tokenizer:
     if path is None:
         pytest.skip("the official qwen.tiktoken (from the dashscope package) is not installed")
     return Tokenizer.from_file(path)
+
+
+def to_transformers(model):
+    """transformers' Qwen2ForCausalLM holding the very same weights as a qwenkit model (the reference)."""
+    import transformers
+
+    c = model.config
+    hf_config = transformers.Qwen2Config(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads,
+        max_position_embeddings=c.max_position_embeddings,
+        rope_theta=c.rope_theta,
+        rms_norm_eps=c.rms_norm_eps,
+        tie_word_embeddings=c.tie_word_embeddings,
+    )
+    hf = transformers.Qwen2ForCausalLM(hf_config)
+    hf.load_state_dict(model.state_dict(), strict=not c.tie_word_embeddings)
+    return hf.eval()

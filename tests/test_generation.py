@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-import transformers
+from conftest import to_transformers
 from transformers.generation.logits_process import (
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
@@ -25,24 +25,6 @@ def model() -> Qwen:
 
 def prompt(n: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 151643, (1, n), generator=torch.Generator().manual_seed(seed))
-
-
-def to_transformers(model: Qwen) -> transformers.Qwen2ForCausalLM:
-    c = model.config
-    hf = transformers.Qwen2ForCausalLM(
-        transformers.Qwen2Config(
-            vocab_size=c.vocab_size,
-            hidden_size=c.hidden_size,
-            intermediate_size=c.intermediate_size,
-            num_hidden_layers=c.num_hidden_layers,
-            num_attention_heads=c.num_attention_heads,
-            num_key_value_heads=c.num_key_value_heads,
-            rope_theta=c.rope_theta,
-            tie_word_embeddings=False,
-        )
-    )
-    hf.load_state_dict(model.state_dict())
-    return hf.eval()
 
 
 def test_greedy_generation_equals_transformers(model):

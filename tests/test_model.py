@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import transformers
+from conftest import to_transformers
 
 from qwenkit import PRESETS, Qwen, QwenConfig
 from qwenkit.model import (
@@ -41,21 +42,7 @@ def build_pair(**overrides) -> tuple[Qwen, transformers.Qwen2ForCausalLM]:
         for name, p in model.named_parameters():
             if name.endswith(("bias", "norm.weight", "layernorm.weight")):
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
-    hf_config = transformers.Qwen2Config(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        max_position_embeddings=config.max_position_embeddings,
-        rope_theta=config.rope_theta,
-        rms_norm_eps=config.rms_norm_eps,
-        tie_word_embeddings=config.tie_word_embeddings,
-    )
-    hf = transformers.Qwen2ForCausalLM(hf_config)
-    hf.load_state_dict(model.state_dict(), strict=not config.tie_word_embeddings)
-    return model.eval(), hf.eval()
+    return model.eval(), to_transformers(model)
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
