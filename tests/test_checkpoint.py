@@ -267,3 +267,16 @@ def test_loading_is_lazy(tmp_path, official_tokenizer):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     growth_mb = float(out.stdout.split()[-1])
     assert 0.8 * size_mb < growth_mb < 1.4 * size_mb, (growth_mb, size_mb)
+
+
+def test_saved_checkpoint_has_tokenizer_files_transformers_reads(tmp_path, official_tokenizer):
+    qwenkit.save(make_model(), official_tokenizer, tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "qwen.tiktoken").read_bytes() == official_tokenizer.path.read_bytes()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "ckpt")
+    text = "你好，Qwen! def f(x):\n    return 12345"
+    assert hf_tokenizer.encode(text) == official_tokenizer.encode(text)
+    assert hf_tokenizer.eos_token == "<|im_end|>"
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "ckpt")
+    assert generation.eos_token_id == [151643, 151645]  # chat turns end at <|im_end|> elsewhere too
+    loaded, _ = qwenkit.load(tmp_path / "ckpt")
+    assert loaded.generation_config.stop_sequences()[:2] == [[151643], [151645]]

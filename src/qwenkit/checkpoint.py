@@ -358,12 +358,20 @@ def save(
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (staging / "config.json").write_text(json.dumps(config_to_hf(model.config, dtype), indent=2))
-        from qwenkit.generation import GenerationConfig
+        from qwenkit.generation import GenerationConfig, context_length
+        from qwenkit.hf_tokenizer import write_hf_tokenizer
 
-        generation = model.generation_config or GenerationConfig()
-        (staging / "generation_config.json").write_text(json.dumps(generation.to_hf(), indent=2))
+        generation = (model.generation_config or GenerationConfig()).to_hf()
         if tokenizer is not None:
-            shutil.copyfile(tokenizer.path, staging / "qwen.tiktoken")
+            tokenizer.save(staging / "qwen.tiktoken")
+            # Hugging Face tokenizer files too, so transformers' AutoTokenizer and vLLM load the directory;
+            # chat models end turns at <|im_end|>, which other libraries only know through eos_token_id.
+            chat = generation["chat_format"] == "chatml"
+            if chat:
+                generation["eos_token_id"] = [tokenizer.eod_id, tokenizer.im_end_id]
+            eos = "<|im_end|>" if chat else "<|endoftext|>"
+            write_hf_tokenizer(tokenizer, staging, eos_token=eos, model_max_length=context_length(model))
+        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2))
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)

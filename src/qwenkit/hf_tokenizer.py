@@ -2,7 +2,9 @@
 
 transformers' `AutoTokenizer` and vLLM read these, not `qwen.tiktoken`. The result is what the
 Qwen2 family ships: byte-level BPE over the same vocabulary, pre-tokenized with the same regex
-after NFC normalization, with the special tokens added after the last BPE rank.
+after NFC normalization, with the special tokens added after the last BPE rank. Known difference:
+`tokenizers`' NFC uses older Unicode tables than Python's, so a few combining marks new in
+Unicode 14 (e.g. U+1AC0, U+0899) written out of canonical order may be reordered differently.
 
 tiktoken stores only ranks; Hugging Face BPE needs merges. The merge of the token of rank `r` is
 the pair of parts that BPE over its bytes reaches when only merges of rank < r are allowed.
@@ -11,6 +13,7 @@ the pair of parts that BPE over its bytes reaches when only merges of rank < r a
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
@@ -115,6 +118,12 @@ def build_hf_tokenizer(tokenizer: Tokenizer, ranks: dict[bytes, int] | None = No
     return hf
 
 
+@lru_cache(maxsize=4)
+def tokenizer_json(tokenizer: Tokenizer) -> str:
+    """tokenizer.json contents, built once per tokenizer object (deriving merges takes seconds)."""
+    return build_hf_tokenizer(tokenizer).to_str()
+
+
 def write_hf_tokenizer(
     tokenizer: Tokenizer,
     directory: Path,
@@ -131,7 +140,7 @@ def write_hf_tokenizer(
         raise QwenkitError(f"eos_token {eos_token!r} is not a special token of this tokenizer")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    build_hf_tokenizer(tokenizer).save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer.json").write_text(tokenizer_json(tokenizer), encoding="utf-8")
     config = {
         "tokenizer_class": "Qwen2Tokenizer",
         "bos_token": None,

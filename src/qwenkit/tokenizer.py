@@ -212,6 +212,11 @@ class Tokenizer:
         (token_id,) = self._check_ids([token_id])
         return self._id_to_bytes[token_id]
 
+    def save(self, path: str | Path) -> None:
+        """Write the BPE ranks as a `qwen.tiktoken` file (special tokens follow implicitly)."""
+        lines = (base64.b64encode(self._id_to_bytes[rank]) + b" %d\n" % rank for rank in range(self._n_bpe))
+        Path(path).write_bytes(b"".join(lines))
+
     def _check_ids(self, ids: Iterable[int]) -> list[int]:
         if hasattr(ids, "tolist"):  # torch tensor, numpy array
             ids = ids.tolist()
