@@ -1,7 +1,7 @@
 """Prefill and decode speed and peak memory: qwenkit vs transformers on the same random weights.
 
-Each engine runs in its own subprocess (so peak memory is its own), on the Qwen2.5-0.5B shape in
-fp32, batch 1, with the same number of CPU threads. Results go to docs/benchmarks.md.
+Each run of an engine is its own subprocess (so peak memory is its own); the engines take turns.
+Default: the Qwen2.5-0.5B shape in fp32, batch 1, 2 CPU threads. Results go to docs/benchmarks.md.
 
     .venv/bin/python benchmarks/inference.py [--preset qwen2.5-0.5b] [--prompt 512] [--new 64] [--threads 2]
 """
@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -92,7 +93,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=512, help="prompt length in tokens")
     parser.add_argument("--new", type=int, default=64, help="new tokens to decode")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="timed repeats inside each run (best kept)")
+    parser.add_argument("--runs", type=int, default=3, help="fresh processes per engine, taking turns")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--vocab", help="qwen.tiktoken to use (default: the one in the dashscope package)")
@@ -120,16 +122,19 @@ def main() -> None:
         model.init_weights(seed=0)
         qwenkit.save(model, Tokenizer.from_file(vocab), Path(tmp) / "ckpt")
         del model
-        results = {}
-        for engine in ("transformers", "qwenkit"):
-            command = [sys.executable, __file__, "--engine", engine, "--checkpoint", str(Path(tmp) / "ckpt"),
-                       "--prompt", str(args.prompt), "--new", str(args.new), "--threads", str(args.threads),
-                       "--repeats", str(args.repeats), "--device", args.device, "--dtype", args.dtype]  # fmt: skip
-            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-            out = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
-            results[engine] = json.loads(out.stdout.strip().splitlines()[-1])
-            print(engine, {k: v for k, v in results[engine].items() if k != "tokens"}, file=sys.stderr)
-
+        # Engines take turns, one fresh process per run, so a noisy machine slows both alike;
+        # each figure is the median over the runs (peak memory: the largest).
+        runs: dict[str, list[dict]] = {"transformers": [], "qwenkit": []}
+        for _ in range(args.runs):
+            for engine, engine_runs in runs.items():
+                command = [sys.executable, __file__, "--engine", engine, "--checkpoint", str(Path(tmp) / "ckpt"),
+                           "--prompt", str(args.prompt), "--new", str(args.new), "--threads", str(args.threads),
+                           "--repeats", str(args.repeats), "--device", args.device, "--dtype", args.dtype]  # fmt: skip
+                env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+                out = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+                engine_runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(engine, {k: v for k, v in engine_runs[-1].items() if k != "tokens"}, file=sys.stderr)
+    results = {engine: summarize(engine_runs) for engine, engine_runs in runs.items()}
     ours, theirs = results["qwenkit"], results["transformers"]
     same = ours["tokens"] == theirs["tokens"]
     rows = [
@@ -152,11 +157,20 @@ def main() -> None:
         lines.append(f"| {label} | {fmt.format(ours[key])} | {fmt.format(theirs[key])} | {ratio:.2f}x |")
     lines.append("")
     lines.append(f"Command: `.venv/bin/python benchmarks/inference.py --preset {args.preset} --prompt {args.prompt} "
-                 f"--new {args.new} --threads {args.threads} --device {args.device} --dtype {args.dtype}`")  # fmt: skip
+                 f"--new {args.new} --threads {args.threads} --device {args.device} --dtype {args.dtype} --runs {args.runs}`")  # fmt: skip
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
         write_section(table, "cpu" if args.device == "cpu" else "gpu")
+
+
+def summarize(runs: list[dict]) -> dict:
+    summary = {
+        key: statistics.median(run[key] for run in runs) for key in runs[0] if key.endswith(("_s", "_per_s"))
+    }
+    summary["peak_memory_mb"] = max(run["peak_memory_mb"] for run in runs)
+    summary["tokens"] = runs[0]["tokens"]
+    return summary
 
 
 def write_section(table: str, name: str) -> None:

@@ -247,10 +247,12 @@ def test_save_replaces_atomically(tmp_path, official_tokenizer):
 
 
 def test_loading_is_lazy(tmp_path, official_tokenizer):
-    """Peak resident memory while loading stays near the model's own size (no second full copy)."""
+    """Peak resident memory while loading is the model plus one tensor being converted, never a second
+    full copy (a loader that reads the whole state dict first would need twice the model's size)."""
     model = Qwen(QwenConfig.from_preset("tiny", hidden_size=512, intermediate_size=1408, num_hidden_layers=6))
     qwenkit.save(model, official_tokenizer, tmp_path / "big")
     size_mb = model.config.num_parameters * 4 / 2**20
+    largest_mb = max(p.numel() for p in model.parameters()) * 4 / 2**20  # the head, laid out anew for CPU
     del model
     script = textwrap.dedent(f"""
         import re, torch, qwenkit
@@ -266,7 +268,7 @@ def test_loading_is_lazy(tmp_path, official_tokenizer):
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     growth_mb = float(out.stdout.split()[-1])
-    assert 0.8 * size_mb < growth_mb < 1.4 * size_mb, (growth_mb, size_mb)
+    assert 0.8 * size_mb < growth_mb < 1.15 * (size_mb + largest_mb) < 2 * size_mb, (growth_mb, size_mb)
 
 
 def test_saved_checkpoint_has_tokenizer_files_transformers_reads(tmp_path, official_tokenizer):

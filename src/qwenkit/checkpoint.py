@@ -15,12 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qwenkit.config import QwenConfig
 from qwenkit.errors import QwenkitError
-from qwenkit.model import Qwen
+from qwenkit.model import Qwen, cpu_decode_layout
 from qwenkit.tokenizer import Tokenizer
 
 ORIGINAL, QWEN2 = "qwen", "qwen2"
@@ -175,47 +174,68 @@ def weight_files(directory: Path) -> list[Path]:
     raise QwenkitError(f"no weights in {directory} (expected model.safetensors or an index with shards)")
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
+
+
+def safetensors_header(file: Path) -> tuple[dict, int]:
+    """({name: {dtype, shape, data_offsets}}, offset of the data) of a .safetensors file."""
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 2 <= size <= 100_000_000:
+            raise QwenkitError(f"{file} is not a safetensors file (header size {size})")
+        try:
+            header = json.loads(f.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise QwenkitError(f"{file} has a corrupt safetensors header: {e}") from None
+    header.pop("__metadata__", None)
+    for name, entry in header.items():
+        if entry.get("dtype") not in SAFETENSORS_DTYPES:
+            raise QwenkitError(f"{file}: tensor {name} has unsupported dtype {entry.get('dtype')}")
+    return header, 8 + size
+
+
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs, one at a time, without reading whole files into memory."""
+    """(name, tensor) pairs, one at a time.
+
+    safetensors files are read with plain reads into private memory rather than through the
+    safetensors package's shared memory map: when the loader then converts a tensor (dtype, CPU
+    layout) the original is freed at once, so peak memory stays at the model plus one tensor.
+    """
     for file in files:
-        if file.suffix == ".safetensors":
-            try:
-                with safe_open(str(file), framework="pt") as f:
-                    for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                        yield name, f.get_tensor(name)
-            except Exception as e:  # safetensors raises its own error types for corrupt files
-                raise QwenkitError(f"cannot read {file}: {e}") from None
-        else:
+        if file.suffix != ".safetensors":
             yield from torch.load(file, map_location="cpu", mmap=True, weights_only=True).items()
-
-
-SAFETENSORS_DTYPES = {
-    "F64": "float64",
-    "F32": "float32",
-    "BF16": "bfloat16",
-    "F16": "float16",
-    "I64": "int64",
-}
+            continue
+        header, data_start = safetensors_header(file)
+        with open(file, "rb") as f:
+            for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+                begin, end = entry["data_offsets"]
+                buffer = bytearray(end - begin)
+                f.seek(data_start + begin)
+                if f.readinto(buffer) != len(buffer):
+                    raise QwenkitError(f"{file} is truncated: tensor {name} is incomplete")
+                dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+                tensor = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
+                yield name, tensor.reshape(entry["shape"])
 
 
 def tensor_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
     """Names, shapes and dtypes (torch's names) of every tensor, from file headers only for safetensors."""
     shapes = {}
     for file in files:
+        if file.suffix == ".safetensors":
+            header, _ = safetensors_header(file)
+            for name, entry in header.items():
+                dtype = str(SAFETENSORS_DTYPES[entry["dtype"]]).removeprefix("torch.")
+                shapes[name] = (tuple(entry["shape"]), dtype)
+            continue
         try:
-            if file.suffix != ".safetensors":
-                for name, tensor in torch.load(
-                    file, map_location="meta", mmap=True, weights_only=True
-                ).items():
-                    shapes[name] = (tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
-                continue
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                    piece = f.get_slice(name)
-                    dtype = piece.get_dtype()
-                    shapes[name] = (tuple(piece.get_shape()), SAFETENSORS_DTYPES.get(dtype, dtype.lower()))
-        except Exception as e:  # corrupt files raise safetensors' or pickle's own error types
+            tensors = torch.load(file, map_location="meta", mmap=True, weights_only=True)
+        except Exception as e:  # a corrupt pickle raises many error types
             raise QwenkitError(f"cannot read {file}: {e}") from None
+        for name, tensor in tensors.items():
+            shapes[name] = (tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
     return shapes
 
 
@@ -269,7 +289,11 @@ def load_weights(model: Qwen, directory: Path, layout: str, dtype: torch.dtype, 
             elif tuple(piece.shape) != tuple(expected[target].shape):
                 misshaped.append(f"{name} {tuple(piece.shape)} != {tuple(expected[target].shape)}")
             else:
-                loaded[target] = piece.to(device=device, dtype=dtype)
+                piece = piece.to(device=device, dtype=dtype)
+                is_linear = (
+                    target.endswith("proj.weight") or target == "lm_head.weight" or tied and "embed" in target
+                )
+                loaded[target] = cpu_decode_layout(piece) if device.type == "cpu" and is_linear else piece
     missing = [name for name in expected if name not in loaded]
     problems = []
     for label, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):

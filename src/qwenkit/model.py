@@ -316,6 +316,16 @@ class Qwen(nn.Module):
         return chat_stream(self, tokenizer, query, history=history, system=system, **settings)
 
 
+def cpu_decode_layout(weight: torch.Tensor) -> torch.Tensor:
+    """The same matrix stored column-major when it widens (out >= 2 x in: gate/up and the head).
+
+    On CPU, decoding is one matrix-vector product per weight, and MKL reads a wide matrix about
+    1.5-1.8x faster in that order (docs/benchmarks.md); values and shape stay the same.
+    """
+    out_features, in_features = weight.shape
+    return weight.t().contiguous().t() if out_features >= 2 * in_features else weight
+
+
 def attention_mask_from_positions(
     query_positions: torch.Tensor, key_positions: torch.Tensor, window: int | None
 ) -> torch.Tensor:
