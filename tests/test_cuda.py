@@ -52,3 +52,12 @@ def test_bf16_padded_batch_has_no_nan():
     with torch.no_grad():
         out = model(ids, attention_mask=mask)
     assert not out.isnan().any()
+
+
+def test_cuda_graph_decoding_equals_eager():
+    model = build(torch.float32)
+    model.config.use_logn_attn = model.config.use_dynamic_ntk = True
+    prompts = [list(range(100, 400)), list(range(7, 20))]  # the first row passes S = 256
+    graphed = model.generate(prompts, max_new_tokens=24, do_sample=False, stop=[])
+    eager = model.generate(prompts, max_new_tokens=24, do_sample=False, stop=[], cuda_graph=False)
+    assert graphed.tolist() == eager.tolist()

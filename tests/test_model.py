@@ -99,6 +99,33 @@ def test_incremental_decoding_with_padding_and_windows():
     torch.testing.assert_close(torch.cat(steps, dim=1)[real], full[real], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "switches",
+    [
+        {},
+        {
+            "use_dynamic_ntk": True,
+            "use_logn_attn": True,
+            "use_window_attn": True,
+            "window_sizes": [8, 16, 80],
+        },
+    ],
+)
+def test_static_decode_step_equals_full_forward(switches):
+    """decode_step (fixed shapes for CUDA graphs) after a padded prefill matches the plain forward."""
+    model, _ = build_pair(num_key_value_heads=2, **switches)
+    ids = torch.randint(0, VOCAB, (2, 80), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(ids)
+    mask[1, :20] = 0  # rows of 70 and 50 real tokens at prefill: NTK alpha 3 and 1 (S = 64), kept after
+    with torch.no_grad():
+        full = model(ids[:, :76], attention_mask=mask[:, :76])
+        cache = KVCache(model.config, 2, 76, model.device, model.dtype)
+        model(ids[:, :70], attention_mask=mask[:, :70], cache=cache)
+        cache.make_static()
+        steps = [model.decode_step(ids[:, i : i + 1], cache) for i in range(70, 76)]
+    torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 70:], atol=1e-4, rtol=0)
+
+
 def test_ntk_alpha_at_and_around_power_of_two_boundaries():
     s = 2048
     for length, alpha in [(1, 1), (s - 1, 1), (s, 1), (s + 1, 3), (2 * s, 3), (2 * s + 1, 7), (4 * s, 7)]:

@@ -175,9 +175,11 @@ def generate_tokens(
     attention_mask: torch.Tensor | None = None,
     stop: Sequence[int | Sequence[int]] | None = None,
     seed: int | None = None,
+    cuda_graph: bool = True,
     **settings,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (next_tokens [B], finished [B]) per step; finished rows get the pad id from then on."""
+    """Yield (next_tokens [B], finished [B]) per step; finished rows get the pad id from then on.
+    On CUDA each decoding step replays a captured CUDA graph unless `cuda_graph=False`."""
     config = (model.generation_config or GenerationConfig()).updated(**settings)
     input_ids, attention_mask = _prepare(model, input_ids, attention_mask)
     b, t = input_ids.shape
@@ -202,6 +204,10 @@ def generate_tokens(
     history = input_ids.tolist() if multi_stops else None
     finished = torch.zeros(b, dtype=torch.bool, device=model.device)
     logits = model(input_ids, attention_mask=mask, cache=cache, last_only=True)[:, -1].float()
+    if cuda_graph and model.device.type == "cuda" and max_new > 1:
+        decode = CUDAGraphDecoder(model, cache)
+    else:
+        decode = lambda tokens: model(tokens[:, None], cache=cache, last_only=True)[:, -1]  # noqa: E731
     for step in range(max_new):
         tokens = pick_tokens(logits, seen, config, generator)
         tokens = tokens.masked_fill(finished, config.pad_token_id)
@@ -217,7 +223,33 @@ def generate_tokens(
             return
         if seen is not None:
             seen.scatter_(1, tokens[:, None], True)
-        logits = model(tokens[:, None], cache=cache, last_only=True)[:, -1].float()
+        logits = decode(tokens).float()
+
+
+class CUDAGraphDecoder:
+    """One decoding step captured as a CUDA graph and replayed per token: the whole forward pass
+    becomes a single launch instead of hundreds of small kernels started from Python."""
+
+    def __init__(self, model: Qwen, cache: KVCache):
+        cache.make_static()
+        self.tokens = torch.zeros((cache.positions.shape[0], 1), dtype=torch.long, device=model.device)
+        saved = cache.slot.clone(), cache.next_position.clone(), cache.positions.clone()
+        side = torch.cuda.Stream()  # warm-up off the main stream, as graph capture requires
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model.decode_step(self.tokens, cache)
+        torch.cuda.current_stream().wait_stream(side)
+        for tensor, value in zip((cache.slot, cache.next_position, cache.positions), saved, strict=True):
+            tensor.copy_(value)  # undo the warm-up; the values it wrote stay masked until overwritten
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model.decode_step(self.tokens, cache)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens[:, None])
+        self.graph.replay()
+        return self.logits
 
 
 def generate(

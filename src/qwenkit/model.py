@@ -82,6 +82,8 @@ class KVCache:
         ]
         self.positions = torch.full((batch_size, max_length), -1, dtype=torch.long, device=device)
         self.inv_freq: torch.Tensor | None = None
+        self.slot: torch.Tensor | None = None  # set by make_static()
+        self.next_position: torch.Tensor | None = None
         self.padded = False
         self.length = 0
         self.max_length = max_length
@@ -89,6 +91,11 @@ class KVCache:
     def next_positions(self) -> torch.Tensor:
         """Positions [B, 1] of the token that follows what is cached."""
         return self.positions[:, : self.length].max(dim=1, keepdim=True).values + 1
+
+    def make_static(self) -> None:
+        """Keep the write slot and next positions on the device, for `Qwen.decode_step`."""
+        self.slot = torch.tensor([self.length], device=self.positions.device)
+        self.next_position = self.next_positions()
 
 
 class Attention(nn.Module):
@@ -119,7 +126,11 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if query_scale is not None:  # LogN scaling, after RoPE
             q = (q.float() * query_scale[:, None, :, None]).to(q.dtype)
-        if cache is not None:
+        if cache is not None and cache.slot is not None:  # static shapes: write at a device-side slot
+            cache.keys[self.layer_index].index_copy_(2, cache.slot, k)
+            cache.values[self.layer_index].index_copy_(2, cache.slot, v)
+            k, v = cache.keys[self.layer_index], cache.values[self.layer_index]
+        elif cache is not None:
             start, end = cache.length, cache.length + t
             cache.keys[self.layer_index][:, :, start:end] = k
             cache.values[self.layer_index][:, :, start:end] = v
@@ -267,6 +278,29 @@ class Qwen(nn.Module):
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
 
+    def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits [B, V] for one new token per row, with shapes and control flow that never depend on
+        the data (every cache slot attended under a mask), so a CUDA graph can capture it.
+        Call `cache.make_static()` after the prefill first."""
+        config = self.config
+        positions = cache.next_position
+        cache.positions.index_copy_(1, cache.slot, positions)
+        rope = rotary_cos_sin(positions, cache.inv_freq)
+        query_scale = (
+            logn_scale(positions, config.max_position_embeddings).float() if config.use_logn_attn else None
+        )
+        windows = config.layer_window_sizes() if config.use_window_attn else [None] * config.num_hidden_layers
+        masks = {
+            w: attention_mask_from_positions(positions, cache.positions, w, own_slot=False)
+            for w in set(windows)
+        }
+        x = self.model.embed_tokens(tokens)
+        for layer, window in zip(self.model.layers, windows, strict=True):
+            x = layer(x, rope, masks[window], False, query_scale, cache)
+        cache.slot += 1
+        cache.next_position += 1
+        return self.lm_head(self.model.norm(x))[:, -1]
+
     def _positions(self, input_ids, attention_mask, cache):
         """Real positions of the new tokens [B, T] and of every visible key [B, S]; -1 marks padding."""
         b, t = input_ids.shape
@@ -327,7 +361,7 @@ def cpu_decode_layout(weight: torch.Tensor) -> torch.Tensor:
 
 
 def attention_mask_from_positions(
-    query_positions: torch.Tensor, key_positions: torch.Tensor, window: int | None
+    query_positions: torch.Tensor, key_positions: torch.Tensor, window: int | None, own_slot: bool = True
 ) -> torch.Tensor:
     """Boolean mask [B, 1, T, S]: a query sees real keys at or before its position (within `window`).
 
@@ -339,6 +373,8 @@ def attention_mask_from_positions(
     visible = (k >= 0) & (k <= q)
     if window is not None:
         visible &= q - k < window
+    if not own_slot:  # every query is a real token (decoding): no padding row can be empty
+        return visible
     t, s = query_positions.shape[1], key_positions.shape[1]
-    own_slot = torch.arange(s, device=k.device)[None, :] == torch.arange(s - t, s, device=k.device)[:, None]
-    return visible | own_slot
+    own = torch.arange(s, device=k.device)[None, :] == torch.arange(s - t, s, device=k.device)[:, None]
+    return visible | own
