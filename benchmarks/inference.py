@@ -161,7 +161,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
-        write_section(table, "cpu" if args.device == "cpu" else "gpu")
+        write_section(table, f"{'cpu' if args.device == 'cpu' else 'gpu'}-{args.preset}")
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -183,7 +183,8 @@ def write_section(table: str, name: str) -> None:
     if start in text:
         text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: section, text, flags=re.S)
     else:
-        text += f"\n## Inference on {name.upper()}: prefill and decode\n\n{section}\n"
+        device, preset = name.split("-", 1)
+        text += f"\n## Inference on {device.upper()}, {preset}: prefill and decode\n\n{section}\n"
     doc.write_text(text)
 
 

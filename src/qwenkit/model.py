@@ -75,11 +75,16 @@ class KVCache:
     """
 
     def __init__(self, config: QwenConfig, batch_size: int, max_length: int, device, dtype):
-        shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.values = [
-            torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)
-        ]
+        shape = (
+            2,
+            config.num_hidden_layers,
+            batch_size,
+            config.num_key_value_heads,
+            max_length,
+            config.head_dim,
+        )
+        storage = torch.zeros(shape, device=device, dtype=dtype)  # one allocation, viewed per layer
+        self.keys, self.values = list(storage[0]), list(storage[1])
         self.positions = torch.full((batch_size, max_length), -1, dtype=torch.long, device=device)
         self.inv_freq: torch.Tensor | None = None
         self.slot: torch.Tensor | None = None  # set by make_static()
