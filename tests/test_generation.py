@@ -178,3 +178,12 @@ def test_embedding_padding_rows_are_never_generated(model):
         model.generation_config = config
         with torch.no_grad():
             model.lm_head.weight.copy_(head)
+
+
+def test_repetition_penalty_ignores_padding_and_other_rows(model):
+    short = prompt(3, 6)[0].tolist()
+    settings = dict(max_new_tokens=8, do_sample=False, repetition_penalty=3.0, stop=[])
+    alone = model.generate([short], **settings)[0, 3:].tolist()
+    long = prompt(8, 5)[0].tolist() + [alone[0]]  # the other row holds the short row's next token
+    batch = model.generate([long, short], **settings)
+    assert batch[1, 9:].tolist() == alone

@@ -199,7 +199,8 @@ def generate_tokens(
     seen = None
     if config.repetition_penalty != 1.0:
         seen = torch.zeros((b, model.config.vocab_size), dtype=torch.bool, device=model.device)
-        real = input_ids if mask is None else input_ids.masked_fill(mask == 0, input_ids[0, -1])
+        # padding slots repeat the row's last (real) token, so they add nothing to its seen set
+        real = input_ids if mask is None else torch.where(mask == 0, input_ids[:, -1:], input_ids)
         seen.scatter_(1, real, True)
     history = input_ids.tolist() if multi_stops else None
     finished = torch.zeros(b, dtype=torch.bool, device=model.device)
