@@ -97,3 +97,11 @@ def test_chat_prompt_longer_than_context(model, official_tokenizer):
     with pytest.raises(QwenkitError, match="context window is 256"):
         model.chat(official_tokenizer, "word " * 400, max_new_tokens=4)
     assert torch.is_inference_mode_enabled() is False
+
+
+def test_history_longer_than_the_context_is_trimmed(model, official_tokenizer):
+    history = [("word " * 60, "reply " * 60)] * 5  # ~600 tokens of history, the context is 256
+    response, history = model.chat(
+        official_tokenizer, "hello", history=history, max_new_tokens=4, do_sample=False
+    )
+    assert len(history) == 6

@@ -67,6 +67,6 @@ def _build_placeholder_model(path: Path) -> None:
     print(
         f"qwenkit: building the placeholder default model (tiny, random weights) at {path}", file=sys.stderr
     )
-    model = Qwen(QwenConfig.from_preset("tiny"))
+    model = Qwen(QwenConfig.from_preset("tiny", max_position_embeddings=8192))
     model.init_weights(seed=0)
     save(model, Tokenizer.from_file(vocab), path)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 from qwenkit.errors import QwenkitError
-from qwenkit.generation import GenerationConfig, stream_generate
+from qwenkit.generation import GenerationConfig, context_length, stream_generate
 from qwenkit.tokenizer import Tokenizer
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -101,6 +101,7 @@ def chat_stream(
     """Yield the response so far after each new piece of text (the official chat_stream form)."""
     config: GenerationConfig = model.generation_config or GenerationConfig()
     window = settings.pop("max_window_size", None) or config.max_window_size
+    window = min(window, context_length(model))  # drop old turns rather than overflow a short context
     _, context_ids = make_context(
         tokenizer, query, _check_history(history), system, window, config.chat_format
     )
