@@ -350,15 +350,30 @@ def save(
 ) -> Path:
     """Write a Qwen2-layout directory transformers and vLLM load; written to a temporary directory
     beside the target and renamed at the end, so a crash never leaves a half-written checkpoint."""
-    target = Path(path)
     dtype = resolve_dtype(dtype, model.dtype)
+    return save_state_dict(
+        model.state_dict(), model.config, model.generation_config, tokenizer, path, dtype, max_shard_bytes
+    )
+
+
+def save_state_dict(
+    state_dict: dict[str, torch.Tensor],
+    config: QwenConfig,
+    generation_config,
+    tokenizer: Tokenizer | None,
+    path: str | os.PathLike,
+    dtype: torch.dtype,
+    max_shard_bytes: int = 4 * 1024**3,
+) -> Path:
+    """`save` for a state dict (what distributed training gathers) rather than a model object."""
+    target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         state = {
             name: tensor.detach().to(device="cpu", dtype=dtype).contiguous()
-            for name, tensor in model.state_dict().items()
-            if not (model.config.tie_word_embeddings and name == "lm_head.weight")
+            for name, tensor in state_dict.items()
+            if not (config.tie_word_embeddings and name == "lm_head.weight")
         }
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
@@ -381,11 +396,11 @@ def save(
             total = sum(t.numel() * t.element_size() for t in state.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        (staging / "config.json").write_text(json.dumps(config_to_hf(model.config, dtype), indent=2))
+        (staging / "config.json").write_text(json.dumps(config_to_hf(config, dtype), indent=2))
         from qwenkit.generation import GenerationConfig, context_length
         from qwenkit.hf_tokenizer import write_hf_tokenizer
 
-        generation = (model.generation_config or GenerationConfig()).to_hf()
+        generation = (generation_config or GenerationConfig()).to_hf()
         if tokenizer is not None:
             tokenizer.save(staging / "qwen.tiktoken")
             # Hugging Face tokenizer files too, so transformers' AutoTokenizer and vLLM load the directory;
@@ -394,7 +409,7 @@ def save(
             if chat:
                 generation["eos_token_id"] = [tokenizer.eod_id, tokenizer.im_end_id]
             eos = "<|im_end|>" if chat else "<|endoftext|>"
-            write_hf_tokenizer(tokenizer, staging, eos_token=eos, model_max_length=context_length(model))
+            write_hf_tokenizer(tokenizer, staging, eos_token=eos, model_max_length=context_length(config))
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2))
         if target.exists():
             shutil.rmtree(target)

@@ -470,7 +470,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=cmd_info)
 
+    p = add_verb(
+        verbs,
+        "pretrain",
+        "pretrain a Qwen model from scratch or continue pretraining a checkpoint",
+        "  qwenkit pretrain --config configs/pretrain/tiny.yaml --out runs/tiny\n"
+        "  qwenkit pretrain --config configs/pretrain/tiny.yaml --out runs/tiny --train.max_steps 20 --train.lr 1e-3\n"
+        "  torchrun --nproc_per_node 8 -m qwenkit pretrain --config configs/pretrain/qwen-7b.yaml --out runs/7b\n"
+        "any recipe setting can be overridden as --section.key VALUE; re-running the same command resumes",
+    )
+    p.add_argument(
+        "--config", metavar="FILE", help="YAML recipe (sections model, data, train, eval, checkpoint, log)"
+    )
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="run directory: checkpoints, metrics.jsonl, loss.png"
+    )
+    p.set_defaults(run=cmd_pretrain, dotted_overrides=True)
+
     return parser
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from qwenkit.train.pretrain import main as pretrain
+
+    return pretrain(args.config, args.out, args.overrides)
 
 
 def tolerate_unencodable_output() -> None:
@@ -486,7 +509,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `qwenkit` command; returns the exit status."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra and not getattr(args, "dotted_overrides", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = extra
     except SystemExit as e:  # --help, or a usage error argparse already printed
         return e.code if isinstance(e.code, int) else 2
     tolerate_unencodable_output()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from qwenkit.config import QwenConfig
 from qwenkit.errors import QwenkitError
 from qwenkit.model import KVCache, Qwen
 from qwenkit.tokenizer import StreamDecoder, Tokenizer
@@ -91,9 +92,9 @@ class GenerationConfig:
         return [list(s) for s in dict.fromkeys(tuple(s) for s in stops)]
 
 
-def context_length(model: Qwen) -> int:
+def context_length(model: Qwen | QwenConfig) -> int:
     """Longest sequence a model is run on: its training length, 4x that with dynamic NTK (Qwen: 8K -> 32K)."""
-    config = model.config
+    config = model if isinstance(model, QwenConfig) else model.config
     return config.max_position_embeddings * (4 if config.use_dynamic_ntk else 1)
 
 

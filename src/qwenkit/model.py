@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from qwenkit.config import QwenConfig
@@ -192,6 +193,7 @@ class Qwen(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.generation_config = None  # set by qwenkit.load(); generation falls back to Qwen's defaults
+        self.activation_checkpointing = False
 
     @property
     def device(self) -> torch.device:
@@ -276,7 +278,11 @@ class Qwen(nn.Module):
         is_causal = t > 1 and not chunk_after_prefix
         for i, layer in enumerate(self.model.layers):
             mask = mask_for(windows[i] if windows is not None else None)
-            x = layer(x, rope, mask, is_causal and mask is None, query_scale, cache)
+            args = (x, rope, mask, is_causal and mask is None, query_scale, cache)
+            if self.activation_checkpointing and self.training:  # recompute the block in backward
+                x = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+            else:
+                x = layer(*args)
         if cache is not None:
             cache.length += t
         if last_only:

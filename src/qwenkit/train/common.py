@@ -1,0 +1,365 @@
+"""Pieces every training recipe shares: recipe configs with dotted overrides, AdamW with the
+report's settings, the warmup + cosine schedule, torchrun distribution (DDP or FSDP2), atomic
+checkpoints with the full trainer state, and metrics (JSONL, TensorBoard, a loss-curve PNG)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from qwenkit.errors import QwenkitError
+
+# --- configs -------------------------------------------------------------------------------------
+
+
+def load_recipe(cls, path: str | os.PathLike | None, overrides: list[str]):
+    """An instance of the dataclass `cls` from a YAML file plus `--section.key value` overrides."""
+    values: dict = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise QwenkitError(f"config file not found: {file}")
+        try:
+            values = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise QwenkitError(f"{file} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise QwenkitError(f"{file} must hold a mapping of sections")
+    if len(overrides) % 2:
+        raise QwenkitError(f"override {overrides[-1]!r} has no value (use --section.key VALUE)")
+    for flag, text in zip(overrides[::2], overrides[1::2], strict=True):
+        if not flag.startswith("--") or "." not in flag:
+            raise QwenkitError(f"unknown option {flag!r}; overrides look like --train.lr 3e-4")
+        *sections, key = flag[2:].replace("-", "_").split(".")
+        target = values
+        for section in sections:
+            target = target.setdefault(section, {})
+            if not isinstance(target, dict):
+                raise QwenkitError(f"{flag}: {section} is not a section")
+        target[key] = yaml.safe_load(text)
+    return build_dataclass(cls, values, "")
+
+
+def build_dataclass(cls, values: dict, where: str):
+    """Recursively build dataclass `cls` from a dict, checking names and simple types."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise QwenkitError(f"unknown setting {where}{unknown[0]}; known: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise QwenkitError(f"{where}{name} must be a section (a mapping)")
+            kwargs[name] = build_dataclass(hint, value, f"{where}{name}.")
+        else:
+            kwargs[name] = check_type(value, hint, f"{where}{name}")
+    return cls(**kwargs)
+
+
+def check_type(value, hint, name: str):
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is float and isinstance(value, str):  # YAML reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if option in (int, str, bool) and type(value) is option:
+            return value
+        container = typing.get_origin(option) or option
+        if container in (list, dict) and isinstance(value, container):
+            return value
+        if option is typing.Any:
+            return value
+    raise QwenkitError(f"{name} has the wrong type: {value!r}")
+
+
+def recipe_to_dict(recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+# --- optimizer and schedule ----------------------------------------------------------------------
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
+                   eps: float) -> torch.optim.AdamW:  # fmt: skip
+    """AdamW with weight decay on matrices (projections, embeddings) and none on norms and biases."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = all(p.is_cuda for p in decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+
+
+def learning_rate(step: int, peak: float, warmup: int, total: int, final_ratio: float = 0.1,
+                  decay: str = "cosine") -> float:  # fmt: skip
+    """Linear warmup to `peak` over `warmup` steps, then cosine decay to `final_ratio * peak` at
+    `total` (report §2.3); decay "constant" holds the peak after warmup (Code-Qwen's recipe).
+    `step` counts from 0: step 0 trains with peak / warmup."""
+    if warmup > 0 and step < warmup:
+        return peak * (step + 1) / warmup
+    if decay == "constant" or total <= warmup:
+        return peak
+    progress = min((step - warmup) / (total - warmup), 1.0)
+    floor = final_ratio * peak
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# --- distribution --------------------------------------------------------------------------------
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, value: float) -> float:
+        """The mean of a float over all processes."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item()) / self.world_size
+
+
+def setup_distributed(device: str | None) -> Distributed:
+    """Read torchrun's environment; start the process group (NCCL on GPUs, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise QwenkitError("train.device is cuda but no CUDA GPU is available")
+        torch.cuda.set_device(local_rank)
+        target = torch.device("cuda", local_rank)
+    else:
+        target = torch.device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if target.type == "cuda" else "gloo")
+    return Distributed(rank, world_size, local_rank, target)
+
+
+def wrap_model(model: torch.nn.Module, strategy: str, env: Distributed) -> torch.nn.Module:
+    """DDP (a full copy per process) or FSDP2 (`fully_shard` per block, then the whole model)."""
+    if env.world_size == 1:
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [env.local_rank] if env.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    raise QwenkitError(f"train.distributed must be ddp or fsdp, got {strategy!r}")
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Full (unsharded) model and optimizer state dicts, gathered on CPU, for any wrapping."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(
+        model, optimizer, options=options
+    )
+
+
+def restore_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
+                  optimizer_state: dict) -> None:  # fmt: skip
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The checkpoint named by out/checkpoints/latest (written last, atomically), if any."""
+    pointer = out / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    path = out / "checkpoints" / pointer.read_text().strip()
+    if not (path / "trainer_state.pt").is_file():
+        raise QwenkitError(f"{pointer} names {path}, which is not a complete checkpoint")
+    return path
+
+
+def commit_checkpoint(out: Path, staging: Path, name: str, keep: int) -> Path:
+    """Move a fully written checkpoint into place, then point `latest` at it; prune old ones."""
+    root = out / "checkpoints"
+    final = root / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    pointer = root / "latest.tmp"
+    pointer.write_text(name + "\n")
+    os.replace(pointer, root / "latest")
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in steps[: max(len(steps) - keep, 0)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# --- metrics -------------------------------------------------------------------------------------
+
+
+class Metrics:
+    """metrics.jsonl (one object per logged step), optional TensorBoard, and a loss-curve PNG."""
+
+    def __init__(self, out: Path, enabled: bool, tensorboard: bool, resume_step: int):
+        self.enabled = enabled
+        self.file = out / "metrics.jsonl"
+        self.writer = None
+        if not enabled:
+            return
+        if self.file.exists():  # drop what a killed run logged after its last checkpoint
+            kept = [line for line in self.file.read_text().splitlines() if line.strip()
+                    and json.loads(line).get("step", 0) <= resume_step]  # fmt: skip
+            self.file.write_text("".join(line + "\n" for line in kept))
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise QwenkitError(
+                    "log.tensorboard needs the tensorboard package: pip install tensorboard"
+                ) from None
+            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def plot(self, png: Path, title: str) -> None:
+        """Training (and validation) loss against step."""
+        if not self.enabled or not self.file.exists():
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        records = [json.loads(line) for line in self.file.read_text().splitlines() if line.strip()]
+        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if train:
+            ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
+        if val:
+            ax.plot(*zip(*val, strict=True), "o-", label="held-out loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(png, dpi=120)
+        plt.close(fig)
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Throughput:
+    """Tokens per second (and MFU on GPUs) over the last logging interval."""
+
+    def __init__(self, flops_per_token: float, peak_flops: float | None):
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.start, self.tokens = time.perf_counter(), 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def read(self) -> dict:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rate = self.tokens / elapsed
+        self.start, self.tokens = time.perf_counter(), 0
+        result = {"tokens_per_sec": rate}
+        if self.peak_flops:
+            result["mfu"] = rate * self.flops_per_token / self.peak_flops
+        return result
+
+
+def training_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """6N for the matrices (forward + backward) plus attention scores: 12 * layers * hidden * T."""
+    config = unwrap(model).config
+    matrices = config.num_parameters - config.vocab_size * config.hidden_size  # the embedding is a lookup
+    attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+    return 6 * matrices + attention
+
+
+def peak_bf16_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of known GPUs (for MFU); None on CPU or unknown devices."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for marker, flops in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40", 181e12)):
+        if marker in name:
+            return flops
+    return None
