@@ -472,6 +472,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add_verb(
         verbs,
+        "data",
+        "prepare pretraining data",
+        "  qwenkit data pack --input web.jsonl:0.5 code/:2 --tokenizer qwen.tiktoken --seq-len 2048 --out data/packed",
+    )
+    steps = p.add_subparsers(dest="data_verb", metavar="STEP", required=True)
+    from qwenkit.data.pack import add_pack_arguments
+
+    q = add_verb(
+        steps,
+        "pack",
+        "tokenize documents, shuffle, concatenate and cut into seq_len + 1 windows",
+        "  qwenkit data pack --input corpus.jsonl --tokenizer qwen.tiktoken --seq-len 2048 --out data/packed\n"
+        "  qwenkit data pack --input web.jsonl:0.5 books.parquet code/:2 --tokenizer ckpt/ --seq-len 4096 "
+        "--out data/mix --val-fraction 0.01",
+    )
+    add_pack_arguments(q)
+    q.set_defaults(run=cmd_data_pack)
+
+    p = add_verb(
+        verbs,
         "pretrain",
         "pretrain a Qwen model from scratch or continue pretraining a checkpoint",
         "  qwenkit pretrain --config configs/pretrain/tiny.yaml --out runs/tiny\n"
@@ -488,6 +508,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_pretrain, dotted_overrides=True)
 
     return parser
+
+
+def cmd_data_pack(args: argparse.Namespace) -> int:
+    from qwenkit.data.pack import run_pack
+
+    return run_pack(args)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
