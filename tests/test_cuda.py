@@ -61,3 +61,20 @@ def test_cuda_graph_decoding_equals_eager():
     graphed = model.generate(prompts, max_new_tokens=24, do_sample=False, stop=[])
     eager = model.generate(prompts, max_new_tokens=24, do_sample=False, stop=[], cuda_graph=False)
     assert graphed.tolist() == eager.tolist()
+
+
+def test_pretraining_on_cuda_in_bf16(tmp_path):
+    import json
+    from pathlib import Path
+
+    from qwenkit.cli import main
+
+    config = Path(__file__).resolve().parent.parent / "configs" / "pretrain" / "tiny.yaml"
+    out = tmp_path / "run"
+    argv = ["pretrain", "--config", str(config), "--out", str(out), "--train.device", "cuda",
+            "--train.max_steps", "40", "--data.synthetic_documents", "600", "--log.progress", "false"]  # fmt: skip
+    assert main(argv) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["loss"] < 0.6 * records[0]["loss"]
+    if any(name in torch.cuda.get_device_name() for name in ("H100", "H200", "A100")):
+        assert 0 < records[-1]["mfu"] < 1
