@@ -472,6 +472,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add_verb(
         verbs,
+        "tokenizer",
+        "train or extend a BPE vocabulary, and compare tokenizers' compression",
+        "  qwenkit tokenizer train --input en.txt zh.jsonl --vocab-size 32000 --out my-tok\n"
+        "  qwenkit tokenizer train --input zh.jsonl --base qwen.tiktoken --vocab-size 159643 --out qwen-zh\n"
+        "  qwenkit tokenizer stats --tokenizer official=qwen.tiktoken --tokenizer my-tok --input en.txt zh.txt",
+    )
+    steps = p.add_subparsers(dest="tokenizer_verb", metavar="STEP", required=True)
+    from qwenkit.tokenizer_train import add_stats_arguments, add_train_arguments
+
+    q = add_verb(
+        steps,
+        "train",
+        "train a byte-level BPE vocabulary (or extend one with --base) and write qwen.tiktoken",
+        "  qwenkit tokenizer train --input corpus.jsonl --vocab-size 32000 --out my-tok\n"
+        "  qwenkit tokenizer train --input zh.jsonl --base qwen.tiktoken --vocab-size 159643 --out qwen-zh",
+    )
+    add_train_arguments(q)
+    q.set_defaults(run=cmd_tokenizer_train)
+    q = add_verb(
+        steps,
+        "stats",
+        "compression (bytes per token, tokens per character) per input and tokenizer, with a bar chart",
+        "  qwenkit tokenizer stats --tokenizer official=qwen.tiktoken --tokenizer my-tok --input en.txt zh.txt --out stats/",
+    )
+    add_stats_arguments(q)
+    q.set_defaults(run=cmd_tokenizer_stats)
+
+    p = add_verb(
+        verbs,
         "data",
         "prepare pretraining data",
         "  qwenkit data pack --input web.jsonl:0.5 code/:2 --tokenizer qwen.tiktoken --seq-len 2048 --out data/packed",
@@ -508,6 +537,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_pretrain, dotted_overrides=True)
 
     return parser
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from qwenkit.tokenizer_train import run_train
+
+    return run_train(args)
+
+
+def cmd_tokenizer_stats(args: argparse.Namespace) -> int:
+    from qwenkit.tokenizer_train import run_stats
+
+    return run_stats(args)
 
 
 def cmd_data_pack(args: argparse.Namespace) -> int:
