@@ -66,6 +66,23 @@ def test_cli_run_pinned_losses_falling_loss_and_a_loadable_model(tmp_path, packe
     model, tokenizer = qwenkit.load(final)  # the checkpoint is a model directory
     assert model.config.num_hidden_layers == 2 and tokenizer.vocab_size == 464
 
+    # continued pretraining starts from those weights, not from a fresh initialization
+    more = tmp_path / "continued"
+    assert main(command(more, packed, "--train.max_steps", "2", "--model.init_from", str(final))) == 0
+    assert losses(more)[0] < 0.9 * curve[0]
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path, packed):
+    plain, recomputed = tmp_path / "plain", tmp_path / "recomputed"
+    assert main(command(plain, packed, "--train.max_steps", "3")) == 0
+    assert (
+        main(
+            command(recomputed, packed, "--train.max_steps", "3", "--train.activation_checkpointing", "true")
+        )
+        == 0
+    )
+    assert losses(recomputed) == pytest.approx(losses(plain), abs=1e-6)
+
 
 def run_until_killed(args: list[str], out: Path, after_step: int) -> None:
     """Start a run in a subprocess and SIGKILL it once it has logged `after_step` steps."""
