@@ -591,16 +591,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid seed {text!r}; use an integer >= 0") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"invalid seed {text!r}; use an integer in [0, 2**63)")
-    return value
-
-
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -612,6 +602,8 @@ def _fraction(text: str) -> float:
 
 
 def add_pack_arguments(parser: argparse.ArgumentParser) -> None:
+    from qwenkit.cli import seed_value
+
     parser.add_argument(
         "--input",
         dest="inputs",
@@ -631,7 +623,7 @@ def add_pack_arguments(parser: argparse.ArgumentParser) -> None:
         "--seq-len", type=_positive_int, required=True, metavar="N", help="tokens per training sequence"
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    parser.add_argument("--seed", type=_seed, default=0, help="shuffle and sampling seed (default 0)")
+    parser.add_argument("--seed", type=seed_value, default=0, help="shuffle and sampling seed (default 0)")
     parser.add_argument(
         "--val-fraction",
         type=_fraction,
