@@ -125,11 +125,11 @@ def pack_synthetic(directory: Path, documents: int, seq_len: int, seed: int) -> 
                    val_fraction=0.02)  # fmt: skip
 
 
-def build_model(recipe: PretrainRecipe, tokenizer: Tokenizer) -> tuple[Qwen, Tokenizer]:
+def build_model(recipe: PretrainRecipe, tokenizer: Tokenizer, device: torch.device) -> tuple[Qwen, Tokenizer]:
     if recipe.model.init_from:
         from qwenkit.checkpoint import load
 
-        model, tokenizer = load(recipe.model.init_from, dtype="float32")
+        model, tokenizer = load(recipe.model.init_from, device=device, dtype="float32")
         return model.train(), tokenizer
     config = QwenConfig.from_preset(recipe.model.preset, **recipe.model.overrides)
     if config.vocab_size < tokenizer.vocab_size:
@@ -180,17 +180,20 @@ def next_token_loss(model, windows: torch.Tensor, autocast) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, dataset, recipe: PretrainRecipe, env: common.Distributed, autocast) -> float:
-    """Mean next-token loss over the first `eval.batches` micro-batches of the held-out split."""
+    """Mean next-token loss over the first `eval.batches` micro-batches of the held-out split
+    (rounded up to a multiple of the process count: every process must run the same number of
+    forward passes, which FSDP's collective weight gathering needs)."""
     model.eval()
     micro = recipe.train.micro_batch_size
     count = min(recipe.eval.batches, math.ceil(len(dataset) / micro))
-    losses = []
-    for b in range(env.rank, count, env.world_size):
+    per_process = math.ceil(count / env.world_size)
+    total = 0.0
+    for k in range(per_process):
+        b = k * env.world_size + env.rank
         rows = [dataset[i % len(dataset)] for i in range(b * micro, (b + 1) * micro)]
-        losses.append(next_token_loss(model, torch.stack(rows).to(env.device), autocast).item())
+        total += next_token_loss(model, torch.stack(rows).to(env.device), autocast).item()
     model.train()
-    local = sum(losses) / max(len(losses), 1)
-    return env.mean(local)
+    return env.mean(total / per_process)
 
 
 def gradient_sync(model, enabled: bool):
@@ -243,7 +246,7 @@ def run(recipe: PretrainRecipe, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.train.seed)
     train_data, val_data, tokenizer = prepare_data(recipe, out, env)
-    model, tokenizer = build_model(recipe, tokenizer)
+    model, tokenizer = build_model(recipe, tokenizer, env.device)
     model.activation_checkpointing = recipe.train.activation_checkpointing
     model.to(env.device)
     model = common.wrap_model(model, recipe.train.distributed, env)
