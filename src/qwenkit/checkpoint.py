@@ -311,11 +311,13 @@ def load(
     path: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
+    adapter: str | os.PathLike | None = None,
 ) -> tuple[Qwen, Tokenizer]:
     """Load a checkpoint directory (original Qwen or Qwen2 layout) -> (model in eval mode, tokenizer).
 
     With no path, the embedded demo model. dtype: float32, bfloat16 or float16; by default float32
-    on CPU and the checkpoint's own dtype on GPUs.
+    on CPU and the checkpoint's own dtype on GPUs. `adapter`: a LoRA adapter directory (peft
+    format) merged into the weights.
     """
     if path is None:
         from qwenkit import default_model_path
@@ -338,6 +340,10 @@ def load(
 
     model.generation_config = GenerationConfig.from_checkpoint(directory)
     model.generation_config.vocab_size = tokenizer.vocab_size  # never sample embedding padding rows
+    if adapter is not None:
+        from qwenkit.lora import merge_adapter
+
+        model = merge_adapter(model, adapter)
     return model.eval(), tokenizer
 
 

@@ -46,6 +46,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", metavar="DIR", help="checkpoint directory (default: the built-in default model)"
     )
+    parser.add_argument("--adapter", metavar="DIR", help="LoRA adapter (peft format) to merge into the model")
     parser.add_argument(
         "--device", type=device_name, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)"
     )
@@ -66,7 +67,7 @@ def load_model(args: argparse.Namespace):
     if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
         raise QwenkitError(f"device {device} was asked for but only {torch.cuda.device_count()} GPUs exist")
     path = Path(args.model) if args.model is not None else qwenkit.default_model_path()
-    model, tokenizer = qwenkit.load(path, device=device, dtype=args.dtype)
+    model, tokenizer = qwenkit.load(path, device=device, dtype=args.dtype, adapter=args.adapter)
     return model, tokenizer, path
 
 
@@ -472,6 +473,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add_verb(
         verbs,
+        "merge-lora",
+        "merge a LoRA adapter into its base model and write the result as a checkpoint",
+        "  qwenkit merge-lora ./Qwen-7B ./runs/sft-lora/adapter ./qwen-7b-sft\n"
+        "  qwenkit merge-lora ./base ./adapter ./merged --dtype bfloat16",
+    )
+    p.add_argument("base", metavar="BASE", help="base checkpoint directory")
+    p.add_argument("adapter", metavar="ADAPTER", help="LoRA adapter directory (peft format)")
+    p.add_argument("out", metavar="OUT", help="directory to write (must not exist, or be empty)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="dtype to store (default: float32)")
+    p.add_argument("--force", action="store_true", help="replace OUT when it already holds a checkpoint")
+    p.set_defaults(run=cmd_merge_lora)
+
+    p = add_verb(
+        verbs,
         "tokenizer",
         "train or extend a BPE vocabulary, and compare tokenizers' compression",
         "  qwenkit tokenizer train --input en.txt zh.jsonl --vocab-size 32000 --out my-tok\n"
@@ -537,6 +552,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_pretrain, dotted_overrides=True)
 
     return parser
+
+
+def cmd_merge_lora(args: argparse.Namespace) -> int:
+    import qwenkit
+
+    base, out = Path(args.base), Path(args.out)
+    check_destination(base, out, args.force)
+    model, tokenizer = qwenkit.load(base, device="cpu", dtype="float32", adapter=args.adapter)
+    qwenkit.save(model, tokenizer, out, dtype=args.dtype or "float32")
+    print(f"merged {args.adapter} into {base} -> {out}")
+    return 0
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
