@@ -4,6 +4,7 @@ checkpoints with the full trainer state, and metrics (JSONL, TensorBoard, a loss
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -19,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import yaml
+from tqdm import tqdm
 
 from qwenkit.errors import QwenkitError
 
@@ -363,3 +366,107 @@ def peak_bf16_flops(device: torch.device) -> float | None:
         if marker in name:
             return flops
     return None
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+
+class StepBatches:
+    """The global batch of every step, from a fresh seeded permutation per epoch, so the data
+    position is a function of the step alone (what makes resuming exact) and a global batch is the
+    same whether one process accumulates it or several share it. `collate` turns a micro-batch's
+    samples into (inputs, labels)."""
+
+    def __init__(self, dataset, micro: int, accum: int, env: Distributed, seed: int, collate):
+        self.dataset, self.micro, self.accum, self.env, self.seed = dataset, micro, accum, env, seed
+        self.collate = collate
+        self.global_size = micro * accum * env.world_size
+        self.orders: dict[int, torch.Tensor] = {}
+
+    def sample(self, position: int) -> int:
+        epoch, offset = divmod(position, len(self.dataset))
+        if epoch not in self.orders:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self.orders = {epoch: torch.randperm(len(self.dataset), generator=generator)}
+        return int(self.orders[epoch][offset])
+
+    def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This process's `accum` micro-batches of global step `step`."""
+        start = step * self.global_size
+        batches = []
+        for m in range(self.accum):
+            first = start + (m * self.env.world_size + self.env.rank) * self.micro
+            batches.append(self.collate([self.dataset[self.sample(first + i)] for i in range(self.micro)]))
+        return batches
+
+
+def next_token_loss(model, inputs: torch.Tensor, labels: torch.Tensor, autocast) -> torch.Tensor:
+    """Mean cross-entropy over the labelled positions (-100 = no loss), computed in fp32."""
+    with autocast():
+        logits = model(inputs)
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def gradient_sync(model, enabled: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+    if hasattr(model, "no_sync"):  # DDP
+        return contextlib.nullcontext() if enabled else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(enabled)
+    return contextlib.nullcontext()
+
+
+def fit(model, optimizer, batches: StepBatches, recipe, out: Path, env: Distributed, start: int, save,
+        evaluate, flops_per_token: float, name: str) -> None:  # fmt: skip
+    """The loop every recipe shares: schedule, accumulation, clipping, logging, held-out
+    evaluation (`evaluate(model, autocast) -> loss or None`) and checkpoints (`save(step)`)."""
+    t = recipe.train
+    cuda = env.device.type == "cuda"
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+
+    metrics = Metrics(out, env.main, recipe.log.tensorboard, start)
+    throughput = Throughput(flops_per_token, peak_bf16_flops(env.device))
+    progress = tqdm(total=t.max_steps, initial=start, disable=not (env.main and recipe.log.progress),
+                    desc=name, unit="step", dynamic_ncols=True, mininterval=1.0)  # fmt: skip
+    for step in range(start, t.max_steps):
+        lr = learning_rate(step, t.lr, t.warmup_steps, t.max_steps, t.final_lr_ratio, t.decay)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches = batches.micro_batches(step)
+        losses = []
+        for m, (inputs, labels) in enumerate(micro_batches):
+            with gradient_sync(model, m == len(micro_batches) - 1):
+                loss = next_token_loss(model, inputs.to(env.device), labels.to(env.device), autocast)
+                (loss / len(micro_batches)).backward()
+            losses.append(loss.detach())
+            throughput.add(inputs.numel() * env.world_size)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % recipe.log.every == 0 or done == t.max_steps:
+            norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            record = {"step": done, "loss": env.mean(torch.stack(losses).mean().item()), "lr": lr,
+                      "grad_norm": float(norm)}  # fmt: skip
+            record.update(throughput.read())
+            if (recipe.eval.every and done % recipe.eval.every == 0) or done == t.max_steps:
+                val_loss = evaluate(model, autocast)
+                if val_loss is not None:
+                    record["val_loss"] = val_loss
+                    record["val_ppl"] = math.exp(min(val_loss, 50.0))
+            metrics.log(record)
+            shown = {
+                "loss": f"{record['loss']:.4f}",
+                "lr": f"{lr:.2e}",
+                "tok/s": f"{record['tokens_per_sec']:.0f}",
+            }
+            if "mfu" in record:
+                shown["mfu"] = f"{record['mfu']:.1%}"
+            progress.set_postfix(shown)
+        progress.update(1)
+        if (recipe.checkpoint.every and done % recipe.checkpoint.every == 0) or done == t.max_steps:
+            save(done)
+    progress.close()
+    metrics.plot(out / "loss.png", f"{name}: {out.name}")

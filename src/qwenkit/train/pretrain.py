@@ -8,7 +8,6 @@ GPUs and fp32 on CPUs, one process or many under torchrun (DDP or FSDP2), exact 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -16,9 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
-from tqdm import tqdm
 
 from qwenkit.config import QwenConfig
 from qwenkit.errors import QwenkitError
@@ -141,41 +138,10 @@ def build_model(recipe: PretrainRecipe, tokenizer: Tokenizer, device: torch.devi
     return model.train(), tokenizer
 
 
-class Batches:
-    """The global batch of every step, from a fresh seeded permutation per epoch, so the data
-    position is a function of the step alone (what makes resuming exact) and a global batch is the
-    same whether one process accumulates it or several share it."""
-
-    def __init__(self, dataset, micro: int, accum: int, env: common.Distributed, seed: int):
-        self.dataset, self.micro, self.accum, self.env, self.seed = dataset, micro, accum, env, seed
-        self.global_size = micro * accum * env.world_size
-        self.orders: dict[int, torch.Tensor] = {}
-
-    def sample(self, position: int) -> int:
-        epoch, offset = divmod(position, len(self.dataset))
-        if epoch not in self.orders:
-            self.orders = {
-                epoch: torch.randperm(
-                    len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch)
-                )
-            }
-        return int(self.orders[epoch][offset])
-
-    def micro_batches(self, step: int) -> list[torch.Tensor]:
-        """This process's `accum` micro-batches [micro, seq_len + 1] of global step `step`."""
-        start = step * self.global_size
-        batches = []
-        for m in range(self.accum):
-            first = start + (m * self.env.world_size + self.env.rank) * self.micro
-            batches.append(torch.stack([self.dataset[self.sample(first + i)] for i in range(self.micro)]))
-        return batches
-
-
-def next_token_loss(model, windows: torch.Tensor, autocast) -> torch.Tensor:
-    inputs, labels = windows[:, :-1], windows[:, 1:]
-    with autocast():
-        logits = model(inputs)
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+def windows_to_batch(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed windows [seq_len + 1] -> (inputs, labels) shifted by one token."""
+    windows = torch.stack(rows)
+    return windows[:, :-1], windows[:, 1:]
 
 
 @torch.no_grad()
@@ -190,19 +156,12 @@ def evaluate(model, dataset, recipe: PretrainRecipe, env: common.Distributed, au
     total = 0.0
     for k in range(per_process):
         b = k * env.world_size + env.rank
-        rows = [dataset[i % len(dataset)] for i in range(b * micro, (b + 1) * micro)]
-        total += next_token_loss(model, torch.stack(rows).to(env.device), autocast).item()
+        inputs, labels = windows_to_batch(
+            [dataset[i % len(dataset)] for i in range(b * micro, (b + 1) * micro)]
+        )
+        total += common.next_token_loss(model, inputs.to(env.device), labels.to(env.device), autocast).item()
     model.train()
     return env.mean(total / per_process)
-
-
-def gradient_sync(model, enabled: bool):
-    """Skip the gradient all-reduce on all but the last micro-batch of a step."""
-    if hasattr(model, "no_sync"):  # DDP
-        return contextlib.nullcontext() if enabled else model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(enabled)
-    return contextlib.nullcontext()
 
 
 def save_checkpoint(out: Path, step: int, model, optimizer, tokenizer, recipe, env) -> None:
@@ -257,58 +216,16 @@ def run(recipe: PretrainRecipe, out: Path) -> Path:
         model = torch.compile(model)
     if env.main:
         (out / "recipe.yaml").write_text(yaml.safe_dump(common.recipe_to_dict(recipe), sort_keys=False))
-    cuda = env.device.type == "cuda"
+    batches = common.StepBatches(train_data, t.micro_batch_size, t.grad_accum, env, t.seed, windows_to_batch)
+    flops = common.training_flops_per_token(model, train_data.seq_len)
 
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    def held_out(model, autocast):
+        return evaluate(model, val_data, recipe, env, autocast) if val_data is not None else None
 
-    batches = Batches(train_data, t.micro_batch_size, t.grad_accum, env, t.seed)
-    metrics = common.Metrics(out, env.main, recipe.log.tensorboard, start)
-    seq_len = train_data.seq_len
-    throughput = common.Throughput(
-        common.training_flops_per_token(model, seq_len), common.peak_bf16_flops(env.device)
-    )
-    progress = tqdm(total=t.max_steps, initial=start, disable=not (env.main and recipe.log.progress),
-                    desc="pretrain", unit="step", dynamic_ncols=True, mininterval=1.0)  # fmt: skip
-    for step in range(start, t.max_steps):
-        lr = common.learning_rate(step, t.lr, t.warmup_steps, t.max_steps, t.final_lr_ratio, t.decay)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        micro_batches = batches.micro_batches(step)
-        losses = []
-        for m, windows in enumerate(micro_batches):
-            with gradient_sync(model, m == len(micro_batches) - 1):
-                loss = next_token_loss(model, windows.to(env.device, non_blocking=True), autocast)
-                (loss / len(micro_batches)).backward()
-            losses.append(loss.detach())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        throughput.add(len(micro_batches) * t.micro_batch_size * seq_len * env.world_size)
-        done = step + 1
-        if done % recipe.log.every == 0 or done == t.max_steps:
-            record = {"step": done, "loss": env.mean(torch.stack(losses).mean().item()), "lr": lr,
-                      "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)}  # fmt: skip
-            record.update(throughput.read())
-            if val_data is not None and (
-                (recipe.eval.every and done % recipe.eval.every == 0) or done == t.max_steps
-            ):
-                record["val_loss"] = evaluate(model, val_data, recipe, env, autocast)
-                record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
-            metrics.log(record)
-            shown = {
-                "loss": f"{record['loss']:.4f}",
-                "lr": f"{lr:.2e}",
-                "tok/s": f"{record['tokens_per_sec']:.0f}",
-            }
-            if "mfu" in record:
-                shown["mfu"] = f"{record['mfu']:.1%}"
-            progress.set_postfix(shown)
-        progress.update(1)
-        if (recipe.checkpoint.every and done % recipe.checkpoint.every == 0) or done == t.max_steps:
-            save_checkpoint(out, done, model, optimizer, tokenizer, recipe, env)
-    progress.close()
-    metrics.plot(out / "loss.png", f"pretraining: {out.name}")
+    def save(step):
+        save_checkpoint(out, step, model, optimizer, tokenizer, recipe, env)
+
+    common.fit(model, optimizer, batches, recipe, out, env, start, save, held_out, flops, "pretrain")
     final = common.latest_checkpoint(out) if env.main else None
     if env.world_size > 1:
         torch.distributed.barrier()
