@@ -1,6 +1,11 @@
 """Shared fixtures."""
 
 import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,3 +50,17 @@ def to_transformers(model):
     hf = transformers.Qwen2ForCausalLM(hf_config)
     hf.load_state_dict(model.state_dict(), strict=not c.tie_word_embeddings)
     return hf.eval()
+
+
+def run_until_killed(args: list[str], out: Path, after_step: int) -> None:
+    """Start a run in a subprocess and SIGKILL it once it has logged `after_step` steps."""
+    process = subprocess.Popen([sys.executable, "-m", "qwenkit", *args], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= after_step:
+            break
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()

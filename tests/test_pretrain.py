@@ -3,14 +3,13 @@ and torchrun with two gloo processes (DDP and FSDP2) matching one process."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_until_killed
 
 import qwenkit
 from qwenkit.cli import main
@@ -82,20 +81,6 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, packed):
         == 0
     )
     assert losses(recomputed) == pytest.approx(losses(plain), abs=1e-6)
-
-
-def run_until_killed(args: list[str], out: Path, after_step: int) -> None:
-    """Start a run in a subprocess and SIGKILL it once it has logged `after_step` steps."""
-    process = subprocess.Popen([sys.executable, "-m", "qwenkit", *args], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)  # fmt: skip
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= after_step:
-            break
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
 
 
 def test_resume_after_a_kill_is_exact(tmp_path, packed):

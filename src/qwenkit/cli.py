@@ -551,6 +551,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=cmd_pretrain, dotted_overrides=True)
 
+    p = add_verb(
+        verbs,
+        "sft",
+        "fine-tune a model on ChatML conversations (full or LoRA), loss on assistant turns only",
+        "  qwenkit sft --config configs/sft/qwen-chat.yaml --model ./Qwen-7B --data chat.jsonl --out runs/sft\n"
+        "  qwenkit sft --config configs/sft/qwen-chat.yaml --model ./Qwen-7B --data chat.json --out runs/lora "
+        "--method lora --train.lr 3e-4\n"
+        "data: the official JSON (conversations of from/value) or OpenAI-style JSONL (messages, tools)",
+    )
+    p.add_argument(
+        "--config", metavar="FILE", help="YAML recipe (sections model, data, train, eval, checkpoint, log)"
+    )
+    p.add_argument("--model", metavar="DIR", help="checkpoint to fine-tune (model.path)")
+    p.add_argument("--data", metavar="FILE", help="training conversations (data.path)")
+    p.add_argument("--method", choices=["full", "lora"], help="full fine-tuning or LoRA (model.method)")
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="run directory: checkpoints, metrics.jsonl, loss.png"
+    )
+    p.set_defaults(run=cmd_sft, dotted_overrides=True)
+
     return parser
 
 
@@ -581,6 +601,14 @@ def cmd_data_pack(args: argparse.Namespace) -> int:
     from qwenkit.data.pack import run_pack
 
     return run_pack(args)
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from qwenkit.train.sft import main as sft
+
+    given = {"--model.path": args.model, "--data.path": args.data, "--model.method": args.method}
+    overrides = [item for key, value in given.items() if value is not None for item in (key, value)]
+    return sft(args.config, args.out, overrides + args.overrides)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:

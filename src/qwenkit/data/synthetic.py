@@ -65,3 +65,24 @@ def write_corpus(path: Path, count: int, seed: int = 0) -> Path:
         for text in generate_documents(count, seed):
             f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
     return path
+
+
+def chat_samples(count: int, seed: int = 0) -> list[dict]:
+    """`count` OpenAI-style conversations (arithmetic and short questions), for tiny SFT runs."""
+    rng = random.Random(seed)
+    samples = []
+    for _ in range(count):
+        a, b = rng.randint(0, 50), rng.randint(0, 50)
+        name, animal, place = rng.choice(NAMES), rng.choice(ANIMALS), rng.choice(PLACES)
+        turns = rng.choice(
+            [
+                [("user", f"What is {a} + {b}?"), ("assistant", f"{a} + {b} = {a + b}.")],
+                [("user", f"{a}加{b}等于多少？"), ("assistant", f"{a}加{b}等于{a + b}。")],
+                [
+                    ("user", f"Where did {name} see the {animal}?"),
+                    ("assistant", f"{name} saw the {animal} at the {place}."),
+                ],
+            ]
+        )
+        samples.append({"messages": [{"role": r, "content": c} for r, c in turns]})
+    return samples

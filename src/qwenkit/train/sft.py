@@ -1,0 +1,186 @@
+"""Supervised fine-tuning on ChatML conversations (report §3.1): the loss is taken on assistant
+turns only (`qwenkit.train.sft_data`), full fine-tuning or LoRA through peft, the pretraining
+loop's optimizer, schedule, distribution, checkpoints and exact resume.
+
+    qwenkit sft --config configs/sft/qwen-chat.yaml --model ./Qwen-7B --data chat.jsonl --out runs/sft
+    qwenkit sft --config configs/sft/qwen-chat.yaml --model ./Qwen-7B --data chat.jsonl --out runs/lora --method lora
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from qwenkit.errors import QwenkitError
+from qwenkit.train import common
+from qwenkit.train.pretrain import CheckpointSection, EvalSection, LogSection, TrainSection
+from qwenkit.train.pretrain import resume as resume_full
+from qwenkit.train.pretrain import save_checkpoint as save_full
+from qwenkit.train.sft_data import IGNORE_INDEX, MASK_MODES, load_sft_samples
+
+
+@dataclass
+class SFTModelSection:
+    path: str = ""  # the checkpoint to fine-tune (--model)
+    method: str = "full"  # full or lora
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    train_embeddings: bool | None = None  # LoRA: also train embedding and head; default: for base models
+
+
+@dataclass
+class SFTDataSection:
+    path: str = ""  # official JSON (conversations) or OpenAI-style JSONL (messages) (--data)
+    max_len: int = 512
+    mask: str = "qwenkit"  # or "official": the original finetune.py's labels
+    strict: bool = False  # fail on the first malformed sample instead of skipping it
+    val_fraction: float = 0.0
+
+
+@dataclass
+class SFTRecipe:
+    model: SFTModelSection = field(default_factory=SFTModelSection)
+    data: SFTDataSection = field(default_factory=SFTDataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+
+
+def pad_conversations(samples, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad a micro-batch of conversations -> (inputs, next-token labels); padding is never learned."""
+    width = max(len(s.input_ids) for s in samples)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+    for row, sample in enumerate(samples):
+        ids[row, : len(sample.input_ids)] = torch.tensor(sample.input_ids)
+        labels[row, : len(sample.labels)] = torch.tensor(sample.labels)
+    return ids[:, :-1], labels[:, 1:]
+
+
+def prepare_model(recipe: SFTRecipe, env: common.Distributed):
+    from qwenkit.checkpoint import load
+
+    if not recipe.model.path:
+        raise QwenkitError("no model to fine-tune: pass --model DIR")
+    model, tokenizer = load(recipe.model.path, device=env.device, dtype="float32")
+    model.train()
+    if recipe.model.method == "lora":
+        from qwenkit.lora import add_lora
+
+        base = model.generation_config is not None and model.generation_config.chat_format == "raw"
+        train_embeddings = base if recipe.model.train_embeddings is None else recipe.model.train_embeddings
+        m = recipe.model
+        model = add_lora(model, m.lora_r, m.lora_alpha, m.lora_dropout, train_embeddings)
+    elif recipe.model.method != "full":
+        raise QwenkitError(f"model.method must be full or lora, got {recipe.model.method!r}")
+    return model, tokenizer
+
+
+def save_adapter(out: Path, step: int, model, optimizer, recipe: SFTRecipe, env) -> None:
+    """A LoRA checkpoint: the adapter in peft's format plus the trainer state."""
+    _, optimizer_state = common.full_state(model, optimizer)
+    if not env.main:
+        return
+    name = f"step-{step:07d}"
+    staging = out / "checkpoints" / f".tmp-{name}"
+    staging.mkdir(parents=True, exist_ok=True)
+    peft_model = common.unwrap(model)
+    peft_model.save_pretrained(str(staging / "adapter"))
+    trainable = {n: p.detach().cpu() for n, p in peft_model.named_parameters() if p.requires_grad}
+    state = {"step": step, "optimizer": optimizer_state, "rng": common.rng_state(), "trainable": trainable,
+             "recipe": common.recipe_to_dict(recipe)}  # fmt: skip
+    torch.save(state, staging / "trainer_state.pt")
+    common.commit_checkpoint(out, staging, name, recipe.checkpoint.keep)
+
+
+def resume_adapter(out: Path, model, optimizer) -> int:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    path = common.latest_checkpoint(out)
+    if path is None:
+        return 0
+    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    common.unwrap(model).load_state_dict(state["trainable"], strict=False)
+    set_optimizer_state_dict(
+        model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True)
+    )
+    common.set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def run(recipe: SFTRecipe, out: Path) -> Path | None:
+    if recipe.data.mask not in MASK_MODES:
+        raise QwenkitError(f"data.mask must be one of {', '.join(MASK_MODES)}, got {recipe.data.mask!r}")
+    env = common.setup_distributed(recipe.train.device)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(recipe.train.seed)
+    model, tokenizer = prepare_model(recipe, env)
+    d = recipe.data
+    if not d.path:
+        raise QwenkitError("no training data: pass --data FILE")
+    samples, report = load_sft_samples(d.path, tokenizer, d.max_len, d.mask, d.strict)
+    if env.main:
+        print(f"sft data: {report.ok} samples, {report.skipped} skipped, {report.truncated} truncated")
+        for error in report.errors[:3]:
+            print(f"  skipped {error}")
+    if not samples:
+        raise QwenkitError(f"no usable samples in {d.path}")
+    held = round(len(samples) * d.val_fraction)
+    val, train = samples[:held], samples[held:]
+    lora = recipe.model.method == "lora"
+    model.activation_checkpointing = recipe.train.activation_checkpointing
+    model = common.wrap_model(model, recipe.train.distributed, env)
+    t = recipe.train
+    optimizer = common.make_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
+    start = resume_adapter(out, model, optimizer) if lora else resume_full(out, model, optimizer)
+    if env.main:
+        (out / "recipe.yaml").write_text(yaml.safe_dump(common.recipe_to_dict(recipe), sort_keys=False))
+
+    def collate(rows):
+        return pad_conversations(rows, tokenizer.pad_id)
+
+    batches = common.StepBatches(train, t.micro_batch_size, t.grad_accum, env, t.seed, collate)
+
+    @torch.no_grad()
+    def held_out(model, autocast):
+        if not val:
+            return None
+        model.eval()
+        losses = []
+        for i in range(0, len(val), t.micro_batch_size):
+            inputs, labels = collate(val[i : i + t.micro_batch_size])
+            losses.append(
+                common.next_token_loss(model, inputs.to(env.device), labels.to(env.device), autocast).item()
+            )
+        model.train()
+        return env.mean(sum(losses) / len(losses))
+
+    def save(step):
+        if lora:
+            save_adapter(out, step, model, optimizer, recipe, env)
+        else:
+            save_full(out, step, model, optimizer, tokenizer, recipe, env)
+
+    flops = common.training_flops_per_token(model, d.max_len)
+    common.fit(model, optimizer, batches, recipe, out, env, start, save, held_out, flops, "sft")
+    final = common.latest_checkpoint(out) if env.main else None
+    if env.world_size > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return final
+
+
+def main(config: str | None, out: str, overrides: list[str]) -> int:
+    recipe = common.load_recipe(SFTRecipe, config, overrides)
+    started = time.perf_counter()
+    final = run(recipe, Path(out))
+    if final is not None:
+        what = f"adapter: {final / 'adapter'}" if recipe.model.method == "lora" else f"model: {final}"
+        print(f"fine-tuning done in {time.perf_counter() - started:.0f}s; {what}")
+    return 0
