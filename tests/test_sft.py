@@ -92,3 +92,16 @@ def test_malformed_samples_are_skipped_or_fail_with_strict(setup, tmp_path, caps
     assert main([*argv, "--data.strict", "true"]) == 1
     assert "sample 1" in capsys.readouterr().err
     assert main(sft(setup, tmp_path / "x", "full", "--data.mask", "weird")) == 1
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.parent.name + "/" + p.name
+)
+def test_every_shipped_recipe_parses(path):
+    from qwenkit.train.common import load_recipe
+    from qwenkit.train.pretrain import PretrainRecipe
+    from qwenkit.train.sft import SFTRecipe
+
+    sft = "sft" in str(path.relative_to(ROOT / "configs"))
+    recipe = load_recipe(SFTRecipe if sft else PretrainRecipe, path, [])
+    assert recipe.train.max_steps > 0 and recipe.train.lr > 0
