@@ -271,3 +271,16 @@ def test_bfloat16_forward_keeps_fp32_norm_and_rope():
         half = model.to(torch.bfloat16)(ids)
     assert half.dtype == torch.bfloat16
     assert (half.float() - full).abs().max() < 0.05 * full.abs().max()
+
+
+def test_packed_sequences_equal_separate_ones():
+    """segment_ids: positions restart per sequence and attention stays inside it (block-diagonal)."""
+    model, _ = build_pair(num_key_value_heads=2)
+    a = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(9))
+    b = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(10))
+    packed = torch.cat([a, b], dim=1)
+    segments = torch.tensor([[0] * 7 + [1] * 5])
+    with torch.no_grad():
+        out = model(packed, segment_ids=segments)
+        torch.testing.assert_close(out[:, :7], model(a), atol=1e-5, rtol=0)
+        torch.testing.assert_close(out[:, 7:], model(b), atol=1e-5, rtol=0)

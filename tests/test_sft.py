@@ -105,3 +105,24 @@ def test_every_shipped_recipe_parses(path):
     sft = "sft" in str(path.relative_to(ROOT / "configs"))
     recipe = load_recipe(SFTRecipe if sft else PretrainRecipe, path, [])
     assert recipe.train.max_steps > 0 and recipe.train.lr > 0
+
+
+def test_packing_gives_the_padded_losses(setup, tmp_path):
+    padded, packed = tmp_path / "padded", tmp_path / "packed"
+    assert main(sft(setup, padded, "full", "--train.max_steps", "3", "--log.every", "1")) == 0
+    argv = sft(setup, packed, "full", "--train.max_steps", "3", "--log.every", "1", "--data.packing", "true")
+    assert main(argv) == 0
+    assert losses(packed) == pytest.approx(losses(padded), abs=1e-4)
+
+
+def test_pack_conversations_layout():
+    from qwenkit.train.sft import pack_conversations
+    from qwenkit.train.sft_data import Conversation
+
+    samples = [Conversation([1, 2, 3], [-100, 2, 3]), Conversation([4, 5, 6, 7, 8], [-100, -100, 6, 7, 8]),
+               Conversation([9, 10], [-100, 10])]  # fmt: skip
+    inputs, labels, segments = pack_conversations(samples, pad_id=0, max_len=8)
+    # longest first: row 0 = [4..8] + [1, 2, 3] (8 tokens), row 1 = [9, 10] padded
+    assert inputs.tolist() == [[4, 5, 6, 7, 8, 1, 2], [9, 10, 0, 0, 0, 0, 0]]
+    assert labels.tolist() == [[-100, 6, 7, 8, -100, 2, 3], [10, -100, -100, -100, -100, -100, -100]]
+    assert segments.tolist() == [[0, 0, 0, 0, 0, 1, 1], [0, 0, -1, -1, -1, -1, -1]]

@@ -226,18 +226,27 @@ class Qwen(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for input_ids [B, T].
 
         attention_mask [B, T] (1 = token, 0 = left padding) is only needed for padded batches.
         With a cache, the tokens are appended after what it holds; pass `attention_mask` only with
         the first (prefill) call. `last_only` computes logits for the last position alone.
+        segment_ids [B, T] packs several sequences per row (training): positions restart at each
+        new id and attention never crosses from one sequence to another.
         """
         config = self.config
         b, t = input_ids.shape
         if cache is not None and cache.length + t > cache.max_length:
             raise ValueError(f"KV cache holds {cache.max_length} tokens; {cache.length + t} needed")
-        positions, key_positions, padded = self._positions(input_ids, attention_mask, cache)
+        if segment_ids is not None:
+            if cache is not None or attention_mask is not None:
+                raise ValueError("segment_ids cannot be combined with a cache or an attention_mask")
+            positions = key_positions = positions_in_segments(segment_ids)
+            padded = False
+        else:
+            positions, key_positions, padded = self._positions(input_ids, attention_mask, cache)
         x = self.model.embed_tokens(input_ids)
         long_context = not self.training  # NTK, LogN and windows are inference-only
         training_length = config.max_position_embeddings
@@ -268,10 +277,11 @@ class Qwen(nn.Module):
             if window is not None and last_position < window:
                 window = None  # every key a query can see lies inside this layer's window
             if window not in masks:
-                needed = padded or window is not None or chunk_after_prefix
-                masks[window] = (
-                    attention_mask_from_positions(positions, key_positions, window) if needed else None
-                )
+                needed = padded or window is not None or chunk_after_prefix or segment_ids is not None
+                mask = attention_mask_from_positions(positions, key_positions, window) if needed else None
+                if segment_ids is not None:  # block-diagonal: each packed sequence sees only itself
+                    mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+                masks[window] = mask
             return masks[window]
 
         # Without a mask, prefill uses SDPA's causal mode (flash kernels on CUDA); one new token sees all keys.
@@ -359,6 +369,14 @@ class Qwen(nn.Module):
         from qwenkit.chat import chat_stream
 
         return chat_stream(self, tokenizer, query, history=history, system=system, **settings)
+
+
+def positions_in_segments(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Position of every token within its run of equal segment ids [B, T] (restarting at 0)."""
+    index = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return index - torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
 
 
 def cpu_decode_layout(weight: torch.Tensor) -> torch.Tensor:

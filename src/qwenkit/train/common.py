@@ -375,7 +375,7 @@ class StepBatches:
     """The global batch of every step, from a fresh seeded permutation per epoch, so the data
     position is a function of the step alone (what makes resuming exact) and a global batch is the
     same whether one process accumulates it or several share it. `collate` turns a micro-batch's
-    samples into (inputs, labels)."""
+    samples into (inputs, labels) or, for packed rows, (inputs, labels, segment_ids)."""
 
     def __init__(self, dataset, micro: int, accum: int, env: Distributed, seed: int, collate):
         self.dataset, self.micro, self.accum, self.env, self.seed = dataset, micro, accum, env, seed
@@ -400,10 +400,12 @@ class StepBatches:
         return batches
 
 
-def next_token_loss(model, inputs: torch.Tensor, labels: torch.Tensor, autocast) -> torch.Tensor:
+def next_token_loss(
+    model, inputs: torch.Tensor, labels: torch.Tensor, autocast, segment_ids=None
+) -> torch.Tensor:
     """Mean cross-entropy over the labelled positions (-100 = no loss), computed in fp32."""
     with autocast():
-        logits = model(inputs)
+        logits = model(inputs) if segment_ids is None else model(inputs, segment_ids=segment_ids)
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
@@ -436,9 +438,12 @@ def fit(model, optimizer, batches: StepBatches, recipe, out: Path, env: Distribu
             group["lr"] = lr
         micro_batches = batches.micro_batches(step)
         losses = []
-        for m, (inputs, labels) in enumerate(micro_batches):
+        for m, (inputs, labels, *segments) in enumerate(micro_batches):  # segments: packed rows
+            segment_ids = segments[0].to(env.device) if segments else None
             with gradient_sync(model, m == len(micro_batches) - 1):
-                loss = next_token_loss(model, inputs.to(env.device), labels.to(env.device), autocast)
+                loss = next_token_loss(
+                    model, inputs.to(env.device), labels.to(env.device), autocast, segment_ids
+                )
                 (loss / len(micro_batches)).backward()
             losses.append(loss.detach())
             throughput.add(inputs.numel() * env.world_size)

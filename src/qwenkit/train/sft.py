@@ -37,6 +37,7 @@ class SFTModelSection:
 class SFTDataSection:
     path: str = ""  # official JSON (conversations) or OpenAI-style JSONL (messages) (--data)
     max_len: int = 512
+    packing: bool = False  # several conversations per sequence (block-diagonal attention)
     mask: str = "qwenkit"  # or "official": the original finetune.py's labels
     strict: bool = False  # fail on the first malformed sample instead of skipping it
     val_fraction: float = 0.0
@@ -61,6 +62,34 @@ def pad_conversations(samples, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]
         ids[row, : len(sample.input_ids)] = torch.tensor(sample.input_ids)
         labels[row, : len(sample.labels)] = torch.tensor(sample.labels)
     return ids[:, :-1], labels[:, 1:]
+
+
+def pack_conversations(samples, pad_id: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Several conversations per row (first fit, longest first, rows of at most `max_len` tokens)
+    -> (inputs, labels, segment_ids): attention stays inside each conversation and positions
+    restart, so the loss equals the padded batch's with far fewer pad tokens."""
+    rows: list[list] = []
+    for sample in sorted(samples, key=lambda s: len(s.input_ids), reverse=True):
+        row = next(
+            (r for r in rows if sum(len(s.input_ids) for s in r) + len(sample.input_ids) <= max_len), None
+        )
+        if row is None:
+            rows.append([sample])
+        else:
+            row.append(sample)
+    width = max(sum(len(s.input_ids) for s in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    segments = torch.full((len(rows), width), -1, dtype=torch.long)  # padding is a segment of its own
+    for r, row in enumerate(rows):
+        start = 0
+        for k, sample in enumerate(row):
+            end = start + len(sample.input_ids)
+            ids[r, start:end] = torch.tensor(sample.input_ids)
+            labels[r, start:end] = torch.tensor(sample.labels)
+            segments[r, start:end] = k
+            start = end
+    return ids[:, :-1], labels[:, 1:], segments[:, :-1]
 
 
 def prepare_model(recipe: SFTRecipe, env: common.Distributed):
@@ -143,6 +172,8 @@ def run(recipe: SFTRecipe, out: Path) -> Path | None:
         (out / "recipe.yaml").write_text(yaml.safe_dump(common.recipe_to_dict(recipe), sort_keys=False))
 
     def collate(rows):
+        if d.packing:
+            return pack_conversations(rows, tokenizer.pad_id, d.max_len)
         return pad_conversations(rows, tokenizer.pad_id)
 
     batches = common.StepBatches(train, t.micro_batch_size, t.grad_accum, env, t.seed, collate)
@@ -154,9 +185,12 @@ def run(recipe: SFTRecipe, out: Path) -> Path | None:
         model.eval()
         losses = []
         for i in range(0, len(val), t.micro_batch_size):
-            inputs, labels = collate(val[i : i + t.micro_batch_size])
+            inputs, labels, *segments = collate(val[i : i + t.micro_batch_size])
+            segment_ids = segments[0].to(env.device) if segments else None
             losses.append(
-                common.next_token_loss(model, inputs.to(env.device), labels.to(env.device), autocast).item()
+                common.next_token_loss(
+                    model, inputs.to(env.device), labels.to(env.device), autocast, segment_ids
+                ).item()
             )
         model.train()
         return env.mean(sum(losses) / len(losses))
