@@ -475,3 +475,12 @@ def fit(model, optimizer, batches: StepBatches, recipe, out: Path, env: Distribu
             save(done)
     progress.close()
     metrics.plot(out / "loss.png", f"{name}: {out.name}")
+
+
+def finish(out: Path, env: Distributed) -> Path | None:
+    """End a run: wait for every process, close the process group; the last checkpoint (main process)."""
+    final = latest_checkpoint(out) if env.main else None
+    if env.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return final

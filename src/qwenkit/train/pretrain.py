@@ -226,11 +226,7 @@ def run(recipe: PretrainRecipe, out: Path) -> Path:
         save_checkpoint(out, step, model, optimizer, tokenizer, recipe, env)
 
     common.fit(model, optimizer, batches, recipe, out, env, start, save, held_out, flops, "pretrain")
-    final = common.latest_checkpoint(out) if env.main else None
-    if env.world_size > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    return final
+    return common.finish(out, env)
 
 
 def main(config: str | None, out: str, overrides: list[str]) -> int:

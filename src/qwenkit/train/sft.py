@@ -203,11 +203,7 @@ def run(recipe: SFTRecipe, out: Path) -> Path | None:
 
     flops = common.training_flops_per_token(model, d.max_len)
     common.fit(model, optimizer, batches, recipe, out, env, start, save, held_out, flops, "sft")
-    final = common.latest_checkpoint(out) if env.main else None
-    if env.world_size > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    return final
+    return common.finish(out, env)
 
 
 def main(config: str | None, out: str, overrides: list[str]) -> int:
