@@ -126,3 +126,25 @@ def test_pack_conversations_layout():
     assert inputs.tolist() == [[4, 5, 6, 7, 8, 1, 2], [9, 10, 0, 0, 0, 0, 0]]
     assert labels.tolist() == [[-100, 6, 7, 8, -100, 2, 3], [10, -100, -100, -100, -100, -100, -100]]
     assert segments.tolist() == [[0, 0, 0, 0, 0, 1, 1], [0, 0, -1, -1, -1, -1, -1]]
+
+
+def test_qlora_trains_an_adapter_for_the_full_precision_base(setup, tmp_path, capsys):
+    lora, qlora = tmp_path / "lora", tmp_path / "qlora"
+    assert main(sft(setup, lora, "lora", "--train.max_steps", "12", "--log.every", "1")) == 0
+    lora_report = capsys.readouterr().out
+    assert main(sft(setup, qlora, "qlora", "--train.max_steps", "12", "--log.every", "1")) == 0
+    qlora_report = capsys.readouterr().out
+
+    def weights_mb(report):
+        return float(report.split("MB of weights")[0].split()[-1])
+
+    assert weights_mb(qlora_report) < weights_mb(lora_report)  # the projections are stored in 4 bits
+    curve = losses(qlora)
+    assert sum(curve[-3:]) < sum(curve[:3])
+    assert curve[0] == pytest.approx(losses(lora)[0], abs=0.05)  # NF4 barely changes the start
+    adapter = qlora / "checkpoints" / "step-0000012" / "adapter"
+    base, _ = qwenkit.load(setup / "base")
+    adapted, _ = qwenkit.load(setup / "base", adapter=adapter)  # merged onto the fp32 base
+    ids = torch.tensor([[72, 105, 33, 256]])
+    with torch.no_grad():
+        assert (adapted(ids) - base(ids)).abs().max() > 1e-4

@@ -565,7 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", metavar="DIR", help="checkpoint to fine-tune (model.path)")
     p.add_argument("--data", metavar="FILE", help="training conversations (data.path)")
-    p.add_argument("--method", choices=["full", "lora"], help="full fine-tuning or LoRA (model.method)")
+    p.add_argument("--method", choices=["full", "lora", "qlora"],
+                   help="full fine-tuning, LoRA, or Q-LoRA (LoRA over a 4-bit NF4 base) (model.method)")  # fmt: skip
     p.add_argument(
         "--out", required=True, metavar="DIR", help="run directory: checkpoints, metrics.jsonl, loss.png"
     )

@@ -43,6 +43,30 @@ def add_lora(
     return peft.get_peft_model(model, config)
 
 
+def quantize_nf4(model: Qwen, compute_dtype) -> Qwen:
+    """Q-LoRA's base: every LoRA target projection stored as 4-bit NF4 (bitsandbytes), computed in
+    `compute_dtype`; embeddings, norms and the head stay as they are."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise QwenkitError("Q-LoRA needs the bitsandbytes package: pip install 'qwenkit[qlora]'") from None
+    from torch import nn
+
+    device = model.lm_head.weight.device
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and name in LORA_TARGETS:
+                quantized = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                              compute_dtype=compute_dtype, quant_type="nf4")  # fmt: skip
+                quantized.weight = bnb.nn.Params4bit(
+                    child.weight.data.contiguous(), requires_grad=False, quant_type="nf4"
+                )
+                if child.bias is not None:
+                    quantized.bias = nn.Parameter(child.bias.data, requires_grad=False)
+                setattr(module, name, quantized.to(device))  # moving to the device quantizes
+    return model
+
+
 def check_adapter_dir(path: str | os.PathLike) -> Path:
     directory = Path(path)
     if not directory.is_dir():

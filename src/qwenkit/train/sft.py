@@ -26,7 +26,7 @@ from qwenkit.train.sft_data import IGNORE_INDEX, MASK_MODES, load_sft_samples
 @dataclass
 class SFTModelSection:
     path: str = ""  # the checkpoint to fine-tune (--model)
-    method: str = "full"  # full or lora
+    method: str = "full"  # full, lora or qlora (LoRA over a 4-bit NF4 base)
     lora_r: int = 64
     lora_alpha: int = 16
     lora_dropout: float = 0.05
@@ -99,7 +99,11 @@ def prepare_model(recipe: SFTRecipe, env: common.Distributed):
         raise QwenkitError("no model to fine-tune: pass --model DIR")
     model, tokenizer = load(recipe.model.path, device=env.device, dtype="float32")
     model.train()
-    if recipe.model.method == "lora":
+    if recipe.model.method == "qlora":  # LoRA over a 4-bit NF4 base: nothing else changes
+        from qwenkit.lora import quantize_nf4
+
+        model = quantize_nf4(model, torch.bfloat16 if env.device.type == "cuda" else torch.float32)
+    if recipe.model.method in ("lora", "qlora"):
         from qwenkit.lora import add_lora
 
         base = model.generation_config is not None and model.generation_config.chat_format == "raw"
@@ -107,7 +111,7 @@ def prepare_model(recipe: SFTRecipe, env: common.Distributed):
         m = recipe.model
         model = add_lora(model, m.lora_r, m.lora_alpha, m.lora_dropout, train_embeddings)
     elif recipe.model.method != "full":
-        raise QwenkitError(f"model.method must be full or lora, got {recipe.model.method!r}")
+        raise QwenkitError(f"model.method must be full, lora or qlora, got {recipe.model.method!r}")
     return model, tokenizer
 
 
@@ -155,6 +159,8 @@ def run(recipe: SFTRecipe, out: Path) -> Path | None:
         raise QwenkitError("no training data: pass --data FILE")
     samples, report = load_sft_samples(d.path, tokenizer, d.max_len, d.mask, d.strict)
     if env.main:
+        weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        print(f"sft model: {recipe.model.method}, {weights / 2**20:.1f} MB of weights")
         print(f"sft data: {report.ok} samples, {report.skipped} skipped, {report.truncated} truncated")
         for error in report.errors[:3]:
             print(f"  skipped {error}")
@@ -162,7 +168,7 @@ def run(recipe: SFTRecipe, out: Path) -> Path | None:
         raise QwenkitError(f"no usable samples in {d.path}")
     held = round(len(samples) * d.val_fraction)
     val, train = samples[:held], samples[held:]
-    lora = recipe.model.method == "lora"
+    lora = recipe.model.method in ("lora", "qlora")
     model.activation_checkpointing = recipe.train.activation_checkpointing
     model = common.wrap_model(model, recipe.train.distributed, env)
     t = recipe.train
@@ -211,6 +217,6 @@ def main(config: str | None, out: str, overrides: list[str]) -> int:
     started = time.perf_counter()
     final = run(recipe, Path(out))
     if final is not None:
-        what = f"adapter: {final / 'adapter'}" if recipe.model.method == "lora" else f"model: {final}"
+        what = f"model: {final}" if recipe.model.method == "full" else f"adapter: {final / 'adapter'}"
         print(f"fine-tuning done in {time.perf_counter() - started:.0f}s; {what}")
     return 0
