@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from qwenkit.agent.react import REACT_INSTRUCTION, TOOL_DESC, react_instruction  # noqa: F401 - re-exported
 from qwenkit.chat import DEFAULT_SYSTEM
 from qwenkit.errors import QwenkitError
 from qwenkit.tokenizer import Tokenizer
@@ -58,26 +59,6 @@ ROLES = ("system", "user", "assistant", "tool")
 OFFICIAL_ROLES = ("system", "user", "assistant")
 MAX_REPORTED_ERRORS = 10
 
-TOOL_DESC = (
-    "{name_for_model}: Call this tool to interact with the {name_for_human} API. What is the "
-    "{name_for_human} API useful for? {description_for_model} Parameters: {parameters}"
-)
-REACT_INSTRUCTION = """Answer the following questions as best you can. You have access to the following APIs:
-
-{tools_text}
-
-Use the following format:
-
-Question: the input question you must answer
-Thought: you should always think about what to do
-Action: the action to take, should be one of [{tools_name_text}]
-Action Input: the input to the action
-Observation: the result of the action
-... (this Thought/Action/Action Input/Observation can be repeated zero or more times)
-Thought: I now know the final answer
-Final Answer: the final answer to the original input question
-
-Begin!"""
 DEFAULT_THOUGHT = "I need to call a tool."
 
 
@@ -97,23 +78,6 @@ class ReactStep(NamedTuple):
     name: str
     arguments: str
     observation: str
-
-
-def react_instruction(tools: Sequence[dict[str, Any]]) -> str:
-    """The official ReAct instruction listing `tools` (OpenAI function specs)."""
-    functions = [tool.get("function", tool) for tool in tools]
-    descriptions = [
-        TOOL_DESC.format(
-            name_for_model=f["name"],
-            name_for_human=f["name"],
-            description_for_model=f.get("description", ""),
-            parameters=json.dumps(f.get("parameters", {}), ensure_ascii=False),
-        )
-        for f in functions
-    ]
-    return REACT_INSTRUCTION.format(
-        tools_text="\n\n".join(descriptions), tools_name_text=", ".join(f["name"] for f in functions)
-    )
 
 
 def render_react_turn(steps: Sequence[ReactStep], final_answer: str | None) -> list[tuple[str, bool]]:

@@ -1,0 +1,1 @@
+"""Tool use: the official ReAct prompt and parser, a tool registry, and built-in tools."""
