@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from report import write_section
 
 
 def peak_memory_mb() -> float:
@@ -113,7 +113,7 @@ def main() -> None:
     import qwenkit
     from qwenkit.tokenizer import Tokenizer
 
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from conftest import official_vocab_path
 
     vocab = args.vocab or official_vocab_path()
@@ -161,7 +161,9 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
-        write_section(table, f"{'cpu' if args.device == 'cpu' else 'gpu'}-{args.preset}")
+        device = "cpu" if args.device == "cpu" else "gpu"
+        write_section(f"inference-{device}-{args.preset}", table,
+                      f"Inference on {device.upper()}, {args.preset}: prefill and decode")  # fmt: skip
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -171,21 +173,6 @@ def summarize(runs: list[dict]) -> dict:
     summary["peak_memory_mb"] = max(run["peak_memory_mb"] for run in runs)
     summary["tokens"] = runs[0]["tokens"]
     return summary
-
-
-def write_section(table: str, name: str) -> None:
-    """Replace this benchmark's marked section of docs/benchmarks.md (added at the end the first time)."""
-    doc = ROOT / "docs" / "benchmarks.md"
-    doc.parent.mkdir(exist_ok=True)
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    start, end = f"<!-- inference-{name}:start -->", f"<!-- inference-{name}:end -->"
-    section = f"{start}\n{table}\n{end}"
-    if start in text:
-        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: section, text, flags=re.S)
-    else:
-        device, preset = name.split("-", 1)
-        text += f"\n## Inference on {device.upper()}, {preset}: prefill and decode\n\n{section}\n"
-    doc.write_text(text)
 
 
 if __name__ == "__main__":

@@ -10,14 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from report import write_section
+
 SHAPES = {  # QwenConfig overrides; vocabulary of the byte-level tokenizer the data is packed with
     "small": dict(vocab_size=512, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                   num_attention_heads=4, max_position_embeddings=1024),
@@ -173,16 +173,8 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
-        name = f"pretrain-{args.device}-{args.shape}"
-        doc = ROOT / "docs" / "benchmarks.md"
-        text = doc.read_text()
-        start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-        section = f"{start}\n{table}\n{end}"
-        if start in text:
-            text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: section, text, flags=re.S)
-        else:
-            text += f"\n## Pretraining throughput, {args.device.upper()}, {args.shape}\n\n{section}\n"
-        doc.write_text(text)
+        write_section(f"pretrain-{args.device}-{args.shape}", table,
+                      f"Pretraining throughput, {args.device.upper()}, {args.shape}")  # fmt: skip
 
 
 if __name__ == "__main__":

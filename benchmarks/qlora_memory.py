@@ -13,11 +13,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from report import write_section
+
 import qwenkit
 from qwenkit import Qwen, QwenConfig, Tokenizer
 from qwenkit.data.synthetic import chat_samples
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
@@ -64,15 +64,7 @@ def main() -> None:
     ]  # fmt: skip
     table = "\n".join(lines)
     print(table)
-    doc = ROOT / "docs" / "benchmarks.md"
-    text = doc.read_text()
-    start, end = "<!-- qlora-memory:start -->", "<!-- qlora-memory:end -->"
-    section = f"{start}\n{table}\n{end}"
-    if start in text:
-        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: section, text, flags=re.S)
-    else:
-        text += f"\n## Q-LoRA memory (`benchmarks/qlora_memory.py`)\n\n{section}\n"
-    doc.write_text(text)
+    write_section("qlora-memory", table, "Q-LoRA memory (`benchmarks/qlora_memory.py`)")
 
 
 if __name__ == "__main__":

@@ -9,19 +9,17 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from report import write_section
 
 import qwenkit
 from qwenkit.data.synthetic import chat_samples
 from qwenkit.train import common
 from qwenkit.train.sft import SFTRecipe, run
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
@@ -75,15 +73,7 @@ def main() -> None:
     ])  # fmt: skip
     print(table)
     if not args.no_write:
-        doc = ROOT / "docs" / "benchmarks.md"
-        text = doc.read_text()
-        start, end = "<!-- sft-packing:start -->", "<!-- sft-packing:end -->"
-        section = f"{start}\n{table}\n{end}"
-        if start in text:
-            text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: section, text, flags=re.S)
-        else:
-            text += f"\n## SFT packing (`benchmarks/sft_packing.py`)\n\n{section}\n"
-        doc.write_text(text)
+        write_section("sft-packing", table, "SFT packing (`benchmarks/sft_packing.py`)")
 
 
 if __name__ == "__main__":

@@ -15,18 +15,17 @@ import argparse
 import importlib.util
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from report import write_section
 
 from qwenkit.tokenizer import Tokenizer
 from qwenkit.tokenizer_train import CorpusCounts, compression_stats, format_stats_table, train_tokenizer
 
-ROOT = Path(__file__).resolve().parent.parent
 HEADING = """## Vocabulary training (`benchmarks/tokenizer_train.py`)
 
 `qwenkit tokenizer train` from scratch runs the Hugging Face `tokenizers` BPE trainer (Rust, all
@@ -225,20 +224,7 @@ def main() -> None:
         f"Command: {command}"
     )
     if not args.no_write:
-        write_section(section)
-
-
-def write_section(section: str) -> None:
-    """Replace this benchmark's marked section of docs/benchmarks.md (appended the first time)."""
-    doc = ROOT / "docs" / "benchmarks.md"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    start, end = "<!-- tokenizer-train:start -->", "<!-- tokenizer-train:end -->"
-    block = f"{start}\n{HEADING}\n\n{section}\n{end}"
-    if start in text:
-        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    doc.write_text(text)
+        write_section("tokenizer-train", f"{HEADING}\n\n{section}")
 
 
 if __name__ == "__main__":

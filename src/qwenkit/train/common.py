@@ -249,6 +249,20 @@ def latest_checkpoint(out: Path) -> Path | None:
     return path
 
 
+def commit_trainer_state(out: Path, staging: Path, step: int, optimizer_state: dict, recipe, **extra) -> Path:
+    """Write trainer_state.pt (step, optimizer, RNG, recipe, `extra`) into a checkpoint being
+    written at `staging`, then move the checkpoint into place."""
+    state = {
+        "step": step,
+        "optimizer": optimizer_state,
+        "rng": rng_state(),
+        "recipe": recipe_to_dict(recipe),
+        **extra,
+    }
+    torch.save(state, staging / "trainer_state.pt")
+    return commit_checkpoint(out, staging, f"step-{step:07d}", recipe.checkpoint.keep)
+
+
 def commit_checkpoint(out: Path, staging: Path, name: str, keep: int) -> Path:
     """Move a fully written checkpoint into place, then point `latest` at it; prune old ones."""
     root = out / "checkpoints"

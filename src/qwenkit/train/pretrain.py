@@ -171,15 +171,11 @@ def save_checkpoint(out: Path, step: int, model, optimizer, tokenizer, recipe, e
     model_state, optimizer_state = common.full_state(model, optimizer)
     if not env.main:
         return
-    name = f"step-{step:07d}"
-    staging = out / "checkpoints" / f".tmp-{name}"
+    staging = out / "checkpoints" / f".tmp-step-{step:07d}"
     raw = common.unwrap(model)
     save_state_dict(model_state, raw.config, None, tokenizer, staging, torch.float32)
-    state = {"step": step, "optimizer": optimizer_state, "rng": common.rng_state(),
-             "samples_seen": step * recipe.train.micro_batch_size * recipe.train.grad_accum * env.world_size,
-             "recipe": common.recipe_to_dict(recipe)}  # fmt: skip
-    torch.save(state, staging / "trainer_state.pt")
-    common.commit_checkpoint(out, staging, name, recipe.checkpoint.keep)
+    samples = step * recipe.train.micro_batch_size * recipe.train.grad_accum * env.world_size
+    common.commit_trainer_state(out, staging, step, optimizer_state, recipe, samples_seen=samples)
 
 
 def resume(out: Path, model, optimizer) -> int:

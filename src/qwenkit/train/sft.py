@@ -120,16 +120,12 @@ def save_adapter(out: Path, step: int, model, optimizer, recipe: SFTRecipe, env)
     _, optimizer_state = common.full_state(model, optimizer)
     if not env.main:
         return
-    name = f"step-{step:07d}"
-    staging = out / "checkpoints" / f".tmp-{name}"
+    staging = out / "checkpoints" / f".tmp-step-{step:07d}"
     staging.mkdir(parents=True, exist_ok=True)
     peft_model = common.unwrap(model)
     peft_model.save_pretrained(str(staging / "adapter"))
     trainable = {n: p.detach().cpu() for n, p in peft_model.named_parameters() if p.requires_grad}
-    state = {"step": step, "optimizer": optimizer_state, "rng": common.rng_state(), "trainable": trainable,
-             "recipe": common.recipe_to_dict(recipe)}  # fmt: skip
-    torch.save(state, staging / "trainer_state.pt")
-    common.commit_checkpoint(out, staging, name, recipe.checkpoint.keep)
+    common.commit_trainer_state(out, staging, step, optimizer_state, recipe, trainable=trainable)
 
 
 def resume_adapter(out: Path, model, optimizer) -> int:
