@@ -3,7 +3,8 @@ export OMP_NUM_THREADS ?= 2
 
 .PHONY: run test lint format bench clean
 
-.venv/.installed: pyproject.toml scripts/install_torch.sh
+.venv/.installed: pyproject.toml scripts/install_torch.sh scripts/install_system.sh
+	scripts/install_system.sh
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	scripts/install_torch.sh $(PY)
