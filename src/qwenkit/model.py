@@ -9,6 +9,7 @@ peft adapters and checkpoints are interchangeable with it.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
 
@@ -72,7 +73,8 @@ class KVCache:
     Slots are filled left to right for all rows at once (prompts are left-padded), so one integer
     `length` tells how many are in use. `positions` holds each slot's real position (-1 for padding)
     and `inv_freq` the rotary frequencies with the dynamic-NTK factor fixed at prefill, as the
-    original does.
+    original does. `Qwen.decode_step` instead writes each row at its own device-side `slot`, so rows
+    of different lengths can decode together (CUDA graphs; the batching server in qwenkit.serve).
     """
 
     def __init__(self, config: QwenConfig, batch_size: int, max_length: int, device, dtype):
@@ -88,8 +90,8 @@ class KVCache:
         self.keys, self.values = list(storage[0]), list(storage[1])
         self.positions = torch.full((batch_size, max_length), -1, dtype=torch.long, device=device)
         self.inv_freq: torch.Tensor | None = None
-        self.slot: torch.Tensor | None = None  # set by make_static()
-        self.next_position: torch.Tensor | None = None
+        self.slot: torch.Tensor | None = None  # [B] write slot of each row, for decode_step
+        self.next_position: torch.Tensor | None = None  # [B, 1] position of each row's next token
         self.padded = False
         self.length = 0
         self.max_length = max_length
@@ -99,9 +101,19 @@ class KVCache:
         return self.positions[:, : self.length].max(dim=1, keepdim=True).values + 1
 
     def make_static(self) -> None:
-        """Keep the write slot and next positions on the device, for `Qwen.decode_step`."""
-        self.slot = torch.tensor([self.length], device=self.positions.device)
+        """Keep the write slots and next positions on the device, for `Qwen.decode_step`."""
+        self.slot = torch.full((self.positions.shape[0],), self.length, device=self.positions.device)
         self.next_position = self.next_positions()
+
+    def first_rows(self, n: int) -> KVCache:
+        """A view of rows [0, n) sharing this cache's storage: decode only the rows in use."""
+        view = copy.copy(self)
+        view.keys, view.values = [k[:n] for k in self.keys], [v[:n] for v in self.values]
+        view.positions = self.positions[:n]
+        for name in ("inv_freq", "slot", "next_position"):
+            if getattr(self, name) is not None:
+                setattr(view, name, getattr(self, name)[:n])
+        return view
 
 
 class Attention(nn.Module):
@@ -132,10 +144,12 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if query_scale is not None:  # LogN scaling, after RoPE
             q = (q.float() * query_scale[:, None, :, None]).to(q.dtype)
-        if cache is not None and cache.slot is not None:  # static shapes: write at a device-side slot
-            cache.keys[self.layer_index].index_copy_(2, cache.slot, k)
-            cache.values[self.layer_index].index_copy_(2, cache.slot, v)
-            k, v = cache.keys[self.layer_index], cache.values[self.layer_index]
+        if cache is not None and cache.slot is not None:  # decode_step: each row writes at its own slot
+            rows = torch.arange(b, device=x.device)
+            cache.keys[self.layer_index][rows, :, cache.slot] = k[:, :, 0]
+            cache.values[self.layer_index][rows, :, cache.slot] = v[:, :, 0]
+            width = mask.shape[-1]  # the slots decode_step's mask covers
+            k, v = cache.keys[self.layer_index][:, :, :width], cache.values[self.layer_index][:, :, :width]
         elif cache is not None:
             start, end = cache.length, cache.length + t
             cache.keys[self.layer_index][:, :, start:end] = k
@@ -299,20 +313,24 @@ class Qwen(nn.Module):
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
 
-    def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits [B, V] for one new token per row, with shapes and control flow that never depend on
-        the data (every cache slot attended under a mask), so a CUDA graph can capture it.
-        Call `cache.make_static()` after the prefill first."""
+    def decode_step(self, tokens: torch.Tensor, cache: KVCache, width: int | None = None) -> torch.Tensor:
+        """Logits [B, V] for one new token per row, written at each row's `cache.slot` and seen at
+        `cache.next_position`. With `width` None every cache slot is attended under a mask, so shapes
+        and control flow never depend on the data and a CUDA graph can capture it; a `width` attends
+        only the first `width` slots (eager batched decoding of rows with different lengths).
+        Call `cache.make_static()` after a prefill, or set slot and next_position per row."""
         config = self.config
         positions = cache.next_position
-        cache.positions.index_copy_(1, cache.slot, positions)
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        cache.positions[rows, cache.slot] = positions[:, 0]
+        key_positions = cache.positions if width is None else cache.positions[:, :width]
         rope = rotary_cos_sin(positions, cache.inv_freq)
         query_scale = (
             logn_scale(positions, config.max_position_embeddings).float() if config.use_logn_attn else None
         )
         windows = config.layer_window_sizes() if config.use_window_attn else [None] * config.num_hidden_layers
         masks = {
-            w: attention_mask_from_positions(positions, cache.positions, w, own_slot=False)
+            w: attention_mask_from_positions(positions, key_positions, w, own_slot=False)
             for w in set(windows)
         }
         x = self.model.embed_tokens(tokens)
