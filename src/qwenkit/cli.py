@@ -473,6 +473,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add_verb(
         verbs,
+        "serve",
+        "serve a model over an OpenAI-compatible HTTP API (continuous batching, streaming, tools)",
+        "  qwenkit serve\n"
+        "  qwenkit serve --model ./Qwen-7B-Chat --device cuda --dtype bfloat16 --port 8000 --max-batch 32\n"
+        "  qwenkit serve --model ./ckpt --host 0.0.0.0 --api-key secret --max-seq-len 4096\n"
+        "then: curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' "
+        '-d \'{"model": "qwen", "messages": [{"role": "user", "content": "Hello"}]}\'',
+    )
+    add_model_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--max-batch", type=int, default=16, metavar="N",
+                   help="requests decoded together (KV-cache rows) (default: %(default)s)")  # fmt: skip
+    p.add_argument("--max-seq-len", type=int, metavar="N",
+                   help="prompt + reply tokens per request (default: the model's context window)")  # fmt: skip
+    p.add_argument(
+        "--model-name", metavar="NAME", help="model id the API reports (default: the directory name)"
+    )
+    p.set_defaults(run=cmd_serve)
+
+    p = add_verb(
+        verbs,
         "merge-lora",
         "merge a LoRA adapter into its base model and write the result as a checkpoint",
         "  qwenkit merge-lora ./Qwen-7B ./runs/sft-lora/adapter ./qwen-7b-sft\n"
@@ -573,6 +596,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_sft, dotted_overrides=True)
 
     return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from qwenkit.serve.api import serve
+
+    return serve(args)
 
 
 def cmd_merge_lora(args: argparse.Namespace) -> int:
