@@ -315,12 +315,10 @@ class ReactOutput:
         self.text += piece
         if self.state == "undecided":
             answer = self.text.find("Final Answer:")
-            action = ("\n" + self.text).find("\nAction:")
+            action = ("\n" + self.text).find("\nAction:")  # = where "Action:" starts in self.text
             if action >= 0 and (answer < 0 or action <= answer):
-                self.state = "action"
-                thought = self.text[:action].strip().removeprefix("Thought:").strip()
-                self.sent = action
-                return thought
+                self.state, self.sent = "action", max(action - 1, 0)  # the rest starts at "\nAction:"
+                return self.text[:action].strip().removeprefix("Thought:").strip()
             if answer >= 0:
                 self.state, self.sent = "answer", answer + len("Final Answer:")
         if self.state != "answer":
@@ -393,13 +391,16 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def _params(body: Sampling, max_tokens: int | None, stop_ids: list[int], extra_stop: list[str], i: int):
+def _check_options(body: Sampling) -> None:
     if body.presence_penalty or body.frequency_penalty:
         raise APIError("presence_penalty and frequency_penalty are not supported; use repetition_penalty")
     if body.logprobs:
         raise APIError("logprobs are not supported", param="logprobs")
     if not 1 <= body.n <= MAX_N:
         raise APIError(f"n must be between 1 and {MAX_N}", param="n")
+
+
+def _params(body: Sampling, max_tokens: int | None, stop_ids: list[int], extra_stop: list[str], i: int):
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if max_tokens is not None and max_tokens < 1:
         raise APIError("max_tokens must be at least 1", param="max_tokens")
@@ -507,6 +508,7 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
+        _check_options(body)
         plan = plan_chat(tokenizer, body)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         extra = ["Observation:"] if plan.react else []
@@ -591,6 +593,7 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
+        _check_options(body)
         if body.suffix:
             raise APIError("suffix is not supported", param="suffix")
         if body.best_of not in (None, 1, body.n):

@@ -1,0 +1,505 @@
+"""Serving: per-row decoding in the model, the continuous-batching engine, and the OpenAI API driven
+live (uvicorn on a free port) with the official `openai` client.
+
+The model is a tiny random one with a sharpened head (greedy choices far from ties), so its text is
+noise: tests compare outputs between paths (alone vs batched, streamed vs whole, engine vs
+`generate`), never against fixed strings. It does not write ReAct by itself, so function calling is
+tested in two parts: the reply reader on written replies, and end to end with a named tool_choice,
+where the server writes `Action: NAME` and the model only fills in the arguments.
+"""
+
+import json
+import re
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from qwenkit import Qwen, QwenConfig
+from qwenkit.generation import GenerationConfig
+from qwenkit.model import KVCache
+from qwenkit.serve.api import ChatRequest, ReactOutput, create_app, plan_chat
+from qwenkit.serve.engine import Engine, SamplingParams
+from qwenkit.train.sft_data import tokenize_conversation
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+TOOLS = [{"type": "function", "function": {"name": "calculator", "description": "Evaluate arithmetic.",
+          "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}}}}]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tokenizer(official_tokenizer):
+    return official_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer) -> Qwen:
+    model = Qwen(QwenConfig.from_preset("tiny-gqa", max_position_embeddings=1024))
+    model.init_weights(seed=0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)
+    model.generation_config = GenerationConfig(vocab_size=tokenizer.vocab_size)
+    return model.eval()
+
+
+def random_prompt(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 151643, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def greedy_text(model, tokenizer, prompt: list[int], max_tokens: int, stop=()) -> str:
+    """The reference: qwenkit.generation.generate's greedy continuation, decoded."""
+    out = model.generate(prompt, max_new_tokens=max_tokens, do_sample=False, stop=list(stop))
+    return tokenizer.decode([t for t in out[0, len(prompt) :].tolist() if t < tokenizer.n_bpe])
+
+
+@pytest.fixture(scope="module")
+def engine(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=3)
+    yield engine
+    engine.close()
+
+
+class LiveServer:
+    def __init__(self, app):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.app = app
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+
+    def client(self, api_key: str = "none") -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(model, tokenizer):
+    live = LiveServer(create_app(model, tokenizer, "tiny", max_batch=4))
+    yield live
+    live.stop()
+
+
+def chat(client, content: str, **settings):
+    return client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": content}], **settings
+    )
+
+
+# ---- model and engine -------------------------------------------------------------------------
+
+
+def test_decode_step_with_per_row_slots_equals_forward(model):
+    """Rows of different lengths decode together, each at its own slot, within a narrowed width."""
+    prompts = [random_prompt(n, n) for n in (7, 19, 12)]
+    cache = KVCache(model.config, 3, 40, model.device, model.dtype)
+    cache.slot = torch.tensor([7, 19, 12])
+    cache.next_position = cache.slot[:, None].clone()
+    cache.inv_freq = torch.zeros(3, model.config.head_dim // 2)
+    expected = []
+    with torch.no_grad():
+        for row, prompt in enumerate(prompts):
+            scratch = KVCache(model.config, 1, len(prompt), model.device, model.dtype)
+            model(torch.tensor([prompt]), cache=scratch)
+            for layer in range(model.config.num_hidden_layers):
+                cache.keys[layer][row, :, : len(prompt)] = scratch.keys[layer][0]
+                cache.values[layer][row, :, : len(prompt)] = scratch.values[layer][0]
+            cache.positions[row, : len(prompt)] = torch.arange(len(prompt))
+            cache.inv_freq[row] = scratch.inv_freq[0]
+            expected.append(model(torch.tensor([prompt + [5, 6]]))[0, -2:])
+        view = cache.first_rows(3)
+        steps = [
+            model.decode_step(torch.tensor([[t]] * 3), view, width=int(view.slot.max()) + 1) for t in (5, 6)
+        ]
+    got = torch.stack(steps, dim=1)
+    torch.testing.assert_close(got, torch.stack(expected), atol=1e-4, rtol=0)
+    assert cache.slot.tolist() == [9, 21, 14]
+
+
+def test_engine_greedy_equals_generate_alone_and_batched(model, tokenizer, engine):
+    prompts = [random_prompt(n, n) for n in (5, 31, 12, 3, 20)]  # more than the 3 rows: some wait
+    expected = [greedy_text(model, tokenizer, p, 24) for p in prompts]
+    params = SamplingParams(max_tokens=24, temperature=0)
+    assert engine.generate(prompts[1], params).text == expected[1]
+    results = [None] * len(prompts)
+
+    def run(i):
+        results[i] = engine.generate(prompts[i], params)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert [r.text for r in results] == expected
+    assert all(r.finish_reason == "length" and r.completion_tokens == 24 for r in results)
+    assert [r.prompt_tokens for r in results] == [5, 31, 12, 3, 20]
+    assert engine.active == 0
+
+
+def test_engine_seeded_sampling_same_alone_or_batched(engine):
+    prompt = random_prompt(9, 1)
+    params = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=7)
+    alone = engine.generate(prompt, params).text
+    others = [threading.Thread(target=engine.generate, args=(random_prompt(15, s), SamplingParams(max_tokens=30)))
+              for s in range(2)]  # fmt: skip
+    [t.start() for t in others]
+    batched = engine.generate(prompt, params).text
+    [t.join() for t in others]
+    assert batched == alone
+    assert (
+        engine.generate(prompt, SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=8)).text
+        != alone
+    )
+
+
+def test_engine_stop_strings_are_cut_and_held_back(model, tokenizer, engine):
+    prompt = random_prompt(6, 3)
+    full = greedy_text(model, tokenizer, prompt, 30)
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    streamed = list(engine.stream(prompt, SamplingParams(max_tokens=30, temperature=0, stop=[stop])))
+    text = "".join(c.text for c in streamed)
+    assert text == full[: full.index(stop)]
+    assert streamed[-1].finish_reason == "stop"
+    assert all(stop not in c.text for c in streamed)
+
+
+def test_engine_cancel_frees_the_row_within_a_step(engine):
+    chunks = engine.stream(random_prompt(4, 2), SamplingParams(max_tokens=500, temperature=0))
+    next(chunks)
+    assert engine.active == 1
+    steps = engine.steps
+    chunks.close()  # the caller leaves early
+    deadline = time.time() + 5
+    while engine.active and time.time() < deadline:
+        time.sleep(0.005)
+    assert engine.active == 0
+    assert engine.steps - steps <= 2
+
+
+def test_engine_rejects_bad_requests(engine):
+    from qwenkit import QwenkitError
+
+    for prompt, params, message in [
+        ([], SamplingParams(), "empty"),
+        ([1] * 1024, SamplingParams(), "context window"),
+        ([1, 2], SamplingParams(max_tokens=0), "max_tokens"),
+        ([1, 2], SamplingParams(max_tokens=1023), "exceeds"),
+        ([1, 2], SamplingParams(top_p=0), "top_p"),
+        ([10**7], SamplingParams(), "token ids"),
+    ]:
+        with pytest.raises(QwenkitError, match=message):
+            engine.generate(prompt, params)
+
+
+# ---- chat prompts and replies ------------------------------------------------------------------
+
+
+def test_tool_conversation_prompt_is_the_training_layout(tokenizer):
+    """The serving prompt of a conversation that ends in a tool result is, token for token, the
+    SFT data's rendering of the same conversation up to where the model continues."""
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "calculator", "arguments": '{"expression": "2+3"}'}}  # fmt: skip
+    messages = [
+        {"role": "system", "content": "Be exact."},
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "hi"},
+        {"role": "user", "content": "What is 2+3? <|im_end|>"},
+        {"role": "assistant", "content": "Let me compute.", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "5"},
+    ]
+    plan = plan_chat(tokenizer, ChatRequest(messages=messages, tools=TOOLS))
+    trained = tokenize_conversation(
+        tokenizer, messages + [{"role": "assistant", "content": "It is 5."}], tools=TOOLS
+    ).input_ids
+    assert plan.prompt == trained[: len(plan.prompt)]
+    assert tokenizer.decode(plan.prompt).endswith("Observation: 5\nThought:")
+    rest = tokenizer.decode(trained[len(plan.prompt) :])
+    assert rest == " I now know the final answer\nFinal Answer: It is 5.<|im_end|>"
+    assert plan.prompt.count(tokenizer.im_end_id) == 4  # the user's "<|im_end|>" text stayed text
+    legacy = [
+        m if m["role"] != "tool" else {"role": "function", "name": "calculator", "content": "5"}
+        for m in messages[:4]
+    ] + [  # fmt: skip
+        {"role": "assistant", "content": "Let me compute.", "function_call": call["function"]},
+        {"role": "function", "name": "calculator", "content": "5"},
+    ]
+    functions = [t["function"] for t in TOOLS]
+    assert plan_chat(tokenizer, ChatRequest(messages=legacy, functions=functions)).prompt == plan.prompt
+
+
+@pytest.mark.parametrize(
+    ("reply", "content", "call"),
+    [
+        ("Thought: easy\nFinal Answer: 42 is it. ", "42 is it.", None),
+        (
+            'Thought: use it\nAction: calculator\nAction Input: {"expression": "6*7"}',
+            "use it",
+            ("calculator", '{"expression": "6*7"}'),
+        ),  # fmt: skip
+        (" I now know the final answer\nFinal Answer: 5", "5", None),  # continuing after "Thought:"
+        ("Just some text.\n", "Just some text.", None),
+        ("Thought: hmm\nAction: calculator", "hmm", None),  # cut before Action Input: no call
+    ],
+)
+def test_react_reader_streamed_equals_whole(reply, content, call):
+    pieces = [reply[i : i + 3] for i in range(0, len(reply), 3)]
+    for parts in ([reply], pieces):
+        reader = ReactOutput()
+        sent = "".join(reader.feed(p) for p in parts)
+        rest, parsed = reader.finish()
+        assert (sent + rest).startswith(content)
+        if call is None:
+            assert parsed is None
+        else:
+            assert sent + rest == content
+            assert (parsed.name, parsed.arguments) == call
+    if reply.startswith("Thought: hmm"):
+        assert sent + rest == "hmm\nAction: calculator"  # nothing of the reply is lost
+    elif call is None:
+        assert sent + rest == content
+
+
+# ---- the live API -----------------------------------------------------------------------------
+
+
+def test_chat_plain_and_streamed_give_the_same_greedy_text_and_usage(server, model, tokenizer):
+    client = server.client()
+    reply = chat(client, "Hello there", max_tokens=20, temperature=0)
+    plan = plan_chat(tokenizer, ChatRequest(messages=[{"role": "user", "content": "Hello there"}]))
+    stops = [[tokenizer.im_end_id], [tokenizer.im_start_id]]
+    assert reply.choices[0].message.content == greedy_text(model, tokenizer, plan.prompt, 20, stops)
+    assert reply.usage.prompt_tokens == len(plan.prompt)
+    assert reply.usage.completion_tokens == 20 and reply.usage.total_tokens == len(plan.prompt) + 20
+    assert reply.choices[0].finish_reason == "length" and reply.model == "tiny"
+    chunks = list(chat(client, "Hello there", max_tokens=20, temperature=0, stream=True,
+                       stream_options={"include_usage": True}))  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == reply.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+    assert chunks[-1].usage.prompt_tokens == len(plan.prompt)
+
+
+def test_completions_stop_strings_n_and_seeds(server, model, tokenizer):
+    client = server.client()
+    prompt = "The capital of France is"
+    expected = greedy_text(model, tokenizer, tokenizer.encode(prompt), 12)
+    reply = client.completions.create(model="any-name", prompt=prompt, max_tokens=12, temperature=0, n=2)
+    assert [c.text for c in reply.choices] == [expected, expected]
+    assert reply.usage.prompt_tokens == len(tokenizer.encode(prompt)) and reply.usage.completion_tokens == 24
+    echoed = client.completions.create(model="x", prompt=prompt, max_tokens=12, temperature=0, echo=True)
+    assert echoed.choices[0].text == prompt + expected
+    stop = expected[4:7]
+    cut = client.completions.create(
+        model="x", prompt=prompt, max_tokens=12, temperature=0, stop=[stop, "zzz"]
+    )
+    assert cut.choices[0].text == expected[: expected.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model="x", prompt=prompt, max_tokens=12, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == expected
+
+    sampled = [chat(client, "Pick", max_tokens=16, seed=11, n=3, temperature=1.0) for _ in range(2)]
+    texts = [[c.message.content for c in r.choices] for r in sampled]
+    assert texts[0] == texts[1]  # reproducible
+    assert len(set(texts[0])) == 3  # choice i samples with seed + i
+
+
+def test_concurrent_clients_each_get_their_greedy_text(server):
+    client = server.client()
+    questions = [f"Question number {i}: " + "word " * (3 * i) for i in range(6)]  # 6 clients, 4 rows
+    alone = [chat(client, q, max_tokens=16, temperature=0).choices[0].message.content for q in questions]
+    together = [None] * len(questions)
+
+    def ask(i):
+        stream = i % 2 == 1
+        reply = chat(client, questions[i], max_tokens=16, temperature=0, stream=stream)
+        together[i] = (
+            "".join(c.choices[0].delta.content or "" for c in reply)
+            if stream
+            else reply.choices[0].message.content
+        )
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(questions))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert together == alone
+
+
+def test_tool_calls_current_and_legacy_forms_whole_and_streamed(server, tokenizer):
+    client = server.client()
+    messages = [{"role": "user", "content": "What is 6 * 7?"}]
+    named = {"type": "function", "function": {"name": "calculator"}}
+    reply = client.chat.completions.create(
+        model="tiny", messages=messages, tools=TOOLS, tool_choice=named, max_tokens=8, temperature=0
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "calculator" and call.id.startswith("call_") and call.function.arguments
+    assert choice.message.content == "I need to call a tool."
+
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS,
+                                                 tool_choice=named, max_tokens=8, temperature=0, stream=True))  # fmt: skip
+    deltas = [c.choices[0].delta for c in chunks]
+    streamed_calls = [d.tool_calls[0] for d in deltas if d.tool_calls]
+    assert [(c.function.name, c.function.arguments) for c in streamed_calls] == [
+        ("calculator", call.function.arguments)
+    ]
+    assert "".join(d.content or "" for d in deltas) == choice.message.content
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    legacy = client.chat.completions.create(
+        model="tiny", messages=messages, functions=[TOOLS[0]["function"]], function_call={"name": "calculator"},
+        max_tokens=8, temperature=0,
+    )  # fmt: skip
+    assert legacy.choices[0].finish_reason == "function_call"
+    assert legacy.choices[0].message.function_call.name == "calculator"
+    assert legacy.choices[0].message.function_call.arguments == call.function.arguments
+
+    # The call and its result go back; the model continues the same assistant turn (noise here,
+    # so the reply is plain content: what this proves is that the round trip is accepted).
+    history = messages + [choice.message.model_dump(exclude_none=True),
+                          {"role": "tool", "tool_call_id": call.id, "content": "42"}]  # fmt: skip
+    after = client.chat.completions.create(
+        model="tiny", messages=history, tools=TOOLS, max_tokens=8, temperature=0
+    )
+    assert after.choices[0].finish_reason in ("stop", "length")
+    auto = client.chat.completions.create(
+        model="tiny", messages=messages, tools=TOOLS, max_tokens=8, temperature=0
+    )
+    plan = plan_chat(tokenizer, ChatRequest(messages=messages, tools=TOOLS))
+    assert "Question: What is 6 * 7?" in tokenizer.decode(plan.prompt)  # the ReAct instruction
+    assert auto.usage.prompt_tokens == len(plan.prompt)
+
+
+def test_client_disconnect_during_streaming_frees_the_slot(server):
+    engine = server.app.state.engine
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Go on"}], "max_tokens": 900,
+            "temperature": 0, "stream": True}  # fmt: skip
+    with (
+        httpx.Client(timeout=10) as http,
+        http.stream("POST", f"{server.url}/v1/chat/completions", json=body) as r,
+    ):
+        lines = r.iter_lines()
+        while '"content": ""' in (line := next(lines)) or not line.startswith("data: {"):
+            pass  # until the first generated text arrives
+        assert engine.active == 1
+    deadline = time.time() + 10
+    while engine.active and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.active == 0 and not engine.waiting
+
+
+BAD_REQUESTS = [
+    ("chat", b'{"model": "x", "messages": [', "not valid JSON"),
+    ("chat", b"[1, 2]", "JSON object"),
+    ("chat", {"model": "x"}, "messages"),
+    ("chat", {"messages": "hello"}, "messages"),
+    ("chat", {"messages": []}, "messages"),
+    ("chat", {"messages": [{"role": "robot", "content": "hi"}]}, "role"),
+    ("chat", {"messages": [{"role": "user", "content": 5}]}, "content"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}, "max_tokens"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}, "max_tokens"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, "context window"),
+    ("chat", {"messages": [{"role": "user", "content": "word " * 1100}]}, "context window"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "n": 0}, "n must be"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "n": 17}, "n must be"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, "temperature"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "stop": [""]}, "stop"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "seed": -1}, "seed"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),
+    ("chat", {"messages": [{"role": "tool", "content": "5"}]}, "tool result"),
+    ("chat", {"messages": [{"role": "assistant", "content": "hi"}]}, "last message"),
+    (
+        "chat",
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": TOOLS,
+            "tool_choice": {"type": "function", "function": {"name": "nope"}},
+        },
+        "not among",
+    ),  # fmt: skip
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
+    (
+        "chat",
+        {"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 0},
+        "max_tokens",
+    ),
+    ("completions", {"prompt": ""}, "empty"),
+    ("completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ("completions", {"prompt": [10**7]}, "token ids"),
+    ("completions", {}, "prompt"),
+]
+
+
+@pytest.mark.parametrize(("route", "body", "message"), BAD_REQUESTS)
+def test_bad_requests_get_a_4xx_with_openai_error_json(server, route, body, message):
+    url = f"{server.url}/v1/{'chat/completions' if route == 'chat' else route}"
+    if isinstance(body, bytes):
+        response = httpx.post(url, content=body, headers={"Content-Type": "application/json"})
+    else:
+        response = httpx.post(url, json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert message in error["message"]
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+
+
+def test_api_key_unknown_routes_and_models(model, tokenizer):
+    live = LiveServer(create_app(model, tokenizer, "tiny", api_key="sekret", max_batch=2))
+    try:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
+            response = httpx.get(f"{live.url}/v1/models", headers=headers)
+            assert response.status_code == 401
+            assert response.json()["error"]["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            chat(live.client("wrong"), "hi", max_tokens=2)
+        assert chat(live.client("sekret"), "hi", max_tokens=2).usage.completion_tokens == 2
+        assert [m.id for m in live.client("sekret").models.list()] == ["tiny"]
+        assert httpx.get(f"{live.url}/health").status_code == 200  # health needs no key
+        missing = httpx.get(f"{live.url}/v1/nothing", headers={"Authorization": "Bearer sekret"})
+        assert missing.status_code == 404 and "error" in missing.json()
+    finally:
+        live.stop()
+
+
+def readme_serve_section() -> str:
+    text = README.read_text()
+    return text[text.index("### Serve (OpenAI-compatible API)") :].split("\n## ", 1)[0]
+
+
+def test_readme_examples_run_as_written(server, capsys):
+    section = readme_serve_section().replace("127.0.0.1:8000", f"127.0.0.1:{server.port}")
+    blocks = re.findall(r"```(\w+)\n(.*?)```", section, flags=re.S)
+    curls = [code for lang, code in blocks if lang == "bash" and code.startswith("curl")]
+    pythons = [code for lang, code in blocks if lang == "python"]
+    assert curls and len(pythons) == 2
+    for command in curls:
+        out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60, check=True)
+        assert json.loads(out.stdout)["object"] == "chat.completion"
+    namespace: dict = {}
+    for code in pythons:
+        exec(code, namespace)  # the README's own client code, run against the live server
+    assert "CompletionUsage" in capsys.readouterr().out
+
+
+def test_serve_verb_rejects_a_bad_batch_size(capsys):
+    from qwenkit.cli import main
+
+    assert main(["serve", "--max-batch", "0"]) == 1
+    assert "--max-batch" in capsys.readouterr().err
