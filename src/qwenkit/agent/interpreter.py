@@ -187,7 +187,8 @@ class CodeInterpreter:
         """Runs in the child between fork and exec: rlimits, then the pids cgroup."""
         mb = 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (self.memory_mb * mb, self.memory_mb * mb))
-        resource.setrlimit(resource.RLIMIT_CPU, (self.cpu_seconds, self.cpu_seconds))
+        # SIGXCPU at the soft limit names the cause; SIGKILL at the hard one if it is ignored
+        resource.setrlimit(resource.RLIMIT_CPU, (self.cpu_seconds, self.cpu_seconds + 5))
         resource.setrlimit(resource.RLIMIT_FSIZE, (self.max_file_mb * mb, self.max_file_mb * mb))
         resource.setrlimit(resource.RLIMIT_NPROC, (self.max_processes, self.max_processes))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -221,7 +222,7 @@ class CodeInterpreter:
             str(self.run_dir),
             str(self.run_dir),
         ]
-        command += ["--chdir", str(self.work_dir), "--hostname", "sandbox", "--"]
+        command += ["--remount-ro", "/", "--chdir", str(self.work_dir), "--hostname", "sandbox", "--"]
         return command + kernel
 
     # --- kernel lifetime ------------------------------------------------------------------------------
@@ -307,19 +308,36 @@ class CodeInterpreter:
             self.close()
 
     def _kill(self) -> None:
+        """Kill every process of the sandbox and wait until they are gone."""
+        import psutil
+
         if self.client is not None:
             self.client.stop_channels()
             self.client = None
-        if self.process is not None:
-            for pid in [*self._sandbox_pids(), self.process.pid]:
-                _signal(pid, signal.SIGKILL)
-            self.process.wait()
-            if self.process.stderr is not None:
-                self.process.stderr.close()
-            self.process = None
-        if self.cgroup is not None:  # nothing may outlive the kernel, even what escaped the tree
-            for pid in _read(self.cgroup / "cgroup.procs").split():
-                _signal(int(pid), signal.SIGKILL)
+        if self.process is None:
+            return
+        pids = {*self._sandbox_pids(), self.process.pid}
+        if self.cgroup is not None:  # nothing may outlive the kernel, even what left the process tree
+            pids.update(int(pid) for pid in _read(self.cgroup / "cgroup.procs").split())
+        processes, user = [], []  # user: the kernel and what it started (not bwrap's own processes)
+        for pid in pids:
+            with contextlib.suppress(psutil.Error):
+                process = psutil.Process(pid)
+                processes.append(process)
+                if process.name() != "bwrap":
+                    user.append(process)
+        for process in processes:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        self.process.wait()
+        # wait for the kernel and its children to be dead (zombies at most); bwrap's own init may take
+        # a moment longer while the kernel tears its namespaces down, and runs no user code
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(_running(p) for p in user):
+            time.sleep(0.01)
+        if self.process.stderr is not None:
+            self.process.stderr.close()
+        self.process = None
 
     def _sandbox_pids(self) -> list[int]:
         """Every process below the launcher (the sandbox's init, the kernel, what the cells started)."""
@@ -370,12 +388,14 @@ class CodeInterpreter:
         return result
 
     def _died_notice(self) -> str:
-        code = self.process.returncode
-        reason = ""
-        if code in (-signal.SIGXCPU, -signal.SIGKILL) or code == 128 + signal.SIGXCPU:
-            reason = f" (CPU-time limit of {self.cpu_seconds} s per session, or out of memory)"
-        return (f"The kernel died{reason}; it was restarted, so variables and imports from earlier cells "
-                "are gone.")  # fmt: skip
+        code = self.process.returncode  # bwrap passes on a signal death as 128 + signal
+        if code in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
+            reason = f"it used up the session's CPU-time limit of {self.cpu_seconds} s"
+        elif code in (-signal.SIGKILL, 128 + signal.SIGKILL):
+            reason = "it was killed, most likely for lack of memory"
+        else:
+            reason = f"exit status {code}"
+        return f"The kernel died ({reason}); it was restarted, so variables and imports from earlier cells are gone."
 
 
 def _collect(result: Execution, kind: str, content: dict) -> None:
@@ -396,9 +416,13 @@ def _collect(result: Execution, kind: str, content: dict) -> None:
         )
 
 
-def _signal(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, sig)
+def _running(process) -> bool:
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _read(path: Path) -> str:
