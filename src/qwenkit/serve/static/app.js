@@ -23,6 +23,7 @@ DOMPurify.addHook("afterSanitizeAttributes", (node) => {
 const CONVERSATION_KEY = "qwenkit.conversation";
 const SESSION_KEY = "qwenkit.session";
 const SETTINGS_KEY = "qwenkit.settings";
+const THOUGHT = "Thought: ";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -170,7 +171,8 @@ class MessageView {
     this.body = el("div", "content");
     this.article.append(this.steps, this.body);
     this.role = role;
-    this.pending = null;
+    this.pending = null; // text waiting for the next frame
+    this.scheduled = false;
     ui.empty.hidden = true;
     ui.log.append(this.article);
   }
@@ -181,14 +183,16 @@ class MessageView {
       this.body.textContent = text;
       return;
     }
-    if (this.pending === null) {
-      requestAnimationFrame(() => {
-        renderMarkdown(this.body, this.pending);
-        this.pending = null;
-        ui.log.scrollTop = ui.log.scrollHeight;
-      });
-    }
     this.pending = text;
+    if (this.scheduled) return;
+    this.scheduled = true;
+    requestAnimationFrame(() => {
+      this.scheduled = false;
+      if (this.pending === null) return; // finish() rendered it already
+      renderMarkdown(this.body, this.pending);
+      this.pending = null;
+      ui.log.scrollTop = ui.log.scrollHeight;
+    });
   }
 
   /** Render now (end of a stream) instead of on the next frame. */
@@ -349,10 +353,11 @@ async function streamAgent(view, signal) {
       if (event.type === "text") {
         if (!step || current.name) {
           step = view.addStep();
-          current = { thought: "" };
+          // after an Observation the prompt ends with "Thought:", so the model writes only what follows
+          current = { thought: reply.steps.length ? THOUGHT : "" };
           reply.steps.push(current);
         }
-        current.thought += event.text;
+        current.thought += current.thought === THOUGHT ? event.text.trimStart() : event.text;
         step.thought.textContent = current.thought;
       } else if (event.type === "tool_call") {
         if (!step || current.name) {
