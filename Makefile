@@ -1,7 +1,7 @@
 PY := .venv/bin/python
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: run test lint format bench clean
+.PHONY: run test lint format bench demo-model clean
 
 .venv/.installed: pyproject.toml scripts/install_torch.sh scripts/install_system.sh
 	scripts/install_system.sh
@@ -24,6 +24,9 @@ format: .venv/.installed
 
 test: lint
 	$(PY) -m pytest
+
+demo-model: .venv/.installed
+	.venv/bin/qwenkit demo build
 
 bench: .venv/.installed
 	$(PY) benchmarks/inference.py

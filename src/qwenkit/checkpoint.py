@@ -412,8 +412,8 @@ def save_state_dict(
             # Hugging Face tokenizer files too, so transformers' AutoTokenizer and vLLM load the directory;
             # chat models end turns at <|im_end|>, which other libraries only know through eos_token_id.
             chat = generation["chat_format"] == "chatml"
-            if chat:
-                generation["eos_token_id"] = [tokenizer.eod_id, tokenizer.im_end_id]
+            generation["eos_token_id"] = [tokenizer.eod_id, tokenizer.im_end_id] if chat else tokenizer.eod_id
+            generation["pad_token_id"] = tokenizer.pad_id  # the tokenizer's own ids, whatever its vocabulary
             eos = "<|im_end|>" if chat else "<|endoftext|>"
             write_hf_tokenizer(tokenizer, staging, eos_token=eos, model_max_length=context_length(config))
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2))

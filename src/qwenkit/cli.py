@@ -256,8 +256,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     print(f"qwenkit chat: {path} ({params} parameters, {model.device}, {dtype})")
     if args.model is None:
         print(
-            "This is the default model: for now a tiny placeholder with random weights, so its replies "
-            "are noise. Pass --model DIR to chat with a real checkpoint."
+            "This is the embedded demo model (docs/demo-model.md): a few million parameters that know only "
+            "their generated training data. Pass --model DIR to chat with a real checkpoint."
         )
     print("Type :help for commands, :exit or Ctrl-D to leave.")
     while True:
@@ -595,6 +595,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=cmd_sft, dotted_overrides=True)
 
+    demo = add_verb(
+        verbs,
+        "demo",
+        "build or measure the embedded demo chat model",
+        "  qwenkit demo build                      # the whole pipeline, as `make demo-model`\n"
+        "  qwenkit demo build --sft.train.max_steps 200 --out /tmp/demo --no-card\n"
+        "  qwenkit demo eval --count 200",
+    )
+    demo_verbs = demo.add_subparsers(dest="demo_verb", metavar="ACTION", required=True)
+    p = demo_verbs.add_parser("build", help="own vocabulary -> pretraining -> SFT -> held-out measurement")
+    p.add_argument(
+        "--work", default="runs/demo", metavar="DIR", help="data and training runs (default: %(default)s)"
+    )
+    p.add_argument(
+        "--out", default=None, metavar="DIR", help="the model directory (default: the package's demo_model)"
+    )
+    p.add_argument("--seed", type=seed_value, default=0, help="seed of the data, vocabulary and training")
+    p.add_argument("--no-card", dest="card", action="store_false", help="leave docs/demo-model.md as it is")
+    p.set_defaults(run=cmd_demo_build, dotted_overrides=True)
+    p = demo_verbs.add_parser("eval", help="measure a model on held-out demo prompts")
+    p.add_argument("--model", metavar="DIR", help="default: the embedded demo model")
+    p.add_argument("--count", type=int, default=200, help="held-out conversations (default: %(default)s)")
+    p.add_argument("--seed", type=seed_value, default=0, help="the build's seed (default: %(default)s)")
+    p.set_defaults(run=cmd_demo_eval)
+
     p = add_verb(
         verbs,
         "agent",
@@ -663,6 +688,19 @@ def cmd_sft(args: argparse.Namespace) -> int:
     given = {"--model.path": args.model, "--data.path": args.data, "--model.method": args.method}
     overrides = [item for key, value in given.items() if value is not None for item in (key, value)]
     return sft(args.config, args.out, overrides + args.overrides)
+
+
+def cmd_demo_build(args: argparse.Namespace) -> int:
+    from qwenkit.demo import DEMO_MODEL_DIR, run_build
+
+    args.out = args.out or str(DEMO_MODEL_DIR)
+    return run_build(args)
+
+
+def cmd_demo_eval(args: argparse.Namespace) -> int:
+    from qwenkit.demo import run_eval
+
+    return run_eval(args)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:

@@ -23,7 +23,10 @@ would be one token short per turn.) Official mode knows only system/user/assista
 Tool calls (mode "qwenkit") use the official ReAct format, so agent data trains what the
 server and agent read. Given `tools=[{"type": "function", "function": {"name", "description",
 "parameters"}}]`, the user message before the last tool-using assistant turn becomes
-`react_instruction(tools) + "\\n\\nQuestion: " + content`. An assistant message with
+`react_instruction(tools) + "\\n\\nQuestion: " + content`. With `tools` but no tool call, the last
+user message still gets the instruction and the assistant's answer after it becomes the
+zero-step turn `Thought: I now know the final answer\\nFinal Answer: {content}`, as the model
+must answer when tools are offered but not needed. An assistant message with
 `tool_calls`, the `tool` messages answering them (in order), any further tool-calling
 assistant messages and the final assistant answer become ONE assistant turn
 (`render_react_turn`):
@@ -149,6 +152,18 @@ def _react_turns(
             turns.append(("assistant", render_react_turn(steps, final)))
         else:
             raise QwenkitError(f"message {i}: unexpected {role!r} message")
+    if last_tool_user is None and tools:  # tools offered but not used: a direct ReAct "Final Answer:"
+        last_tool_user = next(
+            (
+                k
+                for k in range(len(turns) - 2, -1, -1)
+                if turns[k][0] == "user" and turns[k + 1][0] == "assistant"
+            ),
+            None,
+        )
+        if last_tool_user is not None:
+            answer = turns[last_tool_user + 1][1][0][0]
+            turns[last_tool_user + 1] = ("assistant", render_react_turn([], answer))
     if last_tool_user is not None:
         question = turns[last_tool_user][1][0][0]
         turns[last_tool_user] = ("user", [(f"{react_instruction(tools)}\n\nQuestion: {question}", False)])

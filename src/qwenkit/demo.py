@@ -1,0 +1,666 @@
+"""The embedded demo chat model: its generated data, its build, and the measurement of what it can do.
+
+`qwenkit demo build` (or `make demo-model`) runs qwenkit's own pipeline end to end from a seed:
+generated corpus -> own BPE vocabulary -> pretraining -> ChatML SFT -> evaluation on held-out prompts
+-> `src/qwenkit/demo_model/` (bf16 weights) and the numbers in `docs/demo-model.md`.
+
+All text is generated here from the small tables below (written for this project), so the model has
+no outside data and no license beyond the project's own. It learns: who it is, chatting in the
+language of the question (English or Chinese), simple facts from the tables, and the official ReAct
+format (QWEN_REFERENCE "Tools and agents") with a calculator for arithmetic. Held-out prompts come
+from a different seed, and any prompt that also occurs in the training set is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from qwenkit.agent.react import calculate, calculator, parse_reply
+from qwenkit.chat import DEFAULT_SYSTEM
+from qwenkit.data.synthetic import arithmetic, chinese_story, english_story
+from qwenkit.errors import QwenkitError
+
+DEMO_NAME = "Qwen Demo"
+DEMO_MODEL_DIR = Path(__file__).parent / "demo_model"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+IDENTITY_EN = (
+    f"I am {DEMO_NAME}, a small chat model trained from scratch with qwenkit. I can chat in English "
+    "and Chinese, answer simple questions and use a calculator tool."
+)
+IDENTITY_ZH = f"我是{DEMO_NAME}，一个用 qwenkit 从零训练的小型聊天模型。我会用中文和英文聊天，回答简单的问题，还会使用计算器工具。"
+IDENTITY_QUESTIONS_EN = ["Who are you?", "What is your name?", "Introduce yourself.", "Tell me about yourself.",
+                         "What are you?", "Who made you?", "Hi! Who am I talking to?", "What can you do?"]  # fmt: skip
+IDENTITY_QUESTIONS_ZH = ["你是谁？", "你叫什么名字？", "介绍一下你自己。", "请做个自我介绍。", "你是什么？",
+                         "谁训练了你？", "你好，我在和谁说话？", "你能做什么？"]  # fmt: skip
+
+# (English question, English answer, Chinese question, Chinese answer)
+SMALL_TALK = [
+    ("Hello!", "Hello! How can I help you today?", "你好！", "你好！有什么可以帮你的吗？"),
+    ("Hi there.", "Hi! What would you like to talk about?", "嗨。", "嗨！你想聊点什么？"),
+    ("Good morning!", "Good morning! I hope you have a nice day.", "早上好！", "早上好！祝你有美好的一天。"),
+    ("How are you?", "I am doing well, thank you. How about you?", "你好吗？", "我很好，谢谢。你呢？"),
+    ("Thank you!", "You are welcome!", "谢谢你！", "不客气！"),
+    ("Thanks for your help.", "I am glad I could help.", "谢谢你的帮助。", "很高兴能帮到你。"),
+    ("Goodbye!", "Goodbye! Have a great day.", "再见！", "再见！祝你今天愉快。"),
+    ("See you later.", "See you later!", "回头见。", "回头见！"),
+    ("I am happy today.", "That is great to hear!", "我今天很开心。", "听到这个真好！"),
+    ("I am tired.", "You should take a rest.", "我累了。", "你应该休息一下。"),
+    ("Tell me a joke.", "Why did the cat sit on the computer? To keep an eye on the mouse!",
+     "讲个笑话吧。", "为什么猫喜欢坐在电脑上？因为它想看住鼠标！"),
+    ("Can you help me?", "Of course. What do you need?", "你能帮我吗？", "当然可以。你需要什么？"),
+    ("Do you speak Chinese?", "Yes, I can chat in Chinese and English.", "你会说英文吗？", "会的，我可以用中文和英文聊天。"),
+    ("What should I eat for lunch?", "How about some noodles and vegetables?", "午饭吃什么好？", "吃点面条和蔬菜怎么样？"),
+    ("I like reading books.", "Reading is a wonderful hobby.", "我喜欢看书。", "看书是很好的爱好。"),
+    ("It is raining today.", "Remember to take an umbrella.", "今天下雨了。", "记得带伞。"),
+]  # fmt: skip
+
+# (country, capital) in English and Chinese
+CAPITALS = [
+    ("China", "Beijing", "中国", "北京"), ("Japan", "Tokyo", "日本", "东京"), ("France", "Paris", "法国", "巴黎"),
+    ("Germany", "Berlin", "德国", "柏林"), ("Italy", "Rome", "意大利", "罗马"), ("Spain", "Madrid", "西班牙", "马德里"),
+    ("Russia", "Moscow", "俄罗斯", "莫斯科"), ("Egypt", "Cairo", "埃及", "开罗"), ("India", "New Delhi", "印度", "新德里"),
+    ("Canada", "Ottawa", "加拿大", "渥太华"), ("Australia", "Canberra", "澳大利亚", "堪培拉"),
+    ("Brazil", "Brasilia", "巴西", "巴西利亚"), ("Mexico", "Mexico City", "墨西哥", "墨西哥城"),
+    ("the United Kingdom", "London", "英国", "伦敦"), ("the United States", "Washington", "美国", "华盛顿"),
+    ("South Korea", "Seoul", "韩国", "首尔"), ("Thailand", "Bangkok", "泰国", "曼谷"), ("Greece", "Athens", "希腊", "雅典"),
+    ("Portugal", "Lisbon", "葡萄牙", "里斯本"), ("Sweden", "Stockholm", "瑞典", "斯德哥尔摩"),
+    ("Norway", "Oslo", "挪威", "奥斯陆"), ("Kenya", "Nairobi", "肯尼亚", "内罗毕"), ("Peru", "Lima", "秘鲁", "利马"),
+    ("Argentina", "Buenos Aires", "阿根廷", "布宜诺斯艾利斯"), ("Turkey", "Ankara", "土耳其", "安卡拉"),
+    ("Vietnam", "Hanoi", "越南", "河内"), ("Poland", "Warsaw", "波兰", "华沙"), ("Austria", "Vienna", "奥地利", "维也纳"),
+]  # fmt: skip
+CAPITAL_QUESTIONS_EN = ["What is the capital of {c}?", "Which city is the capital of {c}?",
+                        "Tell me the capital of {c}.", "Do you know the capital of {c}?", "What's the capital city of {c}?"]  # fmt: skip
+CAPITAL_QUESTIONS_ZH = ["{c}的首都是哪里？", "{c}的首都是什么？", "请问{c}的首都是哪个城市？", "你知道{c}的首都吗？",
+                        "告诉我{c}的首都。"]  # fmt: skip
+
+# (English question, key fact, English answer, Chinese question, key fact, Chinese answer)
+FACTS = [
+    ("How many days are in a week?", "seven", "There are seven days in a week.", "一周有几天？", "七", "一周有七天。"),
+    ("How many months are in a year?", "twelve", "There are twelve months in a year.", "一年有几个月？", "十二", "一年有十二个月。"),
+    ("How many legs does a spider have?", "eight", "A spider has eight legs.", "蜘蛛有几条腿？", "八", "蜘蛛有八条腿。"),
+    ("How many legs does a dog have?", "four", "A dog has four legs.", "狗有几条腿？", "四", "狗有四条腿。"),
+    ("What color is the sky on a clear day?", "blue", "The sky is blue on a clear day.", "晴天的天空是什么颜色？", "蓝", "晴天的天空是蓝色的。"),
+    ("What color is grass?", "green", "Grass is green.", "草是什么颜色的？", "绿", "草是绿色的。"),
+    ("What is the largest planet in the solar system?", "Jupiter", "Jupiter is the largest planet in the solar system.",
+     "太阳系最大的行星是哪个？", "木星", "太阳系最大的行星是木星。"),
+    ("Which planet is closest to the sun?", "Mercury", "Mercury is the planet closest to the sun.",
+     "离太阳最近的行星是哪个？", "水星", "离太阳最近的行星是水星。"),
+    ("What is the largest ocean?", "Pacific", "The Pacific Ocean is the largest ocean.", "最大的海洋是哪个？", "太平洋", "最大的海洋是太平洋。"),
+    ("What is the highest mountain in the world?", "Everest", "Mount Everest is the highest mountain in the world.",
+     "世界上最高的山是哪座？", "珠穆朗玛峰", "世界上最高的山是珠穆朗玛峰。"),
+    ("What is the longest river in China?", "Yangtze", "The Yangtze is the longest river in China.",
+     "中国最长的河流是哪条？", "长江", "中国最长的河流是长江。"),
+    ("At what temperature does water boil?", "100", "Water boils at 100 degrees Celsius at sea level.",
+     "水在多少度沸腾？", "100", "在海平面上，水在100摄氏度沸腾。"),
+    ("At what temperature does water freeze?", "0", "Water freezes at 0 degrees Celsius.", "水在多少度结冰？", "0", "水在0摄氏度结冰。"),
+    ("What do bees make?", "honey", "Bees make honey.", "蜜蜂会酿造什么？", "蜂蜜", "蜜蜂会酿造蜂蜜。"),
+    ("What animal is known as the king of the jungle?", "lion", "The lion is known as the king of the jungle.",
+     "哪种动物被称为百兽之王？", "狮子", "狮子被称为百兽之王。"),
+    ("What gas do plants take in from the air?", "carbon dioxide", "Plants take in carbon dioxide from the air.",
+     "植物从空气中吸收什么气体？", "二氧化碳", "植物从空气中吸收二氧化碳。"),
+    ("What gas do people need to breathe?", "oxygen", "People need oxygen to breathe.", "人呼吸需要什么气体？", "氧气", "人呼吸需要氧气。"),
+    ("How many hours are in a day?", "24", "There are 24 hours in a day.", "一天有多少个小时？", "24", "一天有24个小时。"),
+    ("How many minutes are in an hour?", "60", "There are 60 minutes in an hour.", "一小时有多少分钟？", "60", "一小时有60分钟。"),
+    ("What is the opposite of hot?", "cold", "The opposite of hot is cold.", "热的反义词是什么？", "冷", "热的反义词是冷。"),
+    ("What is the opposite of big?", "small", "The opposite of big is small.", "大的反义词是什么？", "小", "大的反义词是小。"),
+    ("Where does the sun rise?", "east", "The sun rises in the east.", "太阳从哪边升起？", "东", "太阳从东边升起。"),
+    ("What is the fastest land animal?", "cheetah", "The cheetah is the fastest land animal.", "跑得最快的陆地动物是什么？", "猎豹", "跑得最快的陆地动物是猎豹。"),
+    ("What is the largest animal?", "blue whale", "The blue whale is the largest animal.", "最大的动物是什么？", "蓝鲸", "最大的动物是蓝鲸。"),
+    ("What do pandas eat?", "bamboo", "Pandas mostly eat bamboo.", "熊猫吃什么？", "竹子", "熊猫主要吃竹子。"),
+    ("How many continents are there?", "seven", "There are seven continents.", "世界上有几个大洲？", "七", "世界上有七个大洲。"),
+    ("What is the color of snow?", "white", "Snow is white.", "雪是什么颜色的？", "白", "雪是白色的。"),
+    ("How many sides does a triangle have?", "three", "A triangle has three sides.", "三角形有几条边？", "三", "三角形有三条边。"),
+    ("How many sides does a square have?", "four", "A square has four sides.", "正方形有几条边？", "四", "正方形有四条边。"),
+    ("What is frozen water called?", "ice", "Frozen water is called ice.", "结冰的水叫什么？", "冰", "结冰的水叫做冰。"),
+    ("Who wrote the Tao Te Ching?", "Laozi", "The Tao Te Ching was written by Laozi.", "《道德经》的作者是谁？", "老子", "《道德经》的作者是老子。"),
+    ("What language is spoken in Brazil?", "Portuguese", "People in Brazil speak Portuguese.", "巴西人说什么语言？", "葡萄牙语", "巴西人说葡萄牙语。"),
+]  # fmt: skip
+
+OPERATIONS = {  # symbol: (English words, Chinese word)
+    "+": (["plus", "added to"], "加"),
+    "-": (["minus"], "减"),
+    "*": (["times", "multiplied by"], "乘以"),
+    "/": (["divided by"], "除以"),
+}
+ARITHMETIC_QUESTIONS_EN = ["What is {a} {w} {b}?", "Calculate {a} {s} {b}.", "How much is {a} {s} {b}?",
+                           "Please compute {a} {w} {b}.", "What is {a} {s} {b}?", "Can you work out {a} {w} {b}?"]  # fmt: skip
+ARITHMETIC_QUESTIONS_ZH = ["{a}{z}{b}等于多少？", "计算{a}{s}{b}。", "请帮我算一下{a}{z}{b}。", "{a}{s}{b}是多少？",
+                           "{a}{z}{b}的结果是多少？"]  # fmt: skip
+
+# A second tool the model sees offered next to the calculator and learns to leave alone for arithmetic.
+SEARCH_TOOL = {"type": "function", "function": {
+    "name": "search", "description": "Search the web for recent news and information.",
+    "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}}}  # fmt: skip
+
+
+def is_chinese(text: str) -> bool:
+    return re.search(r"[\u4e00-\u9fff]", text) is not None
+
+
+def in_language(reply: str, chinese: bool) -> bool:
+    """A reply is in Chinese when it has more CJK characters than Latin letters, English when it has none."""
+    cjk = len(re.findall(r"[\u4e00-\u9fff]", reply))
+    latin = len(re.findall(r"[A-Za-z]", reply.replace(DEMO_NAME, "").replace("qwenkit", "")))
+    return cjk > latin if chinese else cjk == 0 and latin > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# generated conversations: each maker returns (kind, chinese, messages, tools, expected)
+
+
+@dataclass
+class Example:
+    kind: str  # identity | chat | knowledge | react | direct_math
+    chinese: bool
+    messages: list[dict]  # ends with the assistant reply to learn (or to predict)
+    tools: list[dict] | None = None
+    expected: str = ""  # what the answer must contain (knowledge), or the arithmetic result (react)
+    expression: str = ""  # react: the expression the question asks for
+
+    @property
+    def question(self) -> str:
+        return self.messages[-2]["content"] if self.kind != "react" else self.messages[-4]["content"]
+
+
+def _system(rng: random.Random) -> list[dict]:
+    choice = rng.random()
+    if choice < 0.7:
+        return []
+    if choice < 0.9:
+        return [{"role": "system", "content": DEFAULT_SYSTEM}]
+    return [
+        {
+            "role": "system",
+            "content": rng.choice(["You are a friendly assistant.", "你是一个乐于助人的助手。"]),
+        }
+    ]
+
+
+def _turn(question: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+def identity_example(rng: random.Random) -> Example:
+    chinese = rng.random() < 0.5
+    question = rng.choice(IDENTITY_QUESTIONS_ZH if chinese else IDENTITY_QUESTIONS_EN)
+    answer = IDENTITY_ZH if chinese else IDENTITY_EN
+    return Example("identity", chinese, _system(rng) + _turn(question, answer), expected=DEMO_NAME)
+
+
+def small_talk_example(rng: random.Random) -> Example:
+    chinese = rng.random() < 0.5
+    en_q, en_a, zh_q, zh_a = rng.choice(SMALL_TALK)
+    question, answer = (zh_q, zh_a) if chinese else (en_q, en_a)
+    return Example("chat", chinese, _system(rng) + _turn(question, answer))
+
+
+def knowledge_example(rng: random.Random) -> Example:
+    chinese = rng.random() < 0.5
+    if rng.random() < 0.5:
+        country, capital, country_zh, capital_zh = rng.choice(CAPITALS)
+        if chinese:
+            question = rng.choice(CAPITAL_QUESTIONS_ZH).format(c=country_zh)
+            answer, key = f"{country_zh}的首都是{capital_zh}。", capital_zh
+        else:
+            question = rng.choice(CAPITAL_QUESTIONS_EN).format(c=country)
+            answer, key = f"The capital of {country} is {capital}.", capital
+    else:
+        en_q, en_key, en_a, zh_q, zh_key, zh_a = rng.choice(FACTS)
+        question, key, answer = (zh_q, zh_key, zh_a) if chinese else (en_q, en_key, en_a)
+    return Example("knowledge", chinese, _system(rng) + _turn(question, answer), expected=key)
+
+
+def arithmetic_question(rng: random.Random, chinese: bool) -> tuple[str, str, str]:
+    """(question, expression, result) for a two-operand problem; divisions mostly come out even."""
+    symbol = rng.choice("+-*/")
+    digits = rng.choice([1, 2, 2, 3, 3, 4]) if symbol in "+-" else rng.choice([1, 2, 2, 3])
+    a, b = rng.randint(1, 10**digits - 1), rng.randint(1, 10 ** rng.choice([1, 2, digits]) - 1)
+    if symbol == "/" and rng.random() < 0.8:
+        a = a * b
+    expression = f"{a} {symbol} {b}"
+    words, zh = OPERATIONS[symbol]
+    if chinese:
+        question = rng.choice(ARITHMETIC_QUESTIONS_ZH).format(a=a, b=b, s=f" {symbol} ", z=zh)
+    else:
+        question = rng.choice(ARITHMETIC_QUESTIONS_EN).format(a=a, b=b, s=symbol, w=rng.choice(words))
+    return question, expression, calculate(expression)
+
+
+def react_example(rng: random.Random) -> Example:
+    """An arithmetic question with the calculator offered: one Action, the Observation, the Final Answer."""
+    chinese = rng.random() < 0.5
+    question, expression, result = arithmetic_question(rng, chinese)
+    tools = [calculator.spec()] + ([SEARCH_TOOL] if rng.random() < 0.3 else [])
+    rng.shuffle(tools)
+    symbol = expression.split()[1]
+    final = (
+        f"{expression.replace(f' {symbol} ', OPERATIONS[symbol][1])}等于{result}。"
+        if chinese
+        else f"{expression} = {result}."
+    )
+    call = {"id": "call_0", "type": "function",
+            "function": {"name": "calculator", "arguments": json.dumps({"expression": expression})}}  # fmt: skip
+    messages = _system(rng) + [
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": f"I need to calculate {expression}.", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_0", "content": result},
+        {"role": "assistant", "content": final},
+    ]
+    return Example("react", chinese, messages, tools, expected=result, expression=expression)
+
+
+def tools_unused_example(rng: random.Random) -> Example:
+    """Tools offered, but the question needs none: a direct "Final Answer:"."""
+    example = rng.choice([knowledge_example, small_talk_example, identity_example])(rng)
+    example.tools = [calculator.spec()] + ([SEARCH_TOOL] if rng.random() < 0.3 else [])
+    return example
+
+
+def direct_math_example(rng: random.Random) -> Example:
+    """Small arithmetic without tools: answered directly (and right, for these small numbers)."""
+    chinese = rng.random() < 0.5
+    a, b = rng.randint(0, 20), rng.randint(0, 20)
+    symbol = rng.choice("+-")
+    result = a + b if symbol == "+" else a - b
+    if chinese:
+        question = f"{a}{OPERATIONS[symbol][1]}{b}等于多少？"
+        answer = f"{a}{OPERATIONS[symbol][1]}{b}等于{result}。"
+    else:
+        question, answer = f"What is {a} {symbol} {b}?", f"{a} {symbol} {b} = {result}."
+    return Example("direct_math", chinese, _system(rng) + _turn(question, answer), expected=str(result))
+
+
+MAKERS: list[tuple[Callable[[random.Random], Example], float]] = [
+    (identity_example, 0.08), (small_talk_example, 0.12), (knowledge_example, 0.25), (react_example, 0.35),
+    (tools_unused_example, 0.1), (direct_math_example, 0.1),
+]  # fmt: skip
+
+
+def generate_examples(count: int, seed: int) -> list[Example]:
+    rng = random.Random(seed)
+    makers, weights = zip(*MAKERS, strict=True)
+    examples = []
+    for _ in range(count):
+        example = rng.choices(makers, weights)[0](rng)
+        if example.kind in ("chat", "knowledge") and not example.tools and rng.random() < 0.25:
+            first = rng.choices(makers[:3], weights[:3])[0](rng)  # a second turn after an earlier exchange
+            example.messages = (
+                [m for m in example.messages if m["role"] == "system"]
+                + [m for m in first.messages if m["role"] != "system"]
+                + [m for m in example.messages if m["role"] != "system"]
+            )
+        examples.append(example)
+    return examples
+
+
+def sft_record(example: Example) -> dict:
+    record = {"messages": example.messages}
+    if example.tools:
+        record["tools"] = example.tools
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------
+# the pretraining corpus: the same knowledge as prose, plus stories and arithmetic
+
+
+def knowledge_sentences(rng: random.Random) -> Iterator[str]:
+    for country, capital, country_zh, capital_zh in CAPITALS:
+        yield rng.choice(
+            [f"The capital of {country} is {capital}.", f"{capital} is the capital of {country}."]
+        )
+        yield rng.choice([f"{country_zh}的首都是{capital_zh}。", f"{capital_zh}是{country_zh}的首都。"])
+    for _, _, en_answer, _, _, zh_answer in FACTS:
+        yield en_answer
+        yield zh_answer
+    yield IDENTITY_EN.replace("I am", f"{DEMO_NAME} is").replace("I can", "It can")
+    yield IDENTITY_ZH.replace("我是", f"{DEMO_NAME}是").replace("我会", "它会")
+
+
+def calculation_lines(rng: random.Random) -> str:
+    lines = []
+    for _ in range(rng.randint(3, 8)):
+        _, expression, result = arithmetic_question(rng, False)
+        lines.append(f"{expression} = {result}")
+    return "\n".join(lines)
+
+
+def pretraining_documents(count: int, seed: int) -> Iterator[str]:
+    rng = random.Random(seed)
+    for _ in range(count):
+        kind = rng.random()
+        if kind < 0.45:
+            sentences = list(knowledge_sentences(rng))
+            chinese = rng.random() < 0.5
+            chosen = [s for s in sentences if is_chinese(s) == chinese]
+            yield ("" if chinese else " ").join(rng.sample(chosen, rng.randint(4, 12)))
+        elif kind < 0.75:
+            yield " ".join(rng.choice([english_story, chinese_story])(rng) for _ in range(rng.randint(1, 3)))
+        else:
+            yield rng.choice([arithmetic, calculation_lines])(rng)
+
+
+# ---------------------------------------------------------------------------------------------------
+# measurement
+
+
+@dataclass
+class Reply:
+    text: str
+    ended: bool  # the turn ended with <|im_end|>
+
+
+def prompt_messages(example: Example) -> list[dict]:
+    """The conversation up to the reply the model must write."""
+    return example.messages[:-3] if example.kind == "react" else example.messages[:-1]
+
+
+def prompt_ids(tokenizer, example: Example) -> list[int]:
+    """ChatML prompt ids ending with `<|im_start|>assistant\n`, built by the SFT renderer so evaluation
+    sees exactly the training layout (with tools: the ReAct instruction before the question)."""
+    from qwenkit.train.sft_data import tokenize_conversation
+
+    probe = prompt_messages(example) + [{"role": "assistant", "content": "x"}]
+    sample = tokenize_conversation(tokenizer, probe, max_len=1 << 20, tools=example.tools)
+    return sample.input_ids[: next(i for i, label in enumerate(sample.labels) if label != -100)]
+
+
+def generate_replies(model, tokenizer, prompts: Sequence[list[int]], stop_strings: Sequence[str] = (),
+                     max_new_tokens: int = 96, batch_size: int = 16) -> list[Reply]:  # fmt: skip
+    """Greedy replies for many prompts, batched (left-padded); cut at a stop string if given."""
+    from qwenkit.generation import generate
+
+    replies = []
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: dict[int, Reply] = {}
+    stops = [[tokenizer.im_end_id], [tokenizer.im_start_id]] + [tokenizer.encode(s) for s in stop_strings]
+    for start in range(0, len(order), batch_size):
+        rows = [prompts[i] for i in order[start : start + batch_size]]
+        out = generate(model, rows, max_new_tokens=max_new_tokens, do_sample=False, stop=stops)
+        width = max(len(r) for r in rows)
+        for k, i in enumerate(order[start : start + batch_size]):
+            new = out[k, width:].tolist()
+            ended = tokenizer.im_end_id in new
+            cut = new.index(tokenizer.im_end_id) if ended else len(new)
+            text = tokenizer.decode([t for t in new[:cut] if t != tokenizer.pad_id])
+            for s in stop_strings:
+                if s in text:
+                    text, ended = text[: text.index(s) + len(s)], True
+            results[i] = Reply(text, ended)
+    replies = [results[i] for i in range(len(prompts))]
+    return replies
+
+
+def evaluate_examples(model, tokenizer, examples: Sequence[Example], batch_size: int = 16) -> dict:
+    """The model card's numbers for `examples` (greedy decoding)."""
+    plain = [e for e in examples if e.kind != "react"]
+    react = [e for e in examples if e.kind == "react"]
+    replies = generate_replies(model, tokenizer, [prompt_ids(tokenizer, e) for e in plain],
+                               batch_size=batch_size)  # fmt: skip
+    results: dict[str, list[bool]] = {k: [] for k in ("language", "identity", "knowledge", "im_end",
+                                                       "direct_without_tools", "direct_with_tools",
+                                                       "react_action", "react_final")}  # fmt: skip
+    samples = []
+    for example, reply in zip(plain, replies, strict=True):
+        text = reply.text
+        results["im_end"].append(reply.ended)
+        if example.tools:
+            answer = text.split("Final Answer:", 1)[1].strip() if "Final Answer:" in text else ""
+            results["direct_with_tools"].append("\nAction:" not in "\n" + text and bool(answer))
+            text = answer
+        else:
+            results["direct_without_tools"].append("Action:" not in text)
+        if example.kind != "direct_math":
+            results["language"].append(in_language(text, example.chinese))
+        if example.kind == "identity":
+            results["identity"].append(DEMO_NAME in text)
+        if example.kind == "knowledge":
+            results["knowledge"].append(example.expected.lower() in text.lower())
+        samples.append({"kind": example.kind, "question": example.question, "reply": reply.text})
+    # ReAct: the first reply must call the calculator with a correct expression; then, given the real
+    # Observation, the continuation must give a Final Answer containing the tool's result.
+    prompts = [prompt_ids(tokenizer, e) for e in react]
+    first = generate_replies(model, tokenizer, prompts, stop_strings=["Observation:"], batch_size=batch_size)
+    second_prompts, waiting = [], []
+    for example, prompt, reply in zip(react, prompts, first, strict=True):
+        call = parse_reply(reply.text)
+        ok = False
+        if call is not None and hasattr(call, "name") and call.name == "calculator":
+            observation = calculator.call(call.arguments)
+            ok = observation == example.expected
+            ids = tokenizer.encode(
+                reply.text.rstrip().removesuffix("Observation:").rstrip() + "\nObservation:"
+            )
+            second_prompts.append(prompt + ids + tokenizer.encode(f" {observation}\nThought:"))
+            waiting.append(example)
+        results["react_action"].append(ok)
+        samples.append({"kind": "react", "question": example.question, "reply": reply.text})
+    finals = generate_replies(model, tokenizer, second_prompts, batch_size=batch_size)
+    final_by_id = {id(e): r for e, r in zip(waiting, finals, strict=True)}
+    for example in react:
+        reply = final_by_id.get(id(example))
+        if reply is None:
+            results["react_final"].append(False)
+            continue
+        results["im_end"].append(reply.ended)
+        answer = reply.text.split("Final Answer:", 1)[1] if "Final Answer:" in reply.text else ""
+        results["react_final"].append(example.expected in answer)
+        results["language"].append(in_language(answer, example.chinese))
+    scores = {k: {"rate": sum(v) / len(v), "n": len(v)} for k, v in results.items() if v}
+    return {"scores": scores, "samples": samples}
+
+
+def prompt_key(example: Example) -> str:
+    return json.dumps([prompt_messages(example), example.tools], ensure_ascii=False)
+
+
+def held_out_examples(count: int, seed: int, train_prompts: set[str]) -> list[Example]:
+    """`count` examples from `seed` whose prompt (conversation and tools) never occurs in training."""
+    kept = [e for e in generate_examples(count * 4, seed) if prompt_key(e) not in train_prompts]
+    return kept[:count]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the build
+
+
+@dataclass
+class BuildSettings:
+    seed: int = 0
+    documents: int = 30_000
+    sft_examples: int = 30_000
+    held_out: int = 400
+    vocab_size: int = 3000
+    pretrain_config: str = str(REPO_ROOT / "configs" / "demo" / "pretrain.yaml")
+    sft_config: str = str(REPO_ROOT / "configs" / "demo" / "sft.yaml")
+
+
+def split_overrides(overrides: Sequence[str]) -> dict[str, list[str]]:
+    """`--pretrain.train.max_steps 50 --sft.train.lr 1e-3` -> per-stage recipe overrides."""
+    stages: dict[str, list[str]] = {"pretrain": [], "sft": []}
+    if len(overrides) % 2:
+        raise QwenkitError(f"override {overrides[-1]!r} has no value (use --pretrain.train.max_steps 50)")
+    for flag, value in zip(overrides[::2], overrides[1::2], strict=True):
+        stage, _, rest = flag.removeprefix("--").partition(".")
+        if stage not in stages or not rest:
+            raise QwenkitError(f"unknown option {flag!r}; overrides look like --pretrain.train.max_steps 50")
+        stages[stage] += [f"--{rest}", value]
+    return stages
+
+
+def build(work: Path, out: Path, settings: BuildSettings, overrides: Sequence[str] = ()) -> dict:
+    """Run the whole pipeline; returns the evaluation report (also written as work/eval.json)."""
+    from qwenkit.checkpoint import load, save
+    from qwenkit.data.pack import Source, pack_documents
+    from qwenkit.tokenizer_train import train_tokenizer
+    from qwenkit.train import common, pretrain, sft
+
+    started = time.perf_counter()
+    work.mkdir(parents=True, exist_ok=True)
+    timings = {}
+    stage_overrides = split_overrides(overrides)
+
+    def stage(name: str, t0: float) -> None:
+        timings[name] = round(time.perf_counter() - t0, 1)
+        print(f"demo: {name} done in {timings[name]:.0f}s", flush=True)
+
+    t0 = time.perf_counter()
+    corpus = work / "corpus.jsonl"
+    with open(corpus, "w", encoding="utf-8") as f:
+        for text in pretraining_documents(settings.documents, settings.seed):
+            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    train = generate_examples(settings.sft_examples, settings.seed + 1)
+    sft_path = work / "sft.jsonl"
+    with open(sft_path, "w", encoding="utf-8") as f:
+        for example in train:
+            f.write(json.dumps(sft_record(example), ensure_ascii=False) + "\n")
+    vocab_text = work / "vocab_corpus.txt"  # the vocabulary sees the chat data's words too
+    vocab_text.write_text(corpus.read_text(encoding="utf-8") + sft_path.read_text(encoding="utf-8"))
+    stage("data", t0)
+
+    t0 = time.perf_counter()
+    tokenizer = train_tokenizer([vocab_text], settings.vocab_size, work / "tokenizer", progress=False)
+    stage("vocabulary", t0)
+
+    t0 = time.perf_counter()
+    pack_dir = work / "packed"
+    seq_len = common.load_recipe(
+        pretrain.PretrainRecipe, settings.pretrain_config, stage_overrides["pretrain"]
+    ).data.seq_len
+    pack_documents([Source([corpus], 1.0)], tokenizer, seq_len, pack_dir, seed=settings.seed,
+                   val_fraction=0.01, progress=False)  # fmt: skip
+    stage("packing", t0)
+
+    t0 = time.perf_counter()
+    pre = ["--data.path", str(pack_dir), "--model.overrides.vocab_size", str(_round_up(tokenizer.vocab_size))]
+    recipe = common.load_recipe(
+        pretrain.PretrainRecipe, settings.pretrain_config, pre + stage_overrides["pretrain"]
+    )
+    base = pretrain.run(recipe, work / "pretrain")
+    stage("pretraining", t0)
+
+    t0 = time.perf_counter()
+    given = ["--model.path", str(base), "--data.path", str(sft_path)]
+    recipe = common.load_recipe(sft.SFTRecipe, settings.sft_config, given + stage_overrides["sft"])
+    final = sft.run(recipe, work / "sft")
+    stage("sft", t0)
+
+    t0 = time.perf_counter()
+    model, tokenizer = load(final, dtype="float32")
+    model.generation_config.chat_format = "chatml"
+    save(model, tokenizer, out, dtype="bfloat16")
+    model, tokenizer = load(out, dtype="float32")  # measure what ships
+    train_prompts = {prompt_key(e) for e in train}
+    held = held_out_examples(settings.held_out, settings.seed + 1000, train_prompts)
+    report = evaluate_examples(model, tokenizer, held)
+    stage("evaluation", t0)
+    report.update(
+        settings=settings.__dict__,
+        timings=timings,
+        minutes=round((time.perf_counter() - started) / 60, 1),
+        losses={name: _loss_summary(work / name) for name in ("pretrain", "sft")},
+        parameters=sum(p.numel() for p in model.parameters()),
+        config=model.config.__dict__,
+    )
+    (work / "eval.json").write_text(json.dumps(report, ensure_ascii=False, indent=1))
+    return report
+
+
+def _round_up(n: int, multiple: int = 64) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _loss_summary(run: Path) -> dict:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    first, last = lines[0], lines[-1]
+    return {"steps": last["step"], "first_loss": first["loss"], "final_loss": last["loss"],
+            "val_loss": last.get("val_loss")}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
+# the model card's measured part and the command line
+
+CARD_BEGIN, CARD_END = "<!-- measured:begin -->", "<!-- measured:end -->"
+SCORE_NAMES = {
+    "language": "answers in the language of the question",
+    "identity": "says who it is (names itself Qwen Demo)",
+    "knowledge": "simple knowledge questions answered correctly",
+    "im_end": "turns ending with <|im_end|>",
+    "react_action": "calculator offered: well-formed Action / Action Input with a correct expression",
+    "react_final": "after the Observation: Final Answer containing the tool's result",
+    "direct_without_tools": "no tools offered: answers directly (no Action)",
+    "direct_with_tools": "tools offered, not needed: direct Final Answer (no Action)",
+}
+TARGETS = {"language": 0.9, "im_end": 0.99, "react_action": 0.9, "react_final": 0.9}
+
+
+def score_table(scores: dict) -> str:
+    rows = ["| ability | rate | held-out prompts | target |", "|---|---|---|---|"]
+    for key, name in SCORE_NAMES.items():
+        if key in scores:
+            target = f">= {TARGETS[key]:.0%}" if key in TARGETS else ""
+            rows.append(f"| {name} | {scores[key]['rate']:.1%} | {scores[key]['n']} | {target} |")
+    return "\n".join(rows)
+
+
+def write_model_card(report: dict, card: Path) -> None:
+    """Replace the measured block of `card` (between the markers) with the numbers of `report`."""
+    c, losses, t = report["config"], report["losses"], report["timings"]
+    lines = [
+        CARD_BEGIN,
+        f"Measured by `make demo-model` (seed {report['settings']['seed']}) on "
+        f"{report['settings']['held_out']} held-out conversations, greedy decoding:",
+        "",
+        score_table(report["scores"]),
+        "",
+        f"- Shapes: {report['parameters'] / 1e6:.2f}M parameters; vocabulary {c['vocab_size']} "
+        f"(own BPE), hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, {c['num_attention_heads']} "
+        f"query / {c['num_key_value_heads']} key-value heads, MLP {c['intermediate_size']}, context "
+        f"{c['max_position_embeddings']}; bf16 weights.",
+        f"- Pretraining: {losses['pretrain']['steps']} steps, loss {losses['pretrain']['first_loss']:.2f} -> "
+        f"{losses['pretrain']['final_loss']:.3f} (held-out {losses['pretrain']['val_loss']:.3f}).",
+        f"- SFT: {losses['sft']['steps']} steps, loss {losses['sft']['first_loss']:.2f} -> "
+        f"{losses['sft']['final_loss']:.3f} (held-out {losses['sft']['val_loss']:.3f}).",
+        f"- Build time: {report['minutes']} minutes in all ("
+        + ", ".join(f"{k} {v:.0f} s" for k, v in t.items())
+        + ").",
+        CARD_END,
+    ]
+    text = card.read_text(encoding="utf-8")
+    start, end = text.index(CARD_BEGIN), text.index(CARD_END) + len(CARD_END)
+    card.write_text(text[:start] + "\n".join(lines) + text[end:], encoding="utf-8")
+
+
+def run_build(args) -> int:
+    import shutil
+
+    settings = BuildSettings(seed=args.seed)
+    work, out = Path(args.work), Path(args.out)
+    report = build(work, out, settings, args.overrides)
+    (out / "eval.json").write_text(json.dumps({k: report[k] for k in ("scores", "settings", "timings",
+                                   "minutes", "losses")}, indent=1) + "\n")  # fmt: skip
+    docs = REPO_ROOT / "docs"
+    if args.card and (docs / "demo-model.md").is_file():
+        write_model_card(report, docs / "demo-model.md")
+        for name in ("pretrain", "sft"):
+            shutil.copy(work / name / "loss.png", docs / f"demo-model-{name}-loss.png")
+    print(score_table(report["scores"]))
+    print(f"demo model written to {out} in {report['minutes']} minutes")
+    return 0
+
+
+def run_eval(args) -> int:
+    from qwenkit.checkpoint import load
+
+    model, tokenizer = load(args.model or DEMO_MODEL_DIR, dtype="float32")
+    train = {prompt_key(e) for e in generate_examples(BuildSettings.sft_examples, args.seed + 1)}
+    report = evaluate_examples(model, tokenizer, held_out_examples(args.count, args.seed + 1000, train))
+    print(score_table(report["scores"]))
+    return 0

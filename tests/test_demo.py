@@ -1,0 +1,104 @@
+"""The embedded demo chat model: its data, and what the shipped weights can do (docs/demo-model.md)."""
+
+import json
+
+import pytest
+
+import qwenkit
+from qwenkit import demo
+from qwenkit.agent.react import calculate, parse_reply
+from qwenkit.train.sft_data import tokenize_conversation
+
+
+def test_generated_examples_are_reproducible_and_correct():
+    a, b = demo.generate_examples(300, seed=5), demo.generate_examples(300, seed=5)
+    assert [demo.sft_record(x) for x in a] == [demo.sft_record(x) for x in b]
+    kinds = {x.kind for x in a}
+    assert kinds == {"identity", "chat", "knowledge", "react", "direct_math"}
+    for example in a:
+        if example.kind == "react":
+            call = example.messages[-3]["tool_calls"][0]["function"]
+            assert call["name"] == "calculator"
+            expression = json.loads(call["arguments"])["expression"]
+            assert calculate(expression) == example.expected == example.messages[-2]["content"]
+            assert example.expected in example.messages[-1]["content"]
+        assert demo.is_chinese(example.question) == example.chinese
+
+
+def test_react_examples_render_in_the_official_format(official_tokenizer):
+    example = next(e for e in demo.generate_examples(50, seed=1) if e.kind == "react")
+    sample = tokenize_conversation(official_tokenizer, example.messages, max_len=4096, tools=example.tools)
+    learned = official_tokenizer.decode([t for t, label in zip(sample.input_ids, sample.labels, strict=True)
+                                         if label != -100])  # fmt: skip
+    assert learned.startswith(f"Thought: I need to calculate {example.expression}.\nAction: calculator\n")
+    assert f'Action Input: {{"expression": "{example.expression}"}}\nObservation:' in learned
+    assert learned.endswith("<|im_end|>") and "\nFinal Answer: " in learned
+    prompt = official_tokenizer.decode(demo.prompt_ids(official_tokenizer, example))
+    assert "You have access to the following APIs:" in prompt
+    assert prompt.endswith(f"Question: {example.question}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_held_out_prompts_never_occur_in_training():
+    train = demo.generate_examples(2000, seed=1)
+    keys = {demo.prompt_key(e) for e in train}
+    held = demo.held_out_examples(100, seed=1000, train_prompts=keys)
+    assert len(held) == 100 and not any(demo.prompt_key(e) in keys for e in held)
+
+
+def test_language_check():
+    assert demo.in_language("我是Qwen Demo，一个小模型。", chinese=True)
+    assert demo.in_language("The capital of France is Paris.", chinese=False)
+    assert not demo.in_language("The capital is 巴黎.", chinese=False)
+    assert not demo.in_language("Paris is the capital.", chinese=True)
+
+
+def test_build_overrides_are_split_per_stage():
+    assert demo.split_overrides(["--pretrain.train.max_steps", "5", "--sft.data.max_len", "64"]) == {
+        "pretrain": ["--train.max_steps", "5"],
+        "sft": ["--data.max_len", "64"],
+    }
+    with pytest.raises(qwenkit.QwenkitError, match="overrides look like"):
+        demo.split_overrides(["--train.max_steps", "5"])
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    model, tokenizer = qwenkit.load(qwenkit.default_model_path(), dtype="float32")
+    return model, tokenizer
+
+
+def test_the_default_model_is_the_shipped_demo_model(shipped):
+    path = qwenkit.default_model_path()
+    assert path == demo.DEMO_MODEL_DIR
+    size = sum(f.stat().st_size for f in path.iterdir())
+    assert size <= 30 * 2**20
+    model, tokenizer = shipped
+    assert model.generation_config.chat_format == "chatml"
+    assert model.config.vocab_size >= tokenizer.vocab_size == 3208
+
+
+def test_shipped_model_abilities_on_held_out_prompts(shipped):
+    """The model card's targets, on a fixed held-out sample (greedy decoding is deterministic)."""
+    model, tokenizer = shipped
+    train = {demo.prompt_key(e) for e in demo.generate_examples(demo.BuildSettings.sft_examples, seed=1)}
+    held = demo.held_out_examples(48, seed=1000, train_prompts=train)
+    scores = demo.evaluate_examples(model, tokenizer, held)["scores"]
+    rates = {k: v["rate"] for k, v in scores.items()}
+    assert scores["react_action"]["n"] >= 10
+    for key, target in demo.TARGETS.items():
+        assert rates[key] >= target, (key, rates)
+    assert rates["identity"] >= 0.9 and rates["direct_without_tools"] == 1.0, rates
+
+
+def test_chat_identity_and_calculator_use(shipped):
+    model, tokenizer = shipped
+    reply, _ = model.chat(tokenizer, "你是谁？", do_sample=False)
+    assert demo.DEMO_NAME in reply and demo.in_language(reply, chinese=True)
+    reply, _ = model.chat(tokenizer, "Who are you?", do_sample=False)
+    assert demo.DEMO_NAME in reply and demo.in_language(reply, chinese=False)
+    question = [{"role": "user", "content": "What is 123 * 45?"}, {}, {}, {}]  # the reply's 3 messages unused
+    example = demo.Example("react", False, question, [demo.calculator.spec()])
+    prompt = demo.prompt_ids(tokenizer, example)
+    [reply] = demo.generate_replies(model, tokenizer, [prompt], stop_strings=["Observation:"])
+    call = parse_reply(reply.text)
+    assert call.name == "calculator" and calculate(json.loads(call.arguments)["expression"]) == "5535"
