@@ -276,6 +276,47 @@ def test_agent_steps_and_figure_inline(server, page):
     assert ended.value.status == 204
 
 
+def test_stop_ends_the_agent_run_and_frees_the_session(server, page):
+    closed = threading.Event()
+
+    def make_complete(engine, tokenizer, params, cancelled):
+        def complete(messages, stop):
+            try:
+                yield "Thought: thinking"
+                for _ in range(600):  # 30 s unless stopped
+                    time.sleep(0.05)
+                    yield "."
+            finally:
+                closed.set()
+
+        return complete
+
+    server.app.state.agent_complete = make_complete
+    try:
+        page.goto(server.url)
+        set_greedy(page, 16)
+        page.check("#use-tools")
+        page.fill("#prompt", "Think forever")
+        page.press("#prompt", "Enter")
+        expect(page.locator("li.step .thought")).to_contain_text("Thought: thinking")
+        session = page.evaluate("sessionStorage.getItem('qwenkit.session')")
+        busy = {"messages": [{"role": "user", "content": "hi"}], "session": session}
+        assert httpx.post(f"{server.url}/v1/agent", json=busy, timeout=30).status_code == 409
+        page.click("#stop")
+        expect(page.locator("article.assistant .note")).to_have_text("Stopped.")
+        assert closed.wait(10), "the server kept generating after the page stopped"
+        wait_idle(page)
+        assert conversation(page)[-1]["steps"][0]["thought"].startswith("Thought: thinking.")
+        # the session is free again: the next question runs
+        server.app.state.agent_complete = scripted_model(["Final Answer: ok"], [])
+        body = send(page, "Hello again")
+    finally:
+        del server.app.state.agent_complete
+    assert body["session"] == session
+    expect(page.locator("article.assistant").last.locator(".content")).to_have_text("ok")
+    expect(page.locator("[role=alert]")).to_have_count(0)
+
+
 def test_agent_endpoint_rejects_bad_requests(server):
     url = f"{server.url}/v1/agent"
     good = {"messages": [{"role": "user", "content": "hi"}], "session": "abcdefgh"}
