@@ -208,7 +208,7 @@ def scripted_model(replies: list[str], prompts: list[list[dict]]):
     """An agent text generator that writes `replies` in turn (the tiny random model writes no ReAct),
     recording the messages it is given; the tools it calls run for real."""
 
-    def make_complete(engine, tokenizer, params, cancelled):
+    def make_complete(engine, tokenizer, params):
         def complete(messages, stop):
             prompts.append(messages)
             text = replies[len(prompts) - 1]
@@ -279,7 +279,7 @@ def test_agent_steps_and_figure_inline(server, page):
 def test_stop_ends_the_agent_run_and_frees_the_session(server, page):
     closed = threading.Event()
 
-    def make_complete(engine, tokenizer, params, cancelled):
+    def make_complete(engine, tokenizer, params):
         def complete(messages, stop):
             try:
                 yield "Thought: thinking"

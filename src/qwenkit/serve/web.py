@@ -12,15 +12,17 @@ kernel per session (the least recently used idle one is closed beyond MAX_SESSIO
 carry from one question to the next as in a notebook.
 
 Tests and other front ends can swap the text generator: set `app.state.agent_complete` to a
-callable (engine, tokenizer, SamplingParams, cancelled) -> loop.Complete, and
+callable (engine, tokenizer, SamplingParams) -> loop.Complete, and
 `app.state.agent_interpreter_options` to keyword arguments for the interpreter.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
@@ -41,6 +43,7 @@ from qwenkit.errors import QwenkitError
 from qwenkit.serve.engine import Engine, SamplingParams
 from qwenkit.tokenizer import Tokenizer
 
+logger = logging.getLogger(__name__)
 MAX_SESSIONS = 8  # live code-interpreter kernels per server (each is a process of its own)
 MAX_STEPS = 8  # tool calls per question
 SESSION_ID = r"^[A-Za-z0-9_-]{8,64}$"
@@ -115,11 +118,9 @@ class Sessions:
             session.python.close()
 
 
-def engine_complete(
-    engine: Engine, tokenizer: Tokenizer, params: SamplingParams, cancelled: threading.Event
-) -> Complete:
+def engine_complete(engine: Engine, tokenizer: Tokenizer, params: SamplingParams) -> Complete:
     """The agent loop's text generator over the batching engine: the ChatML prompt of make_context
-    with the begun assistant turn appended as plain text; stops early once `cancelled` is set."""
+    with the begun assistant turn appended as plain text (tool output can never close the turn)."""
     end_of_turn = [ids[0] for ids in stop_words_ids(tokenizer, "chatml")]
 
     def complete(messages: list[Message], stop: list[str]) -> Iterator[str]:
@@ -128,9 +129,7 @@ def engine_complete(
         ids = ids + tokenizer.encode(prefix)
         request = dataclasses.replace(params, stop=list(stop), stop_token_ids=end_of_turn)
         engine.validate(ids, request)
-        for chunk in engine.stream(ids, request):  # leaving the loop cancels the engine request
-            if cancelled.is_set():
-                return
+        for chunk in engine.stream(ids, request):  # closing this generator cancels the engine request
             if chunk.text:
                 yield chunk.text
 
@@ -177,31 +176,35 @@ async def agent(body: AgentRequest, request: Request) -> EventSourceResponse:
         raise HTTPException(400, str(e)) from None
     cancelled = threading.Event()
     make_complete = getattr(app.state, "agent_complete", None) or engine_complete
-    complete = make_complete(app.state.engine, app.state.tokenizer, params, cancelled)
+    complete = make_complete(app.state.engine, app.state.tokenizer, params)
     session = sessions_of(app).acquire(body.session)
     chosen = dict.fromkeys(body.tools)
     tools = ToolRegistry([calculator if name == "calculator" else session.python for name in chosen])
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
 
-    def run() -> None:  # in a worker thread: the loop blocks on generation and on the kernel
-        put = lambda item: loop.call_soon_threadsafe(events.put_nowait, item)  # noqa: E731
+    def put(item: dict[str, Any] | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the server is shutting down: nobody is listening
+            loop.call_soon_threadsafe(events.put_nowait, item)
+
+    def run() -> None:  # a thread of its own: the loop blocks on generation and on the kernel
         steps = run_agent(question, complete, tools, max_steps=MAX_STEPS, system=system, history=history)
         try:
             for event in steps:
                 if cancelled.is_set():
-                    break
+                    break  # closing `steps` closes the generator, which cancels its engine request
                 put(event_dict(event))
         except QwenkitError as e:
             put({"type": "error", "message": str(e)})
         except Exception as e:  # a failed run is reported to the page, never left hanging
+            logger.exception("agent run failed")
             put({"type": "error", "message": f"internal error: {type(e).__name__}"})
         finally:
             steps.close()
             session.lock.release()
             put(None)
 
-    loop.run_in_executor(None, run)
+    threading.Thread(target=run, name=f"agent-{body.session[:8]}", daemon=True).start()
 
     async def stream() -> AsyncIterator[dict[str, str]]:
         try:
