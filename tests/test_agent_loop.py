@@ -182,7 +182,8 @@ def test_python_tool_in_the_loop_keeps_state_and_returns_figures():
 def tiny(official_tokenizer):
     model = Qwen(QwenConfig.from_preset("tiny", max_position_embeddings=1024))
     model.init_weights(seed=0)
-    model.generation_config = GenerationConfig(vocab_size=official_tokenizer.vocab_size)  # as qwenkit.load sets
+    # as qwenkit.load sets it: never sample the embedding's padding rows
+    model.generation_config = GenerationConfig(vocab_size=official_tokenizer.vocab_size)
     return model.eval(), official_tokenizer
 
 

@@ -27,7 +27,7 @@ def interpreter():
     if bwrap_path() is None:
         pytest.skip("bubblewrap (bwrap) is not installed; the sandbox tests need it")
     os.environ["QWENKIT_TEST_SECRET"] = "hunter2"  # the kernel must not inherit the host's environment
-    with CodeInterpreter(timeout=20, memory_mb=1024) as sandbox:
+    with CodeInterpreter(timeout=60, memory_mb=1024) as sandbox:
         yield sandbox
     os.environ.pop("QWENKIT_TEST_SECRET")
 
@@ -184,7 +184,7 @@ def test_background_processes_do_not_outlive_their_cell(interpreter):
 
 @needs_bwrap
 def test_cpu_time_limit_kills_and_restarts_the_kernel():
-    with CodeInterpreter(timeout=30, cpu_seconds=2) as sandbox:
+    with CodeInterpreter(timeout=300, cpu_seconds=2) as sandbox:  # CPU seconds, however slow the host
         result = sandbox.execute("x = 0\nwhile True:\n    x += 1")
         assert result.notice.startswith("The kernel died (it used up the session's CPU-time limit of 2 s)")
         assert sandbox.execute("print('again')").stdout == "again\n"
@@ -202,3 +202,9 @@ def test_session_cleanup_and_argument_checks(tmp_path):
         plain.execute("1")
     with pytest.raises(QwenkitError, match="must be positive"):
         CodeInterpreter(timeout=0)
+    # a kernel that cannot start is one clear error; the python tool hands it to the model as text
+    tool = PythonTool(memory_mb=20)
+    assert tool.call("print(1)") == (
+        "Error: the code interpreter's kernel failed to start: out of memory (memory_mb=20 is too small)"
+    )
+    tool.close()

@@ -89,9 +89,6 @@ class Execution:
         text = "\n".join(p for p in parts if p)
         return text or "(the code ran and printed nothing)"
 
-    def images_base64(self) -> list[str]:
-        return [base64.b64encode(png).decode() for png in self.images]
-
 
 def bwrap_path() -> str | None:
     """The bubblewrap binary, or None when it is not installed."""
@@ -211,6 +208,8 @@ class CodeInterpreter:
         for name in ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "fonts", "localtime", "alternatives"):
             if (Path("/etc") / name).exists():
                 command += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
+        if Path("/var/cache/fontconfig").is_dir():  # else every session's first figure rebuilds it (~10 s)
+            command += ["--ro-bind", "/var/cache/fontconfig", "/var/cache/fontconfig"]
         for root in _python_roots():
             command += ["--ro-bind", str(root), str(root)]
         command += ["--proc", "/proc", "--dev", "/dev", "--size", str(256 * 1024 * 1024), "--tmpfs", "/tmp"]
@@ -252,25 +251,29 @@ class CodeInterpreter:
             "OPENBLAS_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
         }
-        self.process = subprocess.Popen(
-            self._command(connection_file),
-            cwd=self.work_dir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            preexec_fn=self._limit_child,  # noqa: PLW1509 - only setrlimit and one write; nothing that locks
-            start_new_session=True,
-        )
+        log = self.root / "kernel.log"  # a file, not a pipe: a pipe nobody reads would block the kernel
+        with log.open("wb") as stderr:
+            self.process = subprocess.Popen(
+                self._command(connection_file),
+                cwd=self.work_dir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                preexec_fn=self._limit_child,  # noqa: PLW1509 - only setrlimit and one write; nothing that locks
+                start_new_session=True,
+            )
         client = BlockingKernelClient()
         client.load_connection_file(str(connection_file))
         client.start_channels()
         deadline = time.monotonic() + self.startup_timeout
         while True:
             if self.process.poll() is not None:
-                message = self.process.stderr.read().decode(errors="replace").strip().splitlines()
                 client.stop_channels()
-                raise QwenkitError(f"the code interpreter's kernel failed to start: {(message or ['?'])[-1]}")
+                reason = _last_error(log)
+                if "MemoryError" in _read(log):
+                    reason = f"out of memory (memory_mb={self.memory_mb} is too small)"
+                raise QwenkitError(f"the code interpreter's kernel failed to start: {reason}")
             try:
                 client.wait_for_ready(timeout=1)
                 break
@@ -335,8 +338,6 @@ class CodeInterpreter:
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and any(_running(p) for p in user):
             time.sleep(0.01)
-        if self.process.stderr is not None:
-            self.process.stderr.close()
         self.process = None
 
     def _sandbox_pids(self) -> list[int]:
@@ -414,6 +415,13 @@ def _collect(result: Execution, kind: str, content: dict) -> None:
         result.error = strip_ansi(
             "\n".join(content.get("traceback") or [f"{content['ename']}: {content['evalue']}"])
         )
+
+
+def _last_error(log: Path) -> str:
+    """The exception line of a failed start's log (or its last line)."""
+    lines = [line.strip() for line in _read(log).splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"[\w.]*(Error|Exception)\b", line)]
+    return (errors or lines or ["no output"])[-1]
 
 
 def _running(process) -> bool:
