@@ -233,17 +233,20 @@ def qwenkit(*args: str, home) -> subprocess.CompletedProcess:
                           timeout=180)  # fmt: skip
 
 
-def test_cli_errors_are_one_line(tmp_path):
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    result = qwenkit("agent", "--tools", "calculator,browser", "What is 2 + 2?", home=tmp_path)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == "qwenkit: error: unknown tool 'browser'; built-in tools: calculator, python\n"
     for args, message in [
-        (["--tools", "calculator,browser"], "unknown tool 'browser'; built-in tools: calculator, python"),
         (["--tools", " , "], "--tools needs at least one tool name"),
         (["--max-steps", "0"], "--max-steps must be >= 1"),
+        (["--save-images", __file__], "exists and is not a directory"),
         (["--model", str(tmp_path / "nowhere"), "--tools", "calculator"], "checkpoint not found"),
     ]:
-        result = qwenkit("agent", *args, "What is 2 + 2?", home=tmp_path)
-        assert result.returncode == 1 and result.stdout == "", result.stderr
-        assert result.stderr.startswith("qwenkit: error: ") and result.stderr.count("\n") == 1, result.stderr
-        assert message in result.stderr
+        assert main(["agent", *args, "What is 2 + 2?"]) == 1
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith("qwenkit: error: ") and err.count("\n") == 1, err
+        assert message in err
 
 
 def test_cli_runs_a_tiny_model(checkpoint, tiny, tmp_path):
