@@ -60,6 +60,18 @@ def test_state_persists_and_outputs_are_collected(interpreter):
     assert run(interpreter, "pass").text() == "(the code ran and printed nothing)"
 
 
+def test_long_output_is_capped(interpreter):
+    result = run(interpreter, "print('x' * 300_000)\nfor i in range(30): display(i)")
+    assert result.stdout.startswith("x" * 1000) and result.stdout.endswith(
+        "[output beyond 200000 characters dropped]"
+    )
+    assert result.results == [str(i) for i in range(20)]
+    text = result.text()
+    assert (
+        len(text) < 4100 and "characters cut) ..." in text and text.endswith("\n".join(map(str, range(20))))
+    )
+
+
 def test_matplotlib_figures_come_back_as_png(interpreter):
     result = run(
         interpreter, "import matplotlib.pyplot as plt\nplt.plot([0, 1], [1, 0])\nplt.title('x')\nplt.show()"

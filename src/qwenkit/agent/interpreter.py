@@ -43,6 +43,8 @@ from qwenkit.errors import QwenkitError
 
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 FENCED_CODE = re.compile(r"```[ \t]*(?:py|python|python3|ipython)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
+MAX_OUTPUT_CHARS = 200_000  # per stream and cell, kept on the host
+MAX_DISPLAYS = 20  # images, and results, per cell
 PIDS_CGROUP_ROOTS = (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup"))
 
 
@@ -81,13 +83,18 @@ class Execution:
     def ok(self) -> bool:
         return self.error is None and self.notice is None
 
-    def text(self) -> str:
-        """The Observation for the model: everything the cell printed, in one string."""
+    def text(self, limit: int = 4000) -> str:
+        """The Observation for the model: everything the cell printed, in one string; longer than
+        `limit` characters, its middle is cut (a model's context is short, and the ends say most)."""
         parts = [self.stdout.rstrip("\n"), self.stderr.rstrip("\n"), *self.results]
         parts += [f"[image {i + 1}: PNG, {len(png)} bytes]" for i, png in enumerate(self.images)]
         parts += [self.error or "", self.notice or ""]
-        text = "\n".join(p for p in parts if p)
-        return text or "(the code ran and printed nothing)"
+        text = "\n".join(p for p in parts if p) or "(the code ran and printed nothing)"
+        if len(text) > limit:
+            text = (
+                f"{text[: limit // 2]}\n... ({len(text) - limit} characters cut) ...\n{text[-limit // 2 :]}"
+            )
+        return text
 
 
 def bwrap_path() -> str | None:
@@ -400,17 +407,22 @@ class CodeInterpreter:
 
 
 def _collect(result: Execution, kind: str, content: dict) -> None:
+    """Add one iopub message to the result; output past MAX_OUTPUT_CHARS / MAX_DISPLAYS is dropped, so
+    a cell printing in a loop cannot fill the host's memory before its timeout."""
     if kind == "stream":
-        if content["name"] == "stdout":
-            result.stdout += content["text"]
-        else:
-            result.stderr += strip_ansi(content["text"])
+        name = "stdout" if content["name"] == "stdout" else "stderr"
+        text = getattr(result, name)
+        if len(text) < MAX_OUTPUT_CHARS:
+            text += strip_ansi(content["text"])[: MAX_OUTPUT_CHARS - len(text)]
+            if len(text) >= MAX_OUTPUT_CHARS:
+                text += f"\n[output beyond {MAX_OUTPUT_CHARS} characters dropped]"
+            setattr(result, name, text)
     elif kind in ("execute_result", "display_data"):
         data = content.get("data", {})
-        if "image/png" in data:
+        if "image/png" in data and len(result.images) < MAX_DISPLAYS:
             result.images.append(base64.b64decode(data["image/png"]))
-        elif "text/plain" in data:
-            result.results.append(strip_ansi(data["text/plain"]))
+        elif "text/plain" in data and "image/png" not in data and len(result.results) < MAX_DISPLAYS:
+            result.results.append(strip_ansi(data["text/plain"])[:MAX_OUTPUT_CHARS])
     elif kind == "error":
         result.error = strip_ansi(
             "\n".join(content.get("traceback") or [f"{content['ename']}: {content['evalue']}"])
