@@ -250,6 +250,7 @@ def test_agent_steps_and_figure_inline(server, page):
     expect(steps.nth(0).locator(".output")).to_have_text("5")
     expect(steps.nth(1).locator(".tool-name")).to_have_text("python")
     expect(steps.nth(1).locator(".action pre code")).to_contain_text("plt.plot([1, 3, 2])")
+    expect(steps.nth(1).locator(".action pre code")).not_to_contain_text("```")  # the fence is not shown
     expect(steps.nth(1).locator(".output")).to_contain_text("42")
     expect(steps.nth(2).locator(".action")).to_have_count(0)
     figure = steps.nth(1).locator("img.figure")

@@ -98,13 +98,13 @@ function headers() {
 
 // --- Settings --------------------------------------------------------------------------------
 
+/** The sampling settings filled in; an empty field leaves the model's own default. */
 function sampling() {
-  const settings = {
-    temperature: Number(ui.temperature.value),
-    top_p: Number(ui.topP.value),
-    max_tokens: Number(ui.maxTokens.value),
-  };
-  if (ui.seed.value.trim() !== "") settings.seed = Number(ui.seed.value);
+  const fields = { temperature: ui.temperature, top_p: ui.topP, max_tokens: ui.maxTokens, seed: ui.seed };
+  const settings = {};
+  for (const [name, input] of Object.entries(fields)) {
+    if (input.value.trim() !== "") settings[name] = Number(input.value);
+  }
   return settings;
 }
 
@@ -229,7 +229,8 @@ class MessageView {
     const action = el("div", "action");
     action.append(el("span", "label", "Action"), el("code", "tool-name", name));
     const pre = el("pre");
-    const code = el("code", name === "python" ? "language-python" : "language-json", args);
+    const fenced = /^```[\w+-]*\n([\s\S]*?)\n?```$/.exec(args.trim()); // code sent in a ```py block
+    const code = el("code", name === "python" ? "language-python" : "language-json", fenced ? fenced[1] : args);
     pre.append(code);
     if (hljs.getLanguage(name === "python" ? "python" : "json")) hljs.highlightElement(code);
     action.append(el("span", "label", "Action Input"), pre);
