@@ -334,7 +334,8 @@ class Engine:
                 self.seen[row, torch.tensor(request.prompt, device=device)] = True
             request.row = row
             self.rows[row] = request
-            self._emit(request, logits[i, -1].float())
+        for request, token in zip(batch, self._pick(batch, logits[:, -1].float()), strict=True):
+            self._emit(request, token)
         self.prefilling = []
 
     def _decode(self) -> None:
@@ -355,19 +356,34 @@ class Engine:
         width = int(cache.slot.max()) + 1
         logits = self.model.decode_step(tokens.to(self.model.device), cache, width=width).float()
         self.steps += 1
-        for row in range(used):
-            request = self.rows[row]
-            if request is not None:
-                self._emit(request, logits[row])
+        running = [row for row in range(used) if self.rows[row] is not None]
+        requests = [self.rows[row] for row in running]
+        for request, token in zip(requests, self._pick(requests, logits[running]), strict=True):
+            self._emit(request, token)
 
-    def _emit(self, request: _Request, logits: torch.Tensor) -> None:
-        """Pick the request's next token from its logits [V], deliver its text, retire it when done."""
-        row, config = request.row, request.config
-        seen = self.seen[row : row + 1] if config.repetition_penalty != 1.0 else None
-        token = int(pick_tokens(logits[None], seen, config, request.generator)[0])
+    def _pick(self, requests: list[_Request], logits: torch.Tensor) -> list[int]:
+        """Next token per request from its logits row: one argmax for all plain greedy rows, each
+        other row with its own settings and generator (so batch neighbours never change it)."""
+        vocab = self.tokenizer.vocab_size
+        plain = [not r.config.do_sample and r.config.repetition_penalty == 1.0 and r.config.vocab_size == vocab
+                 for r in requests]  # fmt: skip
+        greedy = logits[:, :vocab].argmax(dim=-1).tolist() if any(plain) else []
+        tokens = []
+        for i, request in enumerate(requests):
+            if plain[i]:
+                tokens.append(greedy[i])
+                continue
+            row, config = request.row, request.config
+            seen = self.seen[row : row + 1] if config.repetition_penalty != 1.0 else None
+            tokens.append(int(pick_tokens(logits[i : i + 1], seen, config, request.generator)[0]))
+        return tokens
+
+    def _emit(self, request: _Request, token: int) -> None:
+        """Take the request's next token: deliver its text, retire the request when done."""
+        row = request.row
         request.last_token = token
         request.generated += 1
-        if seen is not None:
+        if request.config.repetition_penalty != 1.0:
             self.seen[row, token] = True
         finish = None
         if token in request.stop_ids:
