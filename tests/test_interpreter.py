@@ -186,7 +186,11 @@ def test_fork_bomb_is_contained(interpreter):
 
 @needs_bwrap
 def test_background_processes_do_not_outlive_their_cell(interpreter):
-    result = run(interpreter, "import subprocess\nsubprocess.Popen(['sleep', '600'])")
+    # a child that has exited (a zombie not yet reaped) is not left running: no restart
+    zombie = "import os, time\npid = os.fork()\nif pid == 0:\n    os._exit(0)\n"
+    zombie += "while open(f'/proc/{pid}/stat').read().split()[2] != 'Z':\n    time.sleep(0.01)"
+    assert run(interpreter, zombie).ok
+    result = run(interpreter, "os.waitpid(pid, 0)\nimport subprocess\nsubprocess.Popen(['sleep', '600'])")
     assert result.notice.startswith("The code left 1 process(es) running")
     assert (
         "sleep 600"

@@ -362,6 +362,8 @@ class CodeInterpreter:
 
     def execute(self, code: str, timeout: float | None = None) -> Execution:
         """Run one cell; never raises for what the code does (errors, timeouts, crashes are reported)."""
+        if self.process is not None and self.process.poll() is not None:  # died between cells
+            self._kill()
         if self.client is None:
             self.start()
         timeout = self.timeout if timeout is None else timeout
@@ -388,7 +390,7 @@ class CodeInterpreter:
             if kind == "status" and content["execution_state"] == "idle":
                 break
             _collect(result, kind, content)
-        leftovers = [pid for pid in self._sandbox_pids() if pid not in self.baseline]
+        leftovers = [pid for pid in self._sandbox_pids() if pid not in self.baseline and _running_pid(pid)]
         if leftovers:  # background jobs or a fork bomb's children: only a fresh sandbox clears them all
             self._kill()
             result.notice = (f"The code left {len(leftovers)} process(es) running; they were stopped and the "
@@ -437,10 +439,20 @@ def _last_error(log: Path) -> str:
 
 
 def _running(process) -> bool:
+    """Alive and not a zombie (an exited child that only waits to be reaped)."""
     import psutil
 
     try:
         return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _running_pid(pid: int) -> bool:
+    import psutil
+
+    try:
+        return _running(psutil.Process(pid))
     except psutil.Error:
         return False
 
