@@ -239,7 +239,8 @@ def test_agent_steps_and_figure_inline(server, page):
     assert body["tools"] == ["calculator", "python"] and len(body["session"]) == 32
     # the loop fed each real tool result back to the model
     assert prompts[1][-1]["content"].endswith("Observation: 5\nThought:")
-    assert "Observation: 42\n[image 1: PNG" in prompts[2][-1]["content"]
+    fed_back = prompts[2][-1]["content"]
+    assert "Observation: 42\n" in fed_back and "[image 1: PNG" in fed_back
 
     steps = page.locator("article.assistant li.step")
     expect(steps).to_have_count(3)
@@ -374,3 +375,32 @@ def test_vendored_libraries_are_recorded():
     assert "marked v18.2.1" in (vendor / "marked.esm.js").read_text()[:200]
     assert "DOMPurify 3.4.18" in (vendor / "purify.es.mjs").read_text()[:200]
     assert "Highlight.js v11.12.0" in (vendor / "highlight/core.min.js").read_text()[:200]
+
+
+def test_sessions_are_locked_per_run_and_evicted_least_recently_used():
+    from fastapi import HTTPException
+
+    from qwenkit.serve.web import Sessions
+
+    sessions = Sessions(limit=2)
+    a, evicted = sessions.acquire("session-a")
+    assert evicted is None
+    with pytest.raises(HTTPException) as busy:
+        sessions.acquire("session-a")
+    assert busy.value.status_code == 409
+    b, _ = sessions.acquire("session-b")
+    with pytest.raises(HTTPException) as full:
+        sessions.acquire("session-c")
+    assert full.value.status_code == 429  # both sessions are running
+    a.lock.release()
+    b.lock.release()
+    assert sessions.acquire("session-a")[0] is a  # the same kernel for the same tab
+    a.lock.release()
+    c, evicted = sessions.acquire("session-c")  # b is now the least recently used
+    assert evicted is b and list(sessions.sessions) == ["session-a", "session-c"]
+    c.lock.release()
+    assert sessions.end("session-c") and not sessions.end("session-c")
+    sessions.close()
+    with pytest.raises(HTTPException) as closing:
+        sessions.acquire("session-a")
+    assert closing.value.status_code == 503

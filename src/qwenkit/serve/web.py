@@ -84,22 +84,27 @@ class Sessions:
         self.limit, self.options = limit, interpreter_options
         self.sessions: OrderedDict[str, Session] = OrderedDict()
         self.guard = threading.Lock()
+        self.closed = False
 
-    def acquire(self, session_id: str) -> Session:
-        """The session, locked for one agent run; 409 if it is already running one."""
+    def acquire(self, session_id: str) -> tuple[Session, Session | None]:
+        """The session, locked for one agent run (409 if it is already running one), and the idle
+        session evicted to make room, if any, for the caller to close off the event loop."""
+        evicted = None
         with self.guard:
+            if self.closed:
+                raise HTTPException(503, "the server is shutting down")
             session = self.sessions.get(session_id)
             if session is None:
                 idle = [k for k, s in self.sessions.items() if not s.lock.locked()]
                 if len(self.sessions) >= self.limit and not idle:
                     raise HTTPException(429, f"all {self.limit} agent sessions are busy; try again shortly")
                 if len(self.sessions) >= self.limit:
-                    self.sessions.pop(idle[0]).python.close()
+                    evicted = self.sessions.pop(idle[0])
                 session = self.sessions[session_id] = Session(PythonTool(**self.options))
             self.sessions.move_to_end(session_id)
             if not session.lock.acquire(blocking=False):
                 raise HTTPException(409, "this session is already running an agent; wait for it or stop it")
-            return session
+        return session, evicted
 
     def end(self, session_id: str) -> bool:
         """Close a session's kernel; False if there is no such session."""
@@ -112,7 +117,9 @@ class Sessions:
         return True
 
     def close(self) -> None:
+        """End every session (server shutdown), runs in progress included."""
         with self.guard:
+            self.closed = True
             sessions, self.sessions = list(self.sessions.values()), OrderedDict()
         for session in sessions:
             session.python.close()
@@ -177,7 +184,8 @@ async def agent(body: AgentRequest, request: Request) -> EventSourceResponse:
     cancelled = threading.Event()
     make_complete = getattr(app.state, "agent_complete", None) or engine_complete
     complete = make_complete(app.state.engine, app.state.tokenizer, params)
-    session = sessions_of(app).acquire(body.session)
+    sessions = sessions_of(app)
+    session, evicted = sessions.acquire(body.session)  # nothing awaits from here to the thread's start
     chosen = dict.fromkeys(body.tools)
     tools = ToolRegistry([calculator if name == "calculator" else session.python for name in chosen])
     loop = asyncio.get_running_loop()
@@ -190,6 +198,8 @@ async def agent(body: AgentRequest, request: Request) -> EventSourceResponse:
     def run() -> None:  # a thread of its own: the loop blocks on generation and on the kernel
         steps = run_agent(question, complete, tools, max_steps=MAX_STEPS, system=system, history=history)
         try:
+            if evicted is not None:
+                evicted.python.close()
             for event in steps:
                 if cancelled.is_set():
                     break  # closing `steps` closes the generator, which cancels its engine request
@@ -197,8 +207,11 @@ async def agent(body: AgentRequest, request: Request) -> EventSourceResponse:
         except QwenkitError as e:
             put({"type": "error", "message": str(e)})
         except Exception as e:  # a failed run is reported to the page, never left hanging
-            logger.exception("agent run failed")
-            put({"type": "error", "message": f"internal error: {type(e).__name__}"})
+            if sessions.closed:  # shutdown closed the kernel under the run
+                put({"type": "error", "message": "the server is shutting down"})
+            else:
+                logger.exception("agent run failed")
+                put({"type": "error", "message": f"internal error: {type(e).__name__}"})
         finally:
             steps.close()
             session.lock.release()
