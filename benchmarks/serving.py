@@ -151,26 +151,37 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of the server")
+    parser.add_argument("--runs", type=int, default=2, help="turns per server; medians are reported")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md")
     args = parser.parse_args()
 
-    results = {}
+    runs: dict[str, list[dict]] = {"batched": [], "one at a time": []}
     with tempfile.TemporaryDirectory() as tmp:
         params = build_model(Path(tmp), args.hidden, args.layers)
-        for name, max_batch in (("batched", args.clients), ("one at a time", 1)):
-            process, url = start_server(Path(tmp), max_batch, args.threads)
-            try:
-                results[name] = load(url, args.clients, args.requests_per_client, args.max_tokens)
-                results[name]["alone_ttft"] = statistics.median(
-                    one_request(url, "a single request on an idle server", args.max_tokens)[0]
-                    for _ in range(3)
-                )
-            finally:
-                process.terminate()
-                process.wait()
-            print(name, json.dumps(results[name]), flush=True)
+        for _ in range(args.runs):  # the two servers take turns, so a busy machine slows both alike
+            for name, max_batch in (("batched", args.clients), ("one at a time", 1)):
+                process, url = start_server(Path(tmp), max_batch, args.threads)
+                try:
+                    result = load(url, args.clients, args.requests_per_client, args.max_tokens)
+                    idle = [
+                        one_request(url, "a single request on an idle server", args.max_tokens)
+                        for _ in range(3)
+                    ]
+                    result["alone_ttft"] = statistics.median(ttft for ttft, _ in idle)
+                finally:
+                    process.terminate()
+                    process.wait()
+                runs[name].append(result)
+                print(name, json.dumps(result), flush=True)
+    results = {
+        name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in runs.items()
+    }
 
     b, s = results["batched"], results["one at a time"]
+
+    def per_turn(name: str) -> str:
+        return ", ".join(f"{r['tokens_per_s']:.0f}" for r in runs[name])
+
     rows = [
         ("generated tokens/s", b["tokens_per_s"], s["tokens_per_s"], b["tokens_per_s"] / s["tokens_per_s"]),
         ("time to first token, median, s", b["ttft_median"], s["ttft_median"], b["ttft_median"] / s["ttft_median"]),
@@ -186,10 +197,13 @@ def main() -> None:
         "`qwenkit serve` in its own process.\n\n"
         "| | --max-batch 16 | --max-batch 1 (one at a time) | ratio |\n|---|---|---|---|\n"
         f"{table}\n\n"
-        f"Generated {b['tokens']} and {s['tokens']} tokens in {b['wall']:.1f} s and {s['wall']:.1f} s.\n\n"
+        f"Medians of {args.runs} turns per server (tokens/s per turn: batched "
+        f"{per_turn('batched')}; one at a time "
+        f"{per_turn('one at a time')}; the machine is shared). Generated {b['tokens']:.0f} and {s['tokens']:.0f} tokens "
+        f"in {b['wall']:.1f} s and {s['wall']:.1f} s.\n\n"
         f"Command: `.venv/bin/python benchmarks/serving.py --clients {args.clients} --requests-per-client "
         f"{args.requests_per_client} --max-tokens {args.max_tokens} --hidden {args.hidden} --layers {args.layers} "
-        f"--threads {args.threads}`"
+        f"--threads {args.threads} --runs {args.runs}`"
     )
     print(body)
     if not args.no_write:
