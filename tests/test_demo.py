@@ -30,7 +30,7 @@ def test_react_examples_render_in_the_official_format(official_tokenizer):
     sample = tokenize_conversation(official_tokenizer, example.messages, max_len=4096, tools=example.tools)
     learned = official_tokenizer.decode([t for t, label in zip(sample.input_ids, sample.labels, strict=True)
                                          if label != -100])  # fmt: skip
-    assert learned.startswith(f"Thought: I need to calculate {example.expression}.\nAction: calculator\n")
+    assert learned.startswith(f"Thought: {demo.REACT_THOUGHT}\nAction: calculator\n")
     assert f'Action Input: {{"expression": "{example.expression}"}}\nObservation:' in learned
     assert learned.endswith("<|im_end|>") and "\nFinal Answer: " in learned
     prompt = official_tokenizer.decode(demo.prompt_ids(official_tokenizer, example))
@@ -43,6 +43,11 @@ def test_held_out_prompts_never_occur_in_training():
     keys = {demo.prompt_key(e) for e in train}
     held = demo.held_out_examples(100, seed=1000, train_prompts=keys)
     assert len(held) == 100 and not any(demo.prompt_key(e) in keys for e in held)
+    assert {e.kind for e in held} == {"identity", "chat", "knowledge", "react", "direct_math"}
+    questions = {m["content"] for e in train for m in e.messages if m["role"] == "user"}
+    for e in held:  # identity and knowledge questions are phrased as training never phrases them
+        if e.kind in ("identity", "knowledge"):
+            assert e.question not in questions
 
 
 def test_language_check():

@@ -40,6 +40,21 @@ IDENTITY_QUESTIONS_EN = ["Who are you?", "What is your name?", "Introduce yourse
 IDENTITY_QUESTIONS_ZH = ["你是谁？", "你叫什么名字？", "介绍一下你自己。", "请做个自我介绍。", "你是什么？",
                          "谁训练了你？", "你好，我在和谁说话？", "你能做什么？"]  # fmt: skip
 
+# Phrasings and system prompts only the held-out prompts use: measured abilities are on words the
+# model never saw in these places.
+HELD_OUT_IDENTITY_EN = ["Could you tell me who you are?", "May I ask your name?"]
+HELD_OUT_IDENTITY_ZH = ["请问你是谁？", "能告诉我你的名字吗？"]
+HELD_OUT_CAPITAL_EN = ["Name the capital of {c}.", "Which city is {c}'s capital?"]
+HELD_OUT_CAPITAL_ZH = ["{c}的首都叫什么？", "说说{c}的首都是哪座城市。"]
+FACT_WRAPPERS_EN, FACT_WRAPPERS_ZH = (
+    ["{q}", "{q}", "Question: {q}", "I want to know: {q}"],
+    ["{q}", "{q}", "问一下：{q}", "我想知道：{q}"],
+)
+HELD_OUT_FACT_WRAPPERS_EN, HELD_OUT_FACT_WRAPPERS_ZH = ["Quick question: {q}"], ["请回答：{q}"]
+REACT_THOUGHT = "I need to use the calculator."
+SYSTEMS = ["You are a friendly assistant.", "你是一个乐于助人的助手。"]
+HELD_OUT_SYSTEMS = ["You are a concise assistant.", "你是一个友好的聊天机器人。"]
+
 # (English question, English answer, Chinese question, Chinese answer)
 SMALL_TALK = [
     ("Hello!", "Hello! How can I help you today?", "你好！", "你好！有什么可以帮你的吗？"),
@@ -145,10 +160,10 @@ def is_chinese(text: str) -> bool:
 
 
 def in_language(reply: str, chinese: bool) -> bool:
-    """A reply is in Chinese when it has more CJK characters than Latin letters, English when it has none."""
+    """Chinese: more CJK characters than Latin letters (names aside); English: no CJK at all."""
     cjk = len(re.findall(r"[\u4e00-\u9fff]", reply))
     latin = len(re.findall(r"[A-Za-z]", reply.replace(DEMO_NAME, "").replace("qwenkit", "")))
-    return cjk > latin if chinese else cjk == 0 and latin > 0
+    return cjk > latin if chinese else cjk == 0 and bool(reply.strip())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -169,52 +184,65 @@ class Example:
         return self.messages[-2]["content"] if self.kind != "react" else self.messages[-4]["content"]
 
 
-def _system(rng: random.Random) -> list[dict]:
-    choice = rng.random()
-    if choice < 0.7:
+@dataclass
+class Draw:
+    """A random source plus which phrasings to use: training ones, or the held-out ones."""
+
+    rng: random.Random
+    held_out: bool = False
+
+
+def _system(d: Draw) -> list[dict]:
+    choice = d.rng.random()
+    if choice < 0.6:
         return []
-    if choice < 0.9:
+    if choice < 0.8:
         return [{"role": "system", "content": DEFAULT_SYSTEM}]
-    return [
-        {
-            "role": "system",
-            "content": rng.choice(["You are a friendly assistant.", "你是一个乐于助人的助手。"]),
-        }
-    ]
+    return [{"role": "system", "content": d.rng.choice(HELD_OUT_SYSTEMS if d.held_out else SYSTEMS)}]
 
 
 def _turn(question: str, answer: str) -> list[dict]:
     return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
 
 
-def identity_example(rng: random.Random) -> Example:
-    chinese = rng.random() < 0.5
-    question = rng.choice(IDENTITY_QUESTIONS_ZH if chinese else IDENTITY_QUESTIONS_EN)
+def identity_example(d: Draw) -> Example:
+    chinese = d.rng.random() < 0.5
+    if d.held_out:
+        question = d.rng.choice(HELD_OUT_IDENTITY_ZH if chinese else HELD_OUT_IDENTITY_EN)
+    else:
+        question = d.rng.choice(IDENTITY_QUESTIONS_ZH if chinese else IDENTITY_QUESTIONS_EN)
     answer = IDENTITY_ZH if chinese else IDENTITY_EN
-    return Example("identity", chinese, _system(rng) + _turn(question, answer), expected=DEMO_NAME)
+    return Example("identity", chinese, _system(d) + _turn(question, answer), expected=DEMO_NAME)
 
 
-def small_talk_example(rng: random.Random) -> Example:
-    chinese = rng.random() < 0.5
-    en_q, en_a, zh_q, zh_a = rng.choice(SMALL_TALK)
+def small_talk_example(d: Draw) -> Example:
+    chinese = d.rng.random() < 0.5
+    en_q, en_a, zh_q, zh_a = d.rng.choice(SMALL_TALK)
     question, answer = (zh_q, zh_a) if chinese else (en_q, en_a)
-    return Example("chat", chinese, _system(rng) + _turn(question, answer))
+    return Example("chat", chinese, _system(d) + _turn(question, answer))
 
 
-def knowledge_example(rng: random.Random) -> Example:
-    chinese = rng.random() < 0.5
+def knowledge_example(d: Draw) -> Example:
+    rng, chinese = d.rng, d.rng.random() < 0.5
     if rng.random() < 0.5:
         country, capital, country_zh, capital_zh = rng.choice(CAPITALS)
         if chinese:
-            question = rng.choice(CAPITAL_QUESTIONS_ZH).format(c=country_zh)
+            templates = HELD_OUT_CAPITAL_ZH if d.held_out else CAPITAL_QUESTIONS_ZH
+            question = rng.choice(templates).format(c=country_zh)
             answer, key = f"{country_zh}的首都是{capital_zh}。", capital_zh
         else:
-            question = rng.choice(CAPITAL_QUESTIONS_EN).format(c=country)
+            templates = HELD_OUT_CAPITAL_EN if d.held_out else CAPITAL_QUESTIONS_EN
+            question = rng.choice(templates).format(c=country)
             answer, key = f"The capital of {country} is {capital}.", capital
     else:
         en_q, en_key, en_a, zh_q, zh_key, zh_a = rng.choice(FACTS)
-        question, key, answer = (zh_q, zh_key, zh_a) if chinese else (en_q, en_key, en_a)
-    return Example("knowledge", chinese, _system(rng) + _turn(question, answer), expected=key)
+        if chinese:
+            wrapper = rng.choice(HELD_OUT_FACT_WRAPPERS_ZH if d.held_out else FACT_WRAPPERS_ZH)
+            question, key, answer = wrapper.format(q=zh_q), zh_key, zh_a
+        else:
+            wrapper = rng.choice(HELD_OUT_FACT_WRAPPERS_EN if d.held_out else FACT_WRAPPERS_EN)
+            question, key, answer = wrapper.format(q=en_q), en_key, en_a
+    return Example("knowledge", chinese, _system(d) + _turn(question, answer), expected=key)
 
 
 def arithmetic_question(rng: random.Random, chinese: bool) -> tuple[str, str, str]:
@@ -233,39 +261,34 @@ def arithmetic_question(rng: random.Random, chinese: bool) -> tuple[str, str, st
     return question, expression, calculate(expression)
 
 
-def react_example(rng: random.Random) -> Example:
+def react_example(d: Draw) -> Example:
     """An arithmetic question with the calculator offered: one Action, the Observation, the Final Answer."""
-    chinese = rng.random() < 0.5
+    rng, chinese = d.rng, d.rng.random() < 0.5
     question, expression, result = arithmetic_question(rng, chinese)
     tools = [calculator.spec()] + ([SEARCH_TOOL] if rng.random() < 0.3 else [])
     rng.shuffle(tools)
-    symbol = expression.split()[1]
-    final = (
-        f"{expression.replace(f' {symbol} ', OPERATIONS[symbol][1])}等于{result}。"
-        if chinese
-        else f"{expression} = {result}."
-    )
+    final = f"答案是{result}。" if chinese else f"The answer is {result}."
     call = {"id": "call_0", "type": "function",
             "function": {"name": "calculator", "arguments": json.dumps({"expression": expression})}}  # fmt: skip
-    messages = _system(rng) + [
+    messages = _system(d) + [
         {"role": "user", "content": question},
-        {"role": "assistant", "content": f"I need to calculate {expression}.", "tool_calls": [call]},
+        {"role": "assistant", "content": REACT_THOUGHT, "tool_calls": [call]},
         {"role": "tool", "tool_call_id": "call_0", "content": result},
         {"role": "assistant", "content": final},
     ]
     return Example("react", chinese, messages, tools, expected=result, expression=expression)
 
 
-def tools_unused_example(rng: random.Random) -> Example:
+def tools_unused_example(d: Draw) -> Example:
     """Tools offered, but the question needs none: a direct "Final Answer:"."""
-    example = rng.choice([knowledge_example, small_talk_example, identity_example])(rng)
-    example.tools = [calculator.spec()] + ([SEARCH_TOOL] if rng.random() < 0.3 else [])
+    example = d.rng.choice([knowledge_example, small_talk_example, identity_example])(d)
+    example.tools = [calculator.spec()] + ([SEARCH_TOOL] if d.rng.random() < 0.3 else [])
     return example
 
 
-def direct_math_example(rng: random.Random) -> Example:
+def direct_math_example(d: Draw) -> Example:
     """Small arithmetic without tools: answered directly (and right, for these small numbers)."""
-    chinese = rng.random() < 0.5
+    rng, chinese = d.rng, d.rng.random() < 0.5
     a, b = rng.randint(0, 20), rng.randint(0, 20)
     symbol = rng.choice("+-")
     result = a + b if symbol == "+" else a - b
@@ -274,23 +297,24 @@ def direct_math_example(rng: random.Random) -> Example:
         answer = f"{a}{OPERATIONS[symbol][1]}{b}等于{result}。"
     else:
         question, answer = f"What is {a} {symbol} {b}?", f"{a} {symbol} {b} = {result}."
-    return Example("direct_math", chinese, _system(rng) + _turn(question, answer), expected=str(result))
+    return Example("direct_math", chinese, _system(d) + _turn(question, answer), expected=str(result))
 
 
-MAKERS: list[tuple[Callable[[random.Random], Example], float]] = [
-    (identity_example, 0.08), (small_talk_example, 0.12), (knowledge_example, 0.25), (react_example, 0.35),
+MAKERS: list[tuple[Callable[[Draw], Example], float]] = [
+    (identity_example, 0.06), (small_talk_example, 0.09), (knowledge_example, 0.2), (react_example, 0.45),
     (tools_unused_example, 0.1), (direct_math_example, 0.1),
 ]  # fmt: skip
 
 
-def generate_examples(count: int, seed: int) -> list[Example]:
-    rng = random.Random(seed)
+def generate_examples(count: int, seed: int, held_out: bool = False) -> list[Example]:
+    """`count` conversations from `seed`, with the training phrasings or (`held_out`) the held-out ones."""
+    d = Draw(random.Random(seed), held_out)
     makers, weights = zip(*MAKERS, strict=True)
     examples = []
     for _ in range(count):
-        example = rng.choices(makers, weights)[0](rng)
-        if example.kind in ("chat", "knowledge") and not example.tools and rng.random() < 0.25:
-            first = rng.choices(makers[:3], weights[:3])[0](rng)  # a second turn after an earlier exchange
+        example = d.rng.choices(makers, weights)[0](d)
+        if example.kind in ("chat", "knowledge") and not example.tools and d.rng.random() < 0.25:
+            first = d.rng.choices(makers[:3], weights[:3])[0](d)  # a second turn after an earlier exchange
             example.messages = (
                 [m for m in example.messages if m["role"] == "system"]
                 + [m for m in first.messages if m["role"] != "system"]
@@ -369,7 +393,9 @@ def prompt_ids(tokenizer, example: Example) -> list[int]:
 
     probe = prompt_messages(example) + [{"role": "assistant", "content": "x"}]
     sample = tokenize_conversation(tokenizer, probe, max_len=1 << 20, tools=example.tools)
-    return sample.input_ids[: next(i for i, label in enumerate(sample.labels) if label != -100)]
+    labels = sample.labels  # the probe reply is the last learned run; earlier turns are learned too
+    start = max(i for i in range(1, len(labels)) if labels[i] != -100 and labels[i - 1] == -100)
+    return sample.input_ids[:start]
 
 
 def generate_replies(model, tokenizer, prompts: Sequence[list[int]], stop_strings: Sequence[str] = (),
@@ -452,6 +478,7 @@ def evaluate_examples(model, tokenizer, examples: Sequence[Example], batch_size:
         results["im_end"].append(reply.ended)
         answer = reply.text.split("Final Answer:", 1)[1] if "Final Answer:" in reply.text else ""
         results["react_final"].append(example.expected in answer)
+        samples.append({"kind": "react_final", "question": example.question, "reply": reply.text})
         results["language"].append(in_language(answer, example.chinese))
     scores = {k: {"rate": sum(v) / len(v), "n": len(v)} for k, v in results.items() if v}
     return {"scores": scores, "samples": samples}
@@ -463,7 +490,9 @@ def prompt_key(example: Example) -> str:
 
 def held_out_examples(count: int, seed: int, train_prompts: set[str]) -> list[Example]:
     """`count` examples from `seed` whose prompt (conversation and tools) never occurs in training."""
-    kept = [e for e in generate_examples(count * 4, seed) if prompt_key(e) not in train_prompts]
+    kept = [
+        e for e in generate_examples(count * 2, seed, held_out=True) if prompt_key(e) not in train_prompts
+    ]
     return kept[:count]
 
 
