@@ -403,6 +403,25 @@ def test_client_disconnect_during_streaming_frees_the_slot(server):
     assert engine.active == 0 and not engine.waiting
 
 
+def test_client_disconnect_before_a_full_reply_frees_the_slot(server):
+    """A non-streamed request is cancelled when its client leaves, not generated to the end."""
+    engine = server.app.state.engine
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "Go on"}], "max_tokens": 900,
+                       "temperature": 0}).encode()  # fmt: skip
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.time() + 30
+        while not engine.active and time.time() < deadline:
+            time.sleep(0.005)
+        assert engine.active == 1
+        started = engine.steps
+    deadline = time.time() + 10
+    while engine.active and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.active == 0 and engine.steps - started < 900
+
+
 BAD_REQUESTS = [
     ("chat", b'{"model": "x", "messages": [', "not valid JSON"),
     ("chat", b"[1, 2]", "JSON object"),

@@ -291,29 +291,30 @@ def stream_generate(
             pending += decoder.push(token)
         if bool(finished[0]):
             break
-        cut = _find_stop(pending, stop_strings)
+        cut = find_stop(pending, stop_strings)
         if cut is not None:
             if pending[:cut]:
                 yield pending[:cut]
             return
-        keep = _held_back(pending, stop_strings)
+        keep = held_back_length(pending, stop_strings)
         if len(pending) > keep:
             yield pending[: len(pending) - keep]
             pending = pending[len(pending) - keep :]
     pending += decoder.flush()
-    cut = _find_stop(pending, stop_strings)
+    cut = find_stop(pending, stop_strings)
     if cut is not None:
         pending = pending[:cut]
     if pending:
         yield pending
 
 
-def _find_stop(text: str, stop_strings: Sequence[str]) -> int | None:
+def find_stop(text: str, stop_strings: Sequence[str]) -> int | None:
+    """Index of the earliest stop string in `text`, or None."""
     hits = [text.find(s) for s in stop_strings if s and s in text]
     return min(hits) if hits else None
 
 
-def _held_back(text: str, stop_strings: Sequence[str]) -> int:
+def held_back_length(text: str, stop_strings: Sequence[str]) -> int:
     """Length of the longest tail of `text` that is the start of a stop string."""
     longest = 0
     for s in stop_strings:

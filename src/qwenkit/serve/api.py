@@ -452,6 +452,19 @@ async def _merged(
             task.cancel()
 
 
+async def _all_unless_disconnected(
+    request: Request, jobs: list[tuple[list[int], SamplingParams]], engine: Engine
+):
+    """The completions of `jobs`; a client that leaves first cancels them all (their rows are freed)."""
+    work = asyncio.ensure_future(asyncio.gather(*(engine.agenerate(p, s) for p, s in jobs)))
+    while not work.done():
+        await asyncio.wait({work}, timeout=0.1)
+        if not work.done() and await request.is_disconnected():
+            work.cancel()
+            raise APIError("the client disconnected", status=499)  # nginx's code; nobody reads it
+    return work.result()
+
+
 def create_app(
     model, tokenizer: Tokenizer, model_name: str, api_key: str | None = None, max_batch: int = 16,
     max_seq_len: int | None = None,
@@ -507,7 +520,7 @@ def create_app(
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest):
+    async def chat_completions(body: ChatRequest, request: Request):
         _check_options(body)
         plan = plan_chat(tokenizer, body)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -526,7 +539,7 @@ def create_app(
 
         if not body.stream:
             choices, completion_tokens = [], 0
-            results = await asyncio.gather(*(engine.agenerate(p, s) for p, s in jobs))
+            results = await _all_unless_disconnected(request, jobs, engine)
             for i, result in enumerate(results):
                 message: dict[str, Any] = {"role": "assistant", "content": result.text}
                 reason = result.finish_reason
@@ -592,7 +605,7 @@ def create_app(
         return EventSourceResponse(events())
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         _check_options(body)
         if body.suffix:
             raise APIError("suffix is not supported", param="suffix")
@@ -611,7 +624,7 @@ def create_app(
         prompt_tokens = sum(len(p) for p in prompts)
 
         if not body.stream:
-            results = await asyncio.gather(*(engine.agenerate(p, s) for p, s in jobs))
+            results = await _all_unless_disconnected(request, jobs, engine)
             choices = [
                 {"index": i, "text": echoes[i // body.n] + r.text, "finish_reason": r.finish_reason, "logprobs": None}
                 for i, r in enumerate(results)

@@ -40,9 +40,9 @@ import torch
 from qwenkit.errors import QwenkitError
 from qwenkit.generation import (
     GenerationConfig,
-    _find_stop,
-    _held_back,
     context_length,
+    find_stop,
+    held_back_length,
     left_pad,
     pick_tokens,
 )
@@ -395,11 +395,11 @@ class Engine:
         if finish is not None:
             request.pending += request.decoder.flush()
         text = request.pending
-        cut = _find_stop(text, request.stop_strings)
+        cut = find_stop(text, request.stop_strings)
         if cut is not None:
             text, finish = text[:cut], "stop"
         elif finish is None:
-            keep = _held_back(text, request.stop_strings)
+            keep = held_back_length(text, request.stop_strings)
             text, request.pending = text[: len(text) - keep], text[len(text) - keep :]
         if finish is None and not text:
             return
