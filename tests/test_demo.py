@@ -30,7 +30,7 @@ def test_react_examples_render_in_the_official_format(official_tokenizer):
     sample = tokenize_conversation(official_tokenizer, example.messages, max_len=4096, tools=example.tools)
     learned = official_tokenizer.decode([t for t, label in zip(sample.input_ids, sample.labels, strict=True)
                                          if label != -100])  # fmt: skip
-    assert learned.startswith(f"Thought: {demo.REACT_THOUGHT}\nAction: calculator\n")
+    assert learned.startswith(f"Thought: {demo.react_thought(example.expression)}\nAction: calculator\n")
     assert f'Action Input: {{"expression": "{example.expression}"}}\nObservation:' in learned
     assert learned.endswith("<|im_end|>") and "\nFinal Answer: " in learned
     prompt = official_tokenizer.decode(demo.prompt_ids(official_tokenizer, example))
@@ -107,3 +107,53 @@ def test_chat_identity_and_calculator_use(shipped):
     [reply] = demo.generate_replies(model, tokenizer, [prompt], stop_strings=["Observation:"])
     call = parse_reply(reply.text)
     assert call.name == "calculator" and calculate(json.loads(call.arguments)["expression"]) == "5535"
+
+
+def test_agent_loop_with_the_demo_model_uses_the_calculator(shipped):
+    from qwenkit.agent import Final, ToolCalled, ToolRegistry, ToolResult, local_complete, run_agent
+
+    model, tokenizer = shipped
+    events = list(run_agent("What is 37 * 12?", local_complete(model, tokenizer, do_sample=False),
+                            ToolRegistry([demo.calculator])))  # fmt: skip
+    calls = [e for e in events if isinstance(e, ToolCalled)]
+    results = [e for e in events if isinstance(e, ToolResult)]
+    assert [c.name for c in calls] == ["calculator"] and results[0].text == "444"
+    final = events[-1]
+    assert isinstance(final, Final) and final.reason == "final_answer" and "444" in final.answer
+
+
+def test_server_function_calling_with_the_demo_model(shipped):
+    """The official openai client, tools in the current form: the model's own ReAct reply becomes
+    `tool_calls`; given the tool's result it answers with it (also streamed)."""
+    from conftest import LiveServer
+
+    from qwenkit.serve.api import create_app
+
+    model, tokenizer = shipped
+    live = LiveServer(create_app(model, tokenizer, "qwen-demo", max_batch=4))
+    try:
+        client = live.client()
+        messages = [{"role": "user", "content": "计算 256 * 17。"}]
+        tools = [demo.calculator.spec()]
+        first = client.chat.completions.create(
+            model="qwen-demo", messages=messages, tools=tools, temperature=0
+        )
+        choice = first.choices[0]
+        assert choice.finish_reason == "tool_calls"
+        call = choice.message.tool_calls[0]
+        assert call.function.name == "calculator"
+        result = demo.calculator.call(call.function.arguments)
+        assert result == "4352"
+        messages += [choice.message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": result}]  # fmt: skip
+        second = client.chat.completions.create(
+            model="qwen-demo", messages=messages, tools=tools, temperature=0
+        )
+        assert second.choices[0].finish_reason == "stop" and "4352" in second.choices[0].message.content
+        stream = client.chat.completions.create(
+            model="qwen-demo", messages=messages, tools=tools, temperature=0, stream=True
+        )
+        streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert streamed == second.choices[0].message.content
+    finally:
+        live.stop()

@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
+from conftest import LiveServer
 
 from qwenkit import Qwen, QwenConfig
 from qwenkit.generation import GenerationConfig
@@ -64,27 +64,6 @@ def engine(model, tokenizer):
     engine = Engine(model, tokenizer, max_batch=3)
     yield engine
     engine.close()
-
-
-class LiveServer:
-    def __init__(self, app):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.app = app
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
-
-    def client(self, api_key: str = "none") -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -408,7 +387,7 @@ def test_client_disconnect_before_a_full_reply_frees_the_slot(server):
     engine = server.app.state.engine
     body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "Go on"}], "max_tokens": 900,
                        "temperature": 0}).encode()  # fmt: skip
-    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
     with socket.create_connection(("127.0.0.1", server.port)) as s:
         s.sendall(head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         deadline = time.time() + 30

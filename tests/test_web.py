@@ -4,7 +4,6 @@ agent steps with a real code-interpreter figure inline, and the API key."""
 
 import importlib.util
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -25,34 +24,12 @@ if importlib.util.find_spec("qwenkit.serve.api") is None:
 if importlib.util.find_spec("playwright") is None:
     pytest.skip("playwright (Python) is not installed", allow_module_level=True)
 if not CHROMIUM.is_file():
-    pytest.skip(f"{CHROMIUM} is missing (make install-system installs it)", allow_module_level=True)
+    pytest.skip(f"{CHROMIUM} is missing (scripts/install_system.sh installs it)", allow_module_level=True)
 
-import uvicorn  # noqa: E402
+from conftest import LiveServer  # noqa: E402
 from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
 
 from qwenkit.serve.api import create_app  # noqa: E402
-
-
-class LiveServer:
-    """uvicorn serving `app` on a free local port, in a thread."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.time() < deadline, "the server did not start"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -36,9 +36,12 @@ IDENTITY_EN = (
 )
 IDENTITY_ZH = f"我是{DEMO_NAME}，一个用 qwenkit 从零训练的小型聊天模型。我会用中文和英文聊天，回答简单的问题，还会使用计算器工具。"
 IDENTITY_QUESTIONS_EN = ["Who are you?", "What is your name?", "Introduce yourself.", "Tell me about yourself.",
-                         "What are you?", "Who made you?", "Hi! Who am I talking to?", "What can you do?"]  # fmt: skip
+                         "What are you?", "Who made you?", "Hi! Who am I talking to?", "What can you do?",
+                         "What should I call you?", "Are you a robot?", "Tell me your name.", "Who built you?",
+                         "What kind of model are you?", "Please introduce yourself."]  # fmt: skip
 IDENTITY_QUESTIONS_ZH = ["你是谁？", "你叫什么名字？", "介绍一下你自己。", "请做个自我介绍。", "你是什么？",
-                         "谁训练了你？", "你好，我在和谁说话？", "你能做什么？"]  # fmt: skip
+                         "谁训练了你？", "你好，我在和谁说话？", "你能做什么？", "我该怎么称呼你？", "你是机器人吗？",
+                         "告诉我你的名字。", "你是谁做的？", "你是什么模型？", "请介绍一下你自己。"]  # fmt: skip
 
 # Phrasings and system prompts only the held-out prompts use: measured abilities are on words the
 # model never saw in these places.
@@ -51,7 +54,6 @@ FACT_WRAPPERS_EN, FACT_WRAPPERS_ZH = (
     ["{q}", "{q}", "问一下：{q}", "我想知道：{q}"],
 )
 HELD_OUT_FACT_WRAPPERS_EN, HELD_OUT_FACT_WRAPPERS_ZH = ["Quick question: {q}"], ["请回答：{q}"]
-REACT_THOUGHT = "I need to use the calculator."
 SYSTEMS = ["You are a friendly assistant.", "你是一个乐于助人的助手。"]
 HELD_OUT_SYSTEMS = ["You are a concise assistant.", "你是一个友好的聊天机器人。"]
 
@@ -246,12 +248,13 @@ def knowledge_example(d: Draw) -> Example:
 
 
 def arithmetic_question(rng: random.Random, chinese: bool) -> tuple[str, str, str]:
-    """(question, expression, result) for a two-operand problem; divisions mostly come out even."""
+    """(question, expression, result): two operands of up to 3 digits (a product's multiplier up to 2),
+    divisions that come out even."""
     symbol = rng.choice("+-*/")
-    digits = rng.choice([1, 2, 2, 3, 3, 4]) if symbol in "+-" else rng.choice([1, 2, 2, 3])
-    a, b = rng.randint(1, 10**digits - 1), rng.randint(1, 10 ** rng.choice([1, 2, digits]) - 1)
-    if symbol == "/" and rng.random() < 0.8:
-        a = a * b
+    a = rng.randint(1, 10 ** rng.choice([1, 2, 2, 3, 3]) - 1)
+    b = rng.randint(1, 10 ** rng.choice([1, 2, 3] if symbol in "+-" else [1, 2]) - 1)
+    if symbol == "/":
+        a = rng.randint(1, 10 ** rng.choice([1, 2]) - 1) * b
     expression = f"{a} {symbol} {b}"
     words, zh = OPERATIONS[symbol]
     if chinese:
@@ -259,6 +262,10 @@ def arithmetic_question(rng: random.Random, chinese: bool) -> tuple[str, str, st
     else:
         question = rng.choice(ARITHMETIC_QUESTIONS_EN).format(a=a, b=b, s=symbol, w=rng.choice(words))
     return question, expression, calculate(expression)
+
+
+def react_thought(expression: str) -> str:
+    return f"I need to calculate {expression}."  # restating it first makes the copy reliable
 
 
 def react_example(d: Draw) -> Example:
@@ -272,7 +279,7 @@ def react_example(d: Draw) -> Example:
             "function": {"name": "calculator", "arguments": json.dumps({"expression": expression})}}  # fmt: skip
     messages = _system(d) + [
         {"role": "user", "content": question},
-        {"role": "assistant", "content": REACT_THOUGHT, "tool_calls": [call]},
+        {"role": "assistant", "content": react_thought(expression), "tool_calls": [call]},
         {"role": "tool", "tool_call_id": "call_0", "content": result},
         {"role": "assistant", "content": final},
     ]
@@ -301,7 +308,7 @@ def direct_math_example(d: Draw) -> Example:
 
 
 MAKERS: list[tuple[Callable[[Draw], Example], float]] = [
-    (identity_example, 0.06), (small_talk_example, 0.09), (knowledge_example, 0.2), (react_example, 0.45),
+    (identity_example, 0.08), (small_talk_example, 0.12), (knowledge_example, 0.25), (react_example, 0.35),
     (tools_unused_example, 0.1), (direct_math_example, 0.1),
 ]  # fmt: skip
 
