@@ -410,7 +410,6 @@ def generate_replies(model, tokenizer, prompts: Sequence[list[int]], stop_string
     """Greedy replies for many prompts, batched (left-padded); cut at a stop string if given."""
     from qwenkit.generation import generate
 
-    replies = []
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: dict[int, Reply] = {}
     stops = [[tokenizer.im_end_id], [tokenizer.im_start_id]] + [tokenizer.encode(s) for s in stop_strings]
@@ -427,8 +426,7 @@ def generate_replies(model, tokenizer, prompts: Sequence[list[int]], stop_string
                 if s in text:
                     text, ended = text[: text.index(s) + len(s)], True
             results[i] = Reply(text, ended)
-    replies = [results[i] for i in range(len(prompts))]
-    return replies
+    return [results[i] for i in range(len(prompts))]
 
 
 def evaluate_examples(model, tokenizer, examples: Sequence[Example], batch_size: int = 16) -> dict:
