@@ -130,7 +130,8 @@ def test_files_outside_cannot_be_written(interpreter, outside):
     for target, error in [(outside / "planted", "FileNotFoundError"), (REPO / "planted.py", "Read-only file system"),
                           (Path("/usr/planted"), "Read-only file system")]:  # fmt: skip
         result = run(interpreter, f"open({str(target)!r}, 'w').write('x')")
-        assert result.error is not None and error in result.error, (target, result.text())
+        if Path("/tmp") not in target.parents:  # a checkout under /tmp lands in the sandbox's own /tmp
+            assert result.error is not None and error in result.error, (target, result.text())
         assert not target.exists()
     # the sandbox's /tmp is private: a write there never reaches the host's /tmp
     assert run(interpreter, f"open({escape!r}, 'w').write('x')").ok

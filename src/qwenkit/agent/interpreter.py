@@ -217,9 +217,9 @@ class CodeInterpreter:
                 command += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
         if Path("/var/cache/fontconfig").is_dir():  # else every session's first figure rebuilds it (~10 s)
             command += ["--ro-bind", "/var/cache/fontconfig", "/var/cache/fontconfig"]
-        for root in _python_roots():
-            command += ["--ro-bind", str(root), str(root)]
         command += ["--proc", "/proc", "--dev", "/dev", "--size", str(256 * 1024 * 1024), "--tmpfs", "/tmp"]
+        for root in _python_roots():  # after the private /tmp, which would hide a venv under /tmp
+            command += ["--ro-bind", str(root), str(root)]
         command += [
             "--bind",
             str(self.work_dir),
