@@ -97,6 +97,25 @@ def test_unknown_tool_and_bad_input_go_back_to_the_model():
     )
 
 
+class BrokenPython(loop.PythonTool):
+    """A python tool whose interpreter fails outside the code it runs (as a kernel whose connection
+    file was replaced by a directory once did): an OSError escapes the tool itself."""
+
+    def run(self, arguments):
+        raise IsADirectoryError(21, "Is a directory", "/tmp/run/kernel.json")
+
+
+def test_a_failing_tool_never_ends_the_loop():
+    complete = Scripted("Thought: run it\nAction: python\nAction Input: print(1)\n", "Final Answer: gave up")
+    events = list(run_agent("q", complete, [BrokenPython()]))
+    result = next(e for e in events if isinstance(e, ToolResult))
+    assert (
+        result.text
+        == "Error: the tool 'python' failed: IsADirectoryError: [Errno 21] Is a directory: '/tmp/run/kernel.json'"
+    )
+    assert events[-1] == Final("gave up", "final_answer", events[-1].transcript)
+
+
 def test_a_reply_without_react_format_is_the_answer():
     events = list(run_agent("hi", Scripted("Hello there! "), [calculator]))
     assert events[-1] == Final("Hello there!", "plain_reply", "Hello there! ")

@@ -83,7 +83,7 @@ def test_matplotlib_figures_come_back_as_png(interpreter):
 def test_cells_run_in_the_session_directory(interpreter):
     result = run(interpreter, "import os\nopen('notes.txt', 'w').write('kept')\nprint(os.getcwd())")
     assert result.stdout.strip() == str(interpreter.work_dir)
-    assert (interpreter.work_dir / "notes.txt").read_text() == "kept"
+    assert run(interpreter, "print(open('notes.txt').read())").stdout == "kept\n"  # files carry over
     assert run(interpreter, "import os; print(os.environ.get('QWENKIT_TEST_SECRET'))").stdout == "None\n"
 
 
@@ -214,9 +214,9 @@ def test_session_cleanup_and_argument_checks(tmp_path):
         plain = CodeInterpreter(sandbox=False, timeout=20)
     assert not plain.protections["bubblewrap"]
     assert plain.execute("y = 2").ok and plain.execute("print(y * 21)").stdout == "42\n"
-    root, cgroup = plain.root, plain.cgroup
+    root, cgroups = plain.root, plain.cgroups
     plain.close()
-    assert not root.exists() and (cgroup is None or not cgroup.exists())
+    assert not root.exists() and not any(group.exists() for group in cgroups)
     with pytest.raises(QwenkitError, match="closed"):
         plain.execute("1")
     with pytest.raises(QwenkitError, match="must be positive"):
@@ -227,3 +227,142 @@ def test_session_cleanup_and_argument_checks(tmp_path):
         "Error: the code interpreter's kernel failed to start: out of memory (memory_mb=20 is too small)"
     )
     tool.close()
+
+
+# --- privilege: the sandbox as root (these machines run everything as root) ------------------------
+
+LIBC_CALLS = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+def call(name, *args):
+    result = getattr(libc, name)(*args)
+    return 'ok' if result == 0 else os.strerror(ctypes.get_errno())
+"""
+
+
+@needs_bwrap
+def test_no_kernel_setting_can_be_written(interpreter):
+    """Every file under /proc/sys refuses to open for writing (a cell once changed the host's
+    kernel.printk_ratelimit, and kernel.core_pattern would run a script as root on the next crash)."""
+    before = Path("/proc/sys/kernel/printk_ratelimit").read_text()
+    code = (
+        "import os\nopened, refused = [], 0\n"
+        "for top in ('/proc/sys', '/proc/sysrq-trigger', '/proc/sys/kernel/core_pattern'):\n"
+        "    paths = [top] if not os.path.isdir(top) else [os.path.join(d, f) for d, _, fs in os.walk(top) for f in fs]\n"
+        "    for path in paths:\n"
+        "        try:\n"
+        "            os.close(os.open(path, os.O_WRONLY))\n"
+        "            opened.append(path)\n"
+        "        except OSError:\n"
+        "            refused += 1\n"
+        "print(refused > 100, opened)\n"
+        "open('/proc/sys/kernel/printk_ratelimit', 'w').write('1')"
+    )
+    result = run(interpreter, code)
+    assert result.stdout == "True []\n", result.text()
+    assert "Error" in result.error  # read-only /proc, and the kernel is not root
+    assert Path("/proc/sys/kernel/printk_ratelimit").read_text() == before
+
+
+@needs_bwrap
+def test_the_kernel_is_an_unprivileged_user_with_no_capabilities(interpreter):
+    status = run(interpreter, "import os\nprint(os.getuid(), os.geteuid(), os.getgroups())\n"
+                              "print(open('/proc/self/status').read())").stdout  # fmt: skip
+    first, fields = status.split("\n", 1)
+    uid, euid, _groups = first.split(" ", 2)
+    assert uid == euid and int(uid) != 0 and interpreter.protections["unprivileged"]
+    values = dict(line.split(":\t", 1) for line in fields.splitlines() if ":\t" in line)
+    for capability in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(values[capability], 16) == 0, (capability, values[capability])
+    assert values["NoNewPrivs"].strip() == "1" and values["Seccomp"].strip() == "2"
+
+
+@needs_bwrap
+def test_ptrace_mount_namespaces_and_kernel_keys_are_refused(interpreter):
+    code = LIBC_CALLS + (
+        "PTRACE_ATTACH, CLONE_NEWUSER, CLONE_NEWNS = 16, 0x10000000, 0x20000\n"
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    import time; time.sleep(30); os._exit(0)\n"
+        "print('ptrace init', call('ptrace', PTRACE_ATTACH, 1, 0, 0))\n"
+        "print('ptrace own child', call('ptrace', PTRACE_ATTACH, child, 0, 0))\n"
+        "os.kill(child, 9); os.waitpid(child, 0)\n"
+        "print('unshare user', call('unshare', CLONE_NEWUSER))\n"
+        "print('unshare mount', call('unshare', CLONE_NEWNS))\n"
+        "print('mount', call('mount', b'none', b'/tmp', b'tmpfs', 0, None))\n"
+        "print('keyctl', call('syscall', 250, 0, 0, 0, 0, 0))\n"  # x86_64 keyctl
+        "print('bpf', call('syscall', 321, 0, 0, 0))\n"  # x86_64 bpf
+    )
+    lines = run(interpreter, code).stdout.splitlines()
+    assert lines == [
+        "ptrace init Operation not permitted",
+        "ptrace own child Operation not permitted",
+        "unshare user Operation not permitted",
+        "unshare mount Operation not permitted",
+        "mount Operation not permitted",
+        *(["keyctl Operation not permitted", "bpf Operation not permitted"] if os.uname().machine == "x86_64"
+          else lines[5:]),
+    ], lines  # fmt: skip
+
+
+@needs_bwrap
+def test_dev_shm_files_and_dev_are_capped():
+    with CodeInterpreter(timeout=60, disk_mb=32, shm_mb=8) as sandbox:
+        fill = "try:\n    with open({path!r}, 'wb') as f:\n        for _ in range(64):\n"
+        fill += "            f.write(bytes(2**20))\nexcept OSError as e:\n    print(e.strerror)"
+        assert sandbox.execute(fill.format(path="/dev/shm/fill")).stdout == "No space left on device\n"
+        assert sandbox.execute(fill.format(path="data.bin")).stdout == "No space left on device\n"
+        assert sandbox.execute(fill.format(path="/tmp/more.bin")).stdout == "No space left on device\n"
+        planted = sandbox.execute("open('/dev/planted', 'w')")
+        assert "Read-only file system" in planted.error
+        # the session's files are in its own memory, not on the host: the host directory holds no data
+        assert sum(f.stat().st_size for f in sandbox.root.rglob("*") if f.is_file()) < 2**20
+
+
+@needs_bwrap
+def test_memory_cgroup_counts_tmpfs_files():
+    with CodeInterpreter(timeout=60, memory_mb=400, disk_mb=2048) as sandbox:
+        if not sandbox.protections["memory_cgroup"]:
+            pytest.skip("no memory cgroup can be made here")
+        fill = "for i in range(5):\n    with open(f'/tmp/big{i}', 'wb') as f:\n        for _ in range(200):\n"
+        fill += "            f.write(bytes(2**20))"  # 1000 MiB in files of 200 MiB (each below max_file_mb)
+        result = sandbox.execute(fill)
+        assert not result.ok and "died" in (result.notice or "") + (result.error or ""), result.text()
+        assert sandbox.execute("print('fresh')").stdout == "fresh\n"
+
+
+@needs_bwrap
+def test_images_a_cell_returns_are_capped(interpreter):
+    code = (
+        "from IPython.display import Image, display\nimport os\n"
+        "display(Image(data=b'\\x89PNG\\r\\n\\x1a\\n' + os.urandom(6 * 2**20), format='png'))\n"
+        "for _ in range(6):\n    display(Image(data=b'\\x89PNG\\r\\n\\x1a\\n' + os.urandom(3 * 2**20), format='png'))"
+    )
+    result = run(interpreter, code)
+    assert len(result.images) == 5 and sum(map(len, result.images)) <= 16 * 2**20
+    assert len([r for r in result.results if "dropped" in r]) == 1 + 1  # the 6 MB one, the one past 16 MB
+
+
+@needs_bwrap
+def test_a_cell_cannot_break_its_session(interpreter):
+    """The kernel's socket directory is not writable once it runs, so a cell can neither fill it nor
+    plant a directory where the next kernel's connection file goes; a crash still leaves a working session."""
+    code = (
+        "import glob, os\nrun = os.path.dirname(glob.glob('/tmp/qwenkit-interpreter-*/run/kernel.json')[0])\n"
+        "for attempt in (lambda: os.mkdir(run + '/planted'), lambda: open(run + '/fill', 'wb'),\n"
+        "                lambda: os.unlink(run + '/kernel.json')):\n"
+        "    try:\n        attempt()\n        print('done')\n    except OSError as e:\n        print(e.strerror)"
+    )
+    assert run(interpreter, code).stdout == "Permission denied\n" * 3
+    crashed = run(interpreter, "import os\nos.kill(os.getpid(), 9)")
+    assert crashed.notice.startswith("The kernel died")
+    assert run(interpreter, "print('recovered')").stdout == "recovered\n"
+
+
+def test_refuses_to_run_unsandboxed_as_root(monkeypatch):
+    import qwenkit.agent.interpreter as module
+
+    monkeypatch.setattr(module, "bwrap_path", lambda: None)
+    monkeypatch.setattr(module.os, "geteuid", lambda: 0)
+    with pytest.raises(QwenkitError, match="refusing to run model-written code as root without a sandbox"):
+        CodeInterpreter()

@@ -157,13 +157,17 @@ class ToolRegistry:
         return [t.spec() for t in self.tools.values()]
 
     def run(self, name: str, arguments: str) -> ToolOutput:
-        """Run a tool on the model's Action Input; an unknown name is reported to the model as text."""
+        """Run a tool on the model's Action Input. An unknown name, and any failure of the tool itself,
+        is reported to the model as text: a tool never ends the agent's loop."""
         found = self.tools.get(name)
         if found is None:
             return ToolOutput(f"Error: there is no tool named {name!r}; use one of {', '.join(self.tools)}")
-        if isinstance(found, PythonTool):
-            return found.run(arguments)
-        return ToolOutput(found.call(arguments))
+        try:
+            if isinstance(found, PythonTool):
+                return found.run(arguments)
+            return ToolOutput(found.call(arguments))
+        except Exception as e:  # noqa: BLE001 - whatever a tool raises is an Observation for the model
+            return ToolOutput(f"Error: the tool {name!r} failed: {type(e).__name__}: {e}")
 
     def __contains__(self, name: str) -> bool:
         return name in self.tools
