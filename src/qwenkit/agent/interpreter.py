@@ -49,6 +49,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from qwenkit.agent.react import Tool
 from qwenkit.errors import QwenkitError
 
@@ -395,8 +397,6 @@ class CodeInterpreter:
 
     def _kill(self) -> None:
         """Kill every process of the sandbox and wait until they are gone."""
-        import psutil
-
         if self.client is not None:
             self.client.stop_channels()
             self.client = None
@@ -431,8 +431,6 @@ class CodeInterpreter:
 
     def _sandbox_pids(self) -> list[int]:
         """Every process below the launcher (the sandbox's init, the kernel, what the cells started)."""
-        import psutil
-
         if self.process is None:
             return []
         try:
@@ -528,8 +526,6 @@ def _last_error(log: Path) -> str:
 
 def _running(process) -> bool:
     """Alive and not a zombie (an exited child that only waits to be reaped)."""
-    import psutil
-
     try:
         return process.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
@@ -537,8 +533,6 @@ def _running(process) -> bool:
 
 
 def _running_pid(pid: int) -> bool:
-    import psutil
-
     try:
         return _running(psutil.Process(pid))
     except psutil.Error:
@@ -598,8 +592,6 @@ _UIDS_IN_USE: set[int | None] = set()
 
 def _free_uid() -> int:
     """A uid of the dynamic range that no account and no running process has."""
-    import psutil
-
     busy = {p.info["uids"].real for p in psutil.process_iter(["uids"]) if p.info["uids"]}
     for uid in random.sample(SANDBOX_UIDS, 256):
         if uid in busy or uid in _UIDS_IN_USE:
