@@ -11,7 +11,7 @@ from transformers.generation.logits_process import (
 )
 
 from qwenkit import GenerationConfig, Qwen, QwenConfig, QwenkitError
-from qwenkit.generation import generate_tokens, left_pad, warp_logits
+from qwenkit.generation import generate_tokens, held_back_length, left_pad, pick_tokens, warp_logits
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +147,65 @@ def test_generation_config_defaults_and_validation(model):
         model.generate(prompt(3), beam_width=4)
     with pytest.raises(QwenkitError, match="token ids must lie in"):
         model.generate(torch.tensor([[10**7]]))
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("temperature", float("nan")),
+        ("temperature", float("inf")),
+        ("temperature", -1.0),
+        ("top_p", float("nan")),
+        ("repetition_penalty", 1e-40),
+        ("repetition_penalty", 0.0),
+        ("repetition_penalty", 1e6),
+        ("repetition_penalty", float("inf")),
+        ("repetition_penalty", float("nan")),
+    ],
+)
+def test_out_of_range_settings_are_one_clear_error(model, setting, value):
+    """What `qwenkit generate` and the chat's `:conf` pass on: a QwenkitError naming the setting
+    (printed as one line), never a failure inside sampling."""
+    with pytest.raises(QwenkitError, match=f"invalid generation setting: {setting}"):
+        GenerationConfig().updated(**{setting: value})
+    with pytest.raises(QwenkitError, match=setting):
+        model.generate(prompt(3), max_new_tokens=2, seed=0, **{setting: value})
+
+
+def test_tiny_temperatures_pick_greedily_and_edge_settings_sample_finitely(model):
+    """Dividing logits by 1e-45 overflows them (NaN probabilities): such temperatures pick greedily."""
+    greedy = model.generate(prompt(5), max_new_tokens=8, do_sample=False, stop=[])
+    for temperature in (1e-45, 1e-6):
+        tiny = model.generate(prompt(5), max_new_tokens=8, temperature=temperature, seed=0, stop=[])
+        assert tiny.tolist() == greedy.tolist()
+    edge = dict(temperature=1e-5, repetition_penalty=0.01, top_p=1.0)
+    logits = torch.randn(2, 500, generator=torch.Generator().manual_seed(0)) * 30
+    seen = torch.ones(2, 500, dtype=torch.bool)
+    warped = warp_logits(logits, seen, GenerationConfig(**edge))
+    assert torch.isfinite(warped.softmax(dim=-1)).all()
+    model.generate(prompt(5), max_new_tokens=4, seed=0, stop=[], **edge)
+
+
+def test_non_finite_logits_are_a_clear_error_not_a_multinomial_failure():
+    logits = torch.zeros(1, 50)
+    logits[0, 3] = float("nan")
+    with pytest.raises(QwenkitError, match="not finite"):
+        pick_tokens(logits, None, GenerationConfig(top_p=1.0), None)
+
+
+def test_held_back_length_is_the_longest_tail_that_starts_a_stop_string():
+    def reference(text: str, stops: list[str]) -> int:
+        return max([n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])], default=0)
+
+    rng = torch.Generator().manual_seed(0)
+
+    def random_text(n: int) -> str:
+        return "".join("ab\n"[i] for i in torch.randint(0, 3, (n,), generator=rng).tolist())
+
+    for _ in range(2000):
+        stops = [random_text(int(n)) for n in torch.randint(1, 7, (3,), generator=rng)]
+        text = random_text(int(torch.randint(0, 9, (1,), generator=rng)))
+        assert held_back_length(text, stops) == reference(text, stops), (text, stops)
 
 
 def test_left_pad():

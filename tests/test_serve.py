@@ -441,6 +441,23 @@ BAD_REQUESTS = [
     ("completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens"),
     ("completions", {"prompt": [10**7]}, "token ids"),
     ("completions", {}, "prompt"),
+    (
+        "chat",
+        {"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 1e-40},
+        "repetition_penalty",
+    ),
+    ("completions", {"prompt": "hi", "repetition_penalty": 1000}, "repetition_penalty"),
+    ("completions", b'{"prompt": "hi", "repetition_penalty": Infinity}', "finite"),
+    ("completions", b'{"prompt": "hi", "temperature": NaN}', "temperature"),
+    ("completions", b'{"prompt": "hi", "top_p": NaN}', "finite"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "stop": list("abcde")}, "at most 4 stop"),
+    ("completions", {"prompt": "hi", "stop": ["ab" * 1024] * 2000}, "at most 4 stop"),
+    ("completions", {"prompt": "hi", "stop": "x" * 257}, "at most 256 characters"),
+    (
+        "chat",
+        {"messages": [{"role": "user", "content": "hi"}], "stop": ["x" * 257]},
+        "at most 256 characters",
+    ),
 ]
 
 
@@ -456,6 +473,168 @@ def test_bad_requests_get_a_4xx_with_openai_error_json(server, route, body, mess
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
     assert message in error["message"]
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+
+
+def sse_data(url: str, body: dict, first_text: threading.Event | None = None) -> list[str]:
+    """The data fields of a streamed response, in order; `first_text` is set once text arrived."""
+    data = []
+    with httpx.stream("POST", url, json=body, timeout=60) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                data.append(line.removeprefix("data: "))
+                if first_text is not None and '"text": "' in data[-1] and '"text": ""' not in data[-1]:
+                    first_text.set()
+    return data
+
+
+def streamed_text(data: list[str]) -> str:
+    chunks = [json.loads(d) for d in data if d != "[DONE]"]
+    return "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+
+
+def test_a_request_that_fails_inside_the_engine_ends_alone(server, monkeypatch):
+    """Fault isolation: when picking one request's token raises (injected in the per-row sampling of
+    seed 999, the model and everything else real), that request ends with an OpenAI error (a stream
+    with an error event and [DONE], a whole reply with a 500) and the requests decoded beside it go
+    on to the same text they give without it."""
+    from qwenkit.serve import engine as engine_module
+
+    engine, real_pick = server.app.state.engine, engine_module.pick_tokens
+    calls, running_at_failure = {}, []
+
+    def pick_or_fail(logits, seen, config, generator):
+        if generator is not None and generator.initial_seed() == 999:
+            calls[generator] = calls.get(generator, 0) + 1
+            if calls[generator] == 3:
+                running_at_failure.append(engine.active)
+                raise RuntimeError("injected sampling fault")
+        return real_pick(logits, seen, config, generator)
+
+    monkeypatch.setattr(engine_module, "pick_tokens", pick_or_fail)
+    url = f"{server.url}/v1/completions"
+    others = [
+        {"prompt": "The first neighbour", "max_tokens": 60, "temperature": 0, "stream": True},
+        {"prompt": "A sampled neighbour", "max_tokens": 60, "temperature": 0.8, "top_p": 1.0, "seed": 5,
+         "stream": True},
+        {"prompt": "The third one", "max_tokens": 60, "temperature": 0, "repetition_penalty": 1.2, "stream": True},
+    ]  # fmt: skip
+
+    def run_others(during=None) -> list[list[str]]:
+        results, started = [None] * len(others), [threading.Event() for _ in others]
+
+        def run(i):
+            results[i] = sse_data(url, others[i], started[i])
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(others))]
+        [t.start() for t in threads]
+        if during is not None:
+            assert all(event.wait(30) for event in started)
+            during()
+        [t.join() for t in threads]
+        return results
+
+    expected = [streamed_text(data) for data in run_others()]
+    failing = {}
+
+    def fail_one_streamed_and_one_whole():
+        body = {"messages": [{"role": "user", "content": "Fail"}], "max_tokens": 50, "temperature": 1.0,
+                "top_p": 1.0, "seed": 999, "stream": True}  # fmt: skip
+        failing["stream"] = sse_data(f"{server.url}/v1/chat/completions", body)
+        failing["whole"] = httpx.post(url, json={"prompt": "Fail", "max_tokens": 50, "top_p": 1.0, "seed": 999},
+                                      timeout=60)  # fmt: skip
+
+    results = run_others(during=fail_one_streamed_and_one_whole)
+    assert running_at_failure == [4, 4]  # each failure came while the three others were decoding
+    for data, text in zip(results, expected, strict=True):
+        assert data[-1] == "[DONE]" and streamed_text(data) == text
+        assert json.loads(data[-2])["choices"][0]["finish_reason"] == "length"
+    *_, error_event, done = failing["stream"]
+    error = json.loads(error_event)["error"]
+    assert done == "[DONE]" and error["type"] == "server_error"
+    assert "injected sampling fault" in error["message"]
+    assert failing["whole"].status_code == 500
+    assert "injected sampling fault" in failing["whole"].json()["error"]["message"]
+    deadline = time.time() + 10
+    while engine.active and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.active == 0
+
+
+def test_tiny_temperature_is_greedy_beside_other_streams(server):
+    """Temperature 1e-45 once made sampling fail inside the engine, ending every stream beside it."""
+    client = server.client()
+    prompts = [f"Tell me about number {i}" for i in range(4)]
+    greedy = [
+        client.completions.create(model="x", prompt=p, max_tokens=24, temperature=0).choices[0].text
+        for p in prompts
+    ]
+    results = [None] * len(prompts)
+
+    def run(i):
+        temperature = 1e-45 if i == 0 else 0
+        body = {"prompt": prompts[i], "max_tokens": 24, "temperature": temperature, "stream": True}
+        results[i] = sse_data(f"{server.url}/v1/completions", body)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert all(data[-1] == "[DONE]" for data in results)
+    assert [streamed_text(data) for data in results] == greedy
+
+
+def test_oversized_bodies_get_413_whether_sized_or_chunked(server):
+    from qwenkit.serve.api import MAX_BODY_BYTES
+
+    url = f"{server.url}/v1/completions"
+    body = b'{"prompt": "' + b"a" * MAX_BODY_BYTES + b'"}'
+
+    def chunked():
+        for start in range(0, len(body), 2**20):
+            yield body[start : start + 2**20]
+
+    for content in (body, chunked()):
+        response = httpx.post(url, content=content, headers={"Content-Type": "application/json"}, timeout=60)
+        assert response.status_code == 413
+        error = response.json()["error"]
+        assert error["code"] == "request_too_large" and str(MAX_BODY_BYTES) in error["message"]
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+
+
+def test_prompts_are_tokenized_off_the_event_loop(server, tokenizer, monkeypatch):
+    """While a long prompt is being tokenized (held there until /health has answered), the event loop
+    serves other requests: tokenizing happens in worker threads, never on the loop's own thread."""
+    threads, started, release = set(), threading.Event(), threading.Event()
+    encode = tokenizer.encode
+
+    def watched_encode(text, *args, **kwargs):
+        threads.add(threading.get_ident())
+        if len(text) > 10**6:
+            started.set()
+            release.wait(timeout=30)
+        return encode(text, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "encode", watched_encode)
+    long_text = "word " * 300_000  # 1.5 MB: within the body limit, far beyond the context window
+    for route, body in [
+        ("chat/completions", {"messages": [{"role": "user", "content": long_text}]}),
+        ("completions", {"prompt": long_text}),
+    ]:
+        started.clear()
+        release.clear()
+        replies = []
+        sender = threading.Thread(
+            target=lambda: replies.append(httpx.post(f"{server.url}/v1/{route}", json=body, timeout=60))  # noqa: B023
+        )
+        sender.start()
+        try:
+            assert started.wait(30)
+            assert httpx.get(f"{server.url}/health", timeout=10).json()["status"] == "ok"
+        finally:
+            release.set()
+            sender.join()
+        assert replies[0].status_code == 400 and "context window" in replies[0].json()["error"]["message"]
+    assert threads and server.thread.ident not in threads
 
 
 def test_api_key_unknown_routes_and_models(model, tokenizer):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ from qwenkit.model import KVCache, Qwen
 from qwenkit.tokenizer import StreamDecoder, Tokenizer
 
 EOD_ID = 151643  # <|endoftext|> of the official vocabulary
+GREEDY_BELOW = 1e-5  # temperatures below this pick the most likely token (vLLM's _SAMPLING_EPS)
+REPETITION_PENALTY_RANGE = (0.01, 100.0)  # beyond it, penalized fp32 logits can overflow to inf
 
 
 @dataclass
@@ -66,16 +69,29 @@ class GenerationConfig:
         config.validate()
         return config
 
+    @property
+    def greedy(self) -> bool:
+        """Whether tokens are picked by argmax: no sampling, or a temperature too small to sample at
+        (dividing by it would overflow the logits)."""
+        return not self.do_sample or self.temperature < GREEDY_BELOW
+
     def validate(self) -> None:
+        low, high = REPETITION_PENALTY_RANGE
         checks = [
             (
                 isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0,
                 "max_new_tokens must be >= 0",
             ),
-            (self.temperature > 0, "temperature must be > 0"),
+            (
+                _is_number(self.temperature) and 0 < self.temperature < math.inf,
+                "temperature must be a finite number > 0 (do_sample=False for greedy)",
+            ),
             (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0 (0 = off)"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (
+                _is_number(self.repetition_penalty) and low <= self.repetition_penalty <= high,
+                f"repetition_penalty must be between {low} and {high:g} (1 = off)",
+            ),
             (self.chat_format in ("chatml", "raw"), "chat_format must be 'chatml' or 'raw'"),
         ]
         for ok, message in checks:
@@ -90,6 +106,10 @@ class GenerationConfig:
         if any(not s for s in stops):
             raise QwenkitError("a stop sequence is empty")
         return [list(s) for s in dict.fromkeys(tuple(s) for s in stops)]
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def context_length(model: Qwen | QwenConfig) -> int:
@@ -120,7 +140,7 @@ def warp_logits(logits: torch.Tensor, seen: torch.Tensor | None, config: Generat
     if config.repetition_penalty != 1.0 and seen is not None:
         p = config.repetition_penalty
         logits = torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
-    if not config.do_sample:
+    if config.greedy:
         return logits
     if config.temperature != 1.0:
         logits = logits / config.temperature
@@ -143,11 +163,16 @@ def pick_tokens(
     config: GenerationConfig,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """Next token per row: greedy or sampled from the warped distribution."""
-    logits = warp_logits(logits, seen, config)
-    if not config.do_sample:
+    """Next token per row: greedy or sampled from the warped distribution. Logits that are not
+    finite (a broken model) raise QwenkitError rather than reach torch.multinomial, which fails on
+    them (on CUDA with a device-side assert that ends the process's use of the GPU)."""
+    logits = warp_logits(logits.float(), seen, config)
+    if config.greedy:
         return logits.argmax(dim=-1)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+    probs = logits.softmax(dim=-1)
+    if not bool(torch.isfinite(probs).all()):
+        raise QwenkitError("sampling failed: the model's logits are not finite (NaN or inf)")
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
 def _prepare(model: Qwen, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -310,16 +335,23 @@ def stream_generate(
 
 def find_stop(text: str, stop_strings: Sequence[str]) -> int | None:
     """Index of the earliest stop string in `text`, or None."""
-    hits = [text.find(s) for s in stop_strings if s and s in text]
+    hits = [i for i in (text.find(s) for s in stop_strings if s) if i >= 0]
     return min(hits) if hits else None
 
 
 def held_back_length(text: str, stop_strings: Sequence[str]) -> int:
-    """Length of the longest tail of `text` that is the start of a stop string."""
+    """Length of the longest tail of `text` that is the start of a stop string. Only the last
+    len(stop) - 1 characters are read, and only where the stop's first character occurs, so the
+    cost per call is about the stop strings' total length, whatever the length of `text`."""
     longest = 0
     for s in stop_strings:
-        for n in range(min(len(s) - 1, len(text)), longest, -1):
-            if text.endswith(s[:n]):
-                longest = n
+        if not s:
+            continue
+        end = len(text) - longest  # a tail starting at or after `end` is no longer than `longest`
+        start = text.find(s[0], max(len(text) - len(s) + 1, 0), end)
+        while start >= 0:
+            if s.startswith(text[start:]):
+                longest = len(text) - start
                 break
+            start = text.find(s[0], start + 1, end)
     return longest

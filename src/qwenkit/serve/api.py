@@ -35,16 +35,21 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwenkit.agent.react import parse_reply, react_instruction
 from qwenkit.chat import DEFAULT_SYSTEM
 from qwenkit.errors import QwenkitError
-from qwenkit.serve.engine import Chunk, Engine, SamplingParams
+from qwenkit.generation import REPETITION_PENALTY_RANGE
+from qwenkit.serve.engine import Chunk, Engine, GenerationFailed, SamplingParams
 from qwenkit.tokenizer import Tokenizer
 from qwenkit.train.sft_data import DEFAULT_THOUGHT, ReactStep, render_react_turn
 
 MAX_N = 16  # choices per request
+MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_STOP_LENGTH = 256  # characters per stop string
+MAX_BODY_BYTES = 8 * 2**20  # bodies beyond it get 413 before anything parses them (see README)
 STATIC = Path(__file__).parent / "static"
 
 
@@ -114,10 +119,15 @@ class StreamOptions(Body):
 
 class Sampling(Body):
     model: str = ""
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] | None = None  # < 1e-5: greedy
+    top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
     top_k: Annotated[int, Field(ge=-1)] | None = None  # extension (vLLM's): -1 or 0 = off
-    repetition_penalty: Annotated[float, Field(gt=0)] | None = None  # extension
+    repetition_penalty: (
+        Annotated[
+            float, Field(ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1], allow_inf_nan=False)
+        ]
+        | None
+    ) = None  # extension
     max_tokens: int | None = None
     stop: str | list[str] | None = None
     n: int = 1
@@ -383,6 +393,55 @@ class RequireAPIKey:
         await self.app(scope, receive, send)
 
 
+class LimitBodySize:
+    """ASGI middleware: a request body over `max_bytes` is answered 413 as soon as that shows (from
+    Content-Length, or while a chunked body arrives), before anything parses it."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self.reject(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before sending its whole body
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self.reject(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        body, sent = b"".join(chunks), False
+
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()  # after the body: wait for the client to disconnect
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def reject(self, scope, receive, send) -> None:
+        message = f"the request body is larger than this server's limit of {self.max_bytes} bytes"
+        await _error(413, message, code="request_too_large")(scope, receive, send)
+
+
+def _error_event(error: Exception) -> dict[str, str]:
+    """OpenAI's error JSON as an SSE event: how a stream that already began reports a failure."""
+    body = {"error": {"message": str(error), "type": "server_error", "param": None, "code": None}}
+    return {"data": json.dumps(body, ensure_ascii=False)}
+
+
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {
         "prompt_tokens": prompt_tokens,
@@ -398,6 +457,11 @@ def _check_options(body: Sampling) -> None:
         raise APIError("logprobs are not supported", param="logprobs")
     if not 1 <= body.n <= MAX_N:
         raise APIError(f"n must be between 1 and {MAX_N}", param="n")
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    if len(stop) > MAX_STOP_STRINGS:
+        raise APIError(f"stop: at most {MAX_STOP_STRINGS} stop sequences, got {len(stop)}", param="stop")
+    if any(len(s) > MAX_STOP_LENGTH for s in stop):
+        raise APIError(f"stop: a stop sequence is at most {MAX_STOP_LENGTH} characters", param="stop")
 
 
 def _params(body: Sampling, max_tokens: int | None, stop_ids: list[int], extra_stop: list[str], i: int):
@@ -455,21 +519,32 @@ async def _merged(
 async def _all_unless_disconnected(
     request: Request, jobs: list[tuple[list[int], SamplingParams]], engine: Engine
 ):
-    """The completions of `jobs`; a client that leaves first cancels them all (their rows are freed)."""
-    work = asyncio.ensure_future(asyncio.gather(*(engine.agenerate(p, s) for p, s in jobs)))
-    while not work.done():
-        await asyncio.wait({work}, timeout=0.1)
-        if not work.done() and await request.is_disconnected():
-            work.cancel()
-            raise APIError("the client disconnected", status=499)  # nginx's code; nobody reads it
-    return work.result()
+    """The completions of `jobs`; a client that leaves first, or a job that fails, cancels them all
+    (their rows are freed). A failure inside the engine is a 500."""
+    tasks = [asyncio.ensure_future(engine.agenerate(p, s)) for p, s in jobs]
+    try:
+        pending = set(tasks)
+        while pending:
+            done, pending = await asyncio.wait(pending, timeout=0.1, return_when=asyncio.FIRST_EXCEPTION)
+            errors = [e for e in (task.exception() for task in done) if e is not None]
+            if errors:
+                raise errors[0]
+            if pending and await request.is_disconnected():
+                raise APIError("the client disconnected", status=499)  # nginx's code; nobody reads it
+        return [task.result() for task in tasks]
+    except GenerationFailed as e:
+        raise APIError(str(e), status=500) from None
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def create_app(
     model, tokenizer: Tokenizer, model_name: str, api_key: str | None = None, max_batch: int = 16,
-    max_seq_len: int | None = None,
+    max_seq_len: int | None = None, max_body_bytes: int = MAX_BODY_BYTES,
 ) -> FastAPI:  # fmt: skip
-    """The FastAPI app serving `model` under `model_name`; its Engine starts now and stops on shutdown."""
+    """The FastAPI app serving `model` under `model_name`; its Engine starts now and stops on shutdown.
+    Prompts are rendered and tokenized in worker threads, so a long one never stalls the event loop."""
     engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len)
     chat_stops = [tokenizer.im_end_id, tokenizer.im_start_id]
 
@@ -509,6 +584,7 @@ def create_app(
 
     if api_key is not None:
         app.add_middleware(RequireAPIKey, api_key=api_key)
+    app.add_middleware(LimitBodySize, max_bytes=max_body_bytes)
 
     @app.get("/health")
     async def health() -> dict:
@@ -522,7 +598,7 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         _check_options(body)
-        plan = plan_chat(tokenizer, body)
+        plan = await run_in_threadpool(plan_chat, tokenizer, body)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         extra = ["Observation:"] if plan.react else []
         jobs = [(plan.prompt, _params(body, max_tokens, chat_stops, extra, i)) for i in range(body.n)]
@@ -580,26 +656,30 @@ def create_app(
             for i in range(len(jobs)):
                 yield chunk(i, {"role": "assistant", "content": ""})
             completion_tokens = 0
-            async for i, piece in _merged(engine, jobs):
-                reader, reason = readers[i], piece.finish_reason
-                text = reader.feed(piece.text) if reader else piece.text
-                if text:
-                    yield chunk(i, {"content": text})
-                if reason is None:
-                    continue
-                completion_tokens += piece.completion_tokens
-                if reader is not None:
-                    rest, call = reader.finish()
-                    if rest:
-                        yield chunk(i, {"content": rest})
-                    if call is not None:
-                        yield chunk(i, call_fields(call))
-                        reason = call_reason
-                yield chunk(i, {}, reason)
-            if include_usage:
-                usage = {"id": reply_id, "object": "chat.completion.chunk", "created": created,
-                         "model": model_name, "choices": [], "usage": _usage(len(plan.prompt), completion_tokens)}  # fmt: skip
-                yield {"data": json.dumps(usage)}
+            try:
+                async for i, piece in _merged(engine, jobs):
+                    reader, reason = readers[i], piece.finish_reason
+                    text = reader.feed(piece.text) if reader else piece.text
+                    if text:
+                        yield chunk(i, {"content": text})
+                    if reason is None:
+                        continue
+                    completion_tokens += piece.completion_tokens
+                    if reader is not None:
+                        rest, call = reader.finish()
+                        if rest:
+                            yield chunk(i, {"content": rest})
+                        if call is not None:
+                            yield chunk(i, call_fields(call))
+                            reason = call_reason
+                    yield chunk(i, {}, reason)
+            except QwenkitError as e:  # failed inside the engine: this request ends, with the error
+                yield _error_event(e)
+            else:
+                if include_usage:
+                    usage = {"id": reply_id, "object": "chat.completion.chunk", "created": created,
+                             "model": model_name, "choices": [], "usage": _usage(len(plan.prompt), completion_tokens)}  # fmt: skip
+                    yield {"data": json.dumps(usage)}
             yield {"data": "[DONE]"}
 
         return EventSourceResponse(events())
@@ -611,16 +691,21 @@ def create_app(
             raise APIError("suffix is not supported", param="suffix")
         if body.best_of not in (None, 1, body.n):
             raise APIError("best_of is not supported", param="best_of")
-        prompts = _completion_prompts(tokenizer, body.prompt)
         max_tokens = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's default here
-        jobs = []
-        for prompt in prompts:
-            for i in range(body.n):
-                params = _params(body, max_tokens, [], [], i)
-                _check(engine, prompt, params)
-                jobs.append((prompt, params))
+
+        def prepare() -> tuple[list[list[int]], list[tuple[list[int], SamplingParams]], list[str]]:
+            """(prompts, jobs, echoed prompt texts); run in a worker thread, off the event loop."""
+            prompts = _completion_prompts(tokenizer, body.prompt)
+            jobs = []
+            for prompt in prompts:
+                for i in range(body.n):
+                    params = _params(body, max_tokens, [], [], i)
+                    _check(engine, prompt, params)
+                    jobs.append((prompt, params))
+            return prompts, jobs, [tokenizer.decode(p) if body.echo else "" for p in prompts]
+
+        prompts, jobs, echoes = await run_in_threadpool(prepare)
         reply_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        echoes = [tokenizer.decode(p) if body.echo else "" for p in prompts]
         prompt_tokens = sum(len(p) for p in prompts)
 
         if not body.stream:
@@ -647,15 +732,19 @@ def create_app(
                 for i in range(len(jobs)):
                     yield chunk(i, echoes[i // body.n], None)
             completion_tokens = 0
-            async for i, piece in _merged(engine, jobs):
-                if piece.finish_reason is not None:
-                    completion_tokens += piece.completion_tokens
-                if piece.text or piece.finish_reason:
-                    yield chunk(i, piece.text, piece.finish_reason)
-            if include_usage:
-                usage = {"id": reply_id, "object": "text_completion", "created": created, "model": model_name,
-                         "choices": [], "usage": _usage(prompt_tokens, completion_tokens)}  # fmt: skip
-                yield {"data": json.dumps(usage)}
+            try:
+                async for i, piece in _merged(engine, jobs):
+                    if piece.finish_reason is not None:
+                        completion_tokens += piece.completion_tokens
+                    if piece.text or piece.finish_reason:
+                        yield chunk(i, piece.text, piece.finish_reason)
+            except QwenkitError as e:  # failed inside the engine: this request ends, with the error
+                yield _error_event(e)
+            else:
+                if include_usage:
+                    usage = {"id": reply_id, "object": "text_completion", "created": created, "model": model_name,
+                             "choices": [], "usage": _usage(prompt_tokens, completion_tokens)}  # fmt: skip
+                    yield {"data": json.dumps(usage)}
             yield {"data": "[DONE]"}
 
         return EventSourceResponse(events())

@@ -23,7 +23,9 @@ Using it:
     engine.close()
 
 Leaving a stream early (break, generator close, task cancellation) cancels its request; the row
-is freed before the next decoding step. Bad settings raise QwenkitError at submission.
+is freed before the next decoding step. Bad settings raise QwenkitError at submission. A failure
+while picking or emitting one request's token ends that request alone (with GenerationFailed);
+only a failure of the shared forward pass (e.g. out of memory) ends every running request.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import torch
 
 from qwenkit.errors import QwenkitError
 from qwenkit.generation import (
+    GREEDY_BELOW,
     GenerationConfig,
     context_length,
     find_stop,
@@ -107,6 +110,10 @@ class _Request:
         self.cancelled.set()
 
 
+class GenerationFailed(QwenkitError):
+    """A request ended by a failure inside the engine rather than by a mistake in the request."""
+
+
 _CLOSED = QwenkitError("the engine was shut down")
 
 
@@ -155,13 +162,13 @@ class Engine:
         """(generation config, max new tokens) for a request, or QwenkitError saying what is wrong."""
         if not prompt:
             raise QwenkitError("the prompt is empty")
-        if min(prompt) < 0 or max(prompt) >= self.model.config.vocab_size:
-            raise QwenkitError(f"token ids must lie in [0, {self.model.config.vocab_size})")
         if len(prompt) >= self.max_seq_len:
             raise QwenkitError(
                 f"the prompt has {len(prompt)} tokens; this server's context window is {self.max_seq_len}"
             )
-        greedy = params.temperature is not None and params.temperature == 0
+        if min(prompt) < 0 or max(prompt) >= self.model.config.vocab_size:
+            raise QwenkitError(f"token ids must lie in [0, {self.model.config.vocab_size})")
+        greedy = params.temperature is not None and 0 <= params.temperature < GREEDY_BELOW
         settings = {
             "temperature": None if greedy else params.temperature,
             "top_p": params.top_p,
@@ -273,7 +280,7 @@ class Engine:
                     if self.active:
                         self._decode()
                 except Exception as e:  # e.g. out of memory: fail the running requests, keep serving
-                    failure = QwenkitError(f"generation failed: {type(e).__name__}: {e}")
+                    failure = _failure(e)
                     for request in {
                         id(r): r for r in [*self.prefilling, *self.rows] if r is not None
                     }.values():
@@ -334,8 +341,7 @@ class Engine:
                 self.seen[row, torch.tensor(request.prompt, device=device)] = True
             request.row = row
             self.rows[row] = request
-        for request, token in zip(batch, self._pick(batch, logits[:, -1].float()), strict=True):
-            self._emit(request, token)
+        self._advance(batch, logits[:, -1].float())
         self.prefilling = []
 
     def _decode(self) -> None:
@@ -357,26 +363,29 @@ class Engine:
         logits = self.model.decode_step(tokens.to(self.model.device), cache, width=width).float()
         self.steps += 1
         running = [row for row in range(used) if self.rows[row] is not None]
-        requests = [self.rows[row] for row in running]
-        for request, token in zip(requests, self._pick(requests, logits[running]), strict=True):
-            self._emit(request, token)
+        self._advance([self.rows[row] for row in running], logits[running])
 
-    def _pick(self, requests: list[_Request], logits: torch.Tensor) -> list[int]:
-        """Next token per request from its logits row: one argmax for all plain greedy rows, each
-        other row with its own settings and generator (so batch neighbours never change it)."""
+    def _advance(self, requests: list[_Request], logits: torch.Tensor) -> None:
+        """Pick and emit each request's next token from its logits row: one argmax for all plain
+        greedy rows, each other row with its own settings and generator (so batch neighbours never
+        change it). A request whose own step fails ends with the error; the others go on."""
         vocab = self.tokenizer.vocab_size
-        plain = [not r.config.do_sample and r.config.repetition_penalty == 1.0 and r.config.vocab_size == vocab
+        plain = [r.config.greedy and r.config.repetition_penalty == 1.0 and r.config.vocab_size == vocab
                  for r in requests]  # fmt: skip
         greedy = logits[:, :vocab].argmax(dim=-1).tolist() if any(plain) else []
-        tokens = []
         for i, request in enumerate(requests):
-            if plain[i]:
-                tokens.append(greedy[i])
-                continue
-            row, config = request.row, request.config
-            seen = self.seen[row : row + 1] if config.repetition_penalty != 1.0 else None
-            tokens.append(int(pick_tokens(logits[i : i + 1], seen, config, request.generator)[0]))
-        return tokens
+            try:
+                token = greedy[i] if plain[i] else self._sample(request, logits[i : i + 1])
+                self._emit(request, token)
+            except Exception as e:
+                self.rows[request.row] = None
+                request.deliver(_failure(e))
+
+    def _sample(self, request: _Request, logits: torch.Tensor) -> int:
+        """The next token of a request that samples or penalizes repetition, from its logits [1, V]."""
+        config = request.config
+        seen = self.seen[request.row : request.row + 1] if config.repetition_penalty != 1.0 else None
+        return int(pick_tokens(logits, seen, config, request.generator)[0])
 
     def _emit(self, request: _Request, token: int) -> None:
         """Take the request's next token: deliver its text, retire the request when done."""
@@ -406,6 +415,11 @@ class Engine:
         request.deliver(Chunk(text, finish, len(request.prompt), request.generated))
         if finish is not None:
             self.rows[row] = None
+
+
+def _failure(error: Exception) -> GenerationFailed:
+    reason = str(error) if isinstance(error, QwenkitError) else f"{type(error).__name__}: {error}"
+    return GenerationFailed(f"generation failed: {reason}")
 
 
 def _collect(chunks) -> Completion:
