@@ -178,7 +178,8 @@ async def agent(body: AgentRequest, request: Request) -> EventSourceResponse:
     params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                             seed=body.seed)  # fmt: skip
     try:
-        app.state.engine.validate(app.state.tokenizer.encode(question), params)
+        ids = await asyncio.to_thread(app.state.tokenizer.encode, question)  # off the event loop
+        app.state.engine.validate(ids, params)
     except QwenkitError as e:
         raise HTTPException(400, str(e)) from None
     cancelled = threading.Event()
