@@ -319,13 +319,17 @@ class ReactOutput:
         self.text, self.allow_calls = prefix, allow_calls
         self.state = "undecided"
         self.sent = 0  # how much of self.text is read
+        self.scanned = 0  # how much of self.text holds no marker
         self.held_space, self.started = "", False
 
     def feed(self, piece: str) -> str:
         self.text += piece
         if self.state == "undecided":
-            answer = self.text.find("Final Answer:")
-            action = ("\n" + self.text).find("\nAction:")  # = where "Action:" starts in self.text
+            start = self.scanned  # no marker starts before it: each character is searched about once
+            self.scanned = max(len(self.text) - len("Final Answer:"), 0)
+            answer = self.text.find("Final Answer:", start)
+            newline = self.text.find("\nAction:", start)
+            action = 0 if self.text.startswith("Action:") else newline + 1 if newline >= 0 else -1
             if action >= 0 and (answer < 0 or action <= answer):
                 self.state, self.sent = "action", max(action - 1, 0)  # the rest starts at "\nAction:"
                 return self.text[:action].strip().removeprefix("Thought:").strip()
