@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 import qwenkit
 from qwenkit import Qwen, QwenConfig, QwenkitError
 from qwenkit.checkpoint import describe
+from qwenkit.tokenizer import Tokenizer
 
 IDS = torch.tensor([[151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 108386, 12345]])
 
@@ -282,3 +283,66 @@ def test_saved_checkpoint_has_tokenizer_files_transformers_reads(tmp_path, offic
     assert generation.eos_token_id == [151643, 151645]  # chat turns end at <|im_end|> elsewhere too
     loaded, _ = qwenkit.load(tmp_path / "ckpt")
     assert loaded.generation_config.stop_sequences()[:2] == [[151643], [151645]]
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    """A small checkpoint with a byte-level vocabulary, copied by the tests that damage it."""
+    directory = tmp_path_factory.mktemp("small")
+    Tokenizer({bytes([b]): b for b in range(256)}).save(directory / "vocab.tiktoken")
+    tokenizer = Tokenizer.from_file(directory / "vocab.tiktoken")
+    return qwenkit.save(make_model(vocab_size=512, num_hidden_layers=1), tokenizer, directory / "ckpt")
+
+
+def rewrite_header(file, change) -> None:
+    """Apply `change(header)` to a safetensors file's JSON header; the data stays as it is."""
+    raw = file.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    change(header)
+    text = json.dumps(header).encode()
+    file.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + size :])
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda f: f.write_bytes(f.read_bytes()[:-100]),
+            r"model.safetensors is truncated: its header describes [\d,]+ bytes of tensor data, the file "
+            r"holds [\d,]+",
+        ),
+        (
+            lambda f: f.write_bytes(f.read_bytes() + bytes(8)),
+            "model.safetensors is longer than its header says",
+        ),
+        (
+            lambda f: rewrite_header(f, lambda h: h["model.norm.weight"].update(shape=[65])),
+            "model.safetensors has a corrupt safetensors header: tensor model.norm.weight's shape and offsets",
+        ),
+        (
+            lambda f: rewrite_header(f, lambda h: h["model.norm.weight"].update(data_offsets=[8, 4])),
+            "model.norm.weight's shape and offsets disagree",
+        ),
+        (lambda f: f.write_bytes(f.read_bytes()[:40]), "model.safetensors has a corrupt safetensors header"),
+        (lambda f: f.write_bytes(b""), r"model.safetensors is not a safetensors file \(header size 0\)"),
+    ],
+)
+def test_damaged_safetensors_are_named_by_load_and_describe(small_checkpoint, tmp_path, damage, message):
+    directory = shutil.copytree(small_checkpoint, tmp_path / "ckpt")
+    damage(directory / "model.safetensors")
+    for read in (qwenkit.load, describe):
+        with pytest.raises(QwenkitError, match=message):
+            read(directory)
+
+
+def test_truncated_pytorch_bin_is_named(small_checkpoint, tmp_path):
+    directory = shutil.copytree(small_checkpoint, tmp_path / "ckpt")
+    model, _ = qwenkit.load(directory)
+    (directory / "model.safetensors").unlink()
+    torch.save(model.state_dict(), directory / "pytorch_model.bin")
+    data = (directory / "pytorch_model.bin").read_bytes()
+    (directory / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    for read in (qwenkit.load, describe):
+        with pytest.raises(QwenkitError, match="cannot read .*pytorch_model.bin: "):
+            read(directory)

@@ -1,7 +1,8 @@
-"""The `qwenkit` command on a tiny checkpoint: chat REPL, generate, convert, info, and the error path.
+"""The `qwenkit` command on a tiny checkpoint: chat REPL, generate, convert, info, the error path
+(every verb given bad input answers one line), and the HTTP surface `qwenkit serve` exposes.
 
 Most tests call `main([...])` in-process (fast); two run `python -m qwenkit` to prove the entry
-point, exit codes and piped stdin.
+point, exit codes, stderr and piped stdin.
 """
 
 import io
@@ -17,6 +18,7 @@ from safetensors.torch import save_file
 
 from qwenkit import Qwen, QwenConfig, load, save
 from qwenkit.cli import build_parser, main
+from qwenkit.tokenizer import Tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -226,7 +228,8 @@ def test_convert_original_layout_then_info(tiny_model, official_tokenizer, tmp_p
     capsys.readouterr()
     assert main(["info", str(dst), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["stored_dtypes"] == ["bfloat16"]
-    assert_one_line_error(main(["convert", str(dst), str(dst), "--force"]), capsys.readouterr().err, "SRC")
+    code = main(["convert", str(dst), str(dst), "--force"])
+    assert_one_line_error(code, capsys.readouterr().err, "different directory from the input")
 
 
 @pytest.fixture
@@ -260,6 +263,129 @@ def test_bad_settings_give_one_line_errors(checkpoint, capsys):
     assert_one_line_error(code, capsys.readouterr().err, "top_p must be in (0, 1]")
     assert main(["chat", "--model", checkpoint, "--dtype", "int8"]) == 2  # argparse's usage error
     assert "invalid choice: 'int8'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory) -> Path:
+    """A one-layer model with a byte-level vocabulary: quick to write, load and serve."""
+    directory = tmp_path_factory.mktemp("small")
+    Tokenizer({bytes([b]): b for b in range(256)}).save(directory / "vocab.tiktoken")
+    model = Qwen(QwenConfig.from_preset("tiny", vocab_size=512, num_hidden_layers=1))
+    model.init_weights(seed=0)
+    return save(model, Tokenizer.from_file(directory / "vocab.tiktoken"), directory / "ckpt")
+
+
+@pytest.fixture
+def bad_inputs(tmp_path, small_checkpoint):
+    """Paths the bad-input cases name: a binary file, a plain file where a directory is expected, a
+    checkpoint whose weights file was cut short."""
+    (tmp_path / "picture.png").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x01" * 8)
+    (tmp_path / "file").write_text("a plain file\n")
+    (tmp_path / "text.txt").write_text("hello world, hello tokenizer\n" * 10)
+    truncated = shutil.copytree(small_checkpoint, tmp_path / "truncated")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    return {
+        "png": str(tmp_path / "picture.png"),
+        "file": str(tmp_path / "file"),
+        "text": str(tmp_path / "text.txt"),
+        "vocab": str(small_checkpoint / "qwen.tiktoken"),
+        "truncated": str(truncated),
+        "run": str(tmp_path / "run"),
+    }
+
+
+# Every verb given what a user can get wrong: unreadable configs, files where directories belong,
+# numbers out of range, damaged checkpoints. Each must be one line, no traceback, exit status 1.
+BAD_INPUTS = [
+    (["pretrain", "--config", "{png}", "--out", "{run}"], "picture.png is not a YAML recipe (not UTF-8 text)"),
+    (["sft", "--config", "{png}", "--out", "{run}"], "picture.png is not a YAML recipe (not UTF-8 text)"),
+    (["pretrain", "--out", "{file}"], "the run directory {file} exists and is not a directory"),
+    (["sft", "--out", "{file}", "--model", "{truncated}", "--data", "{text}"], "exists and is not a directory"),
+    (["pretrain", "--out", "{run}", "--train.micro_batch_size", "0"], "train.micro_batch_size must be >= 1, got 0"),
+    (["pretrain", "--out", "{run}", "--train.lr", "nan"], "train.lr must be a finite number, got 'nan'"),
+    (["sft", "--out", "{run}", "--train.lr", "nan"], "train.lr must be a finite number, got 'nan'"),
+    (["pretrain", "--out", "{run}", "--train.max_steps", "-5"], "train.max_steps must be >= 1, got -5"),
+    (["pretrain", "--out", "{run}", "--checkpoint.keep", "-1"], "checkpoint.keep must be >= 0, got -1"),
+    (["pretrain", "--out", "{run}", "--train.device", "gpu"], "train.device must be cpu, cuda or cuda:N"),
+    (["pretrain", "--out", "{run}", "--model.overrides", "{{vocab_size:512}}"], "unknown setting model.overrides"),
+    (["tokenizer", "train", "--input", "{text}", "--vocab-size", "300", "--out", "{file}"], "{file} exists and is not a directory"),
+    (["tokenizer", "stats", "--tokenizer", "{vocab}", "--input", "{text}", "--out", "{file}"], "{file} exists and is not a directory"),
+    (["data", "pack", "--input", "{text}", "--tokenizer", "{vocab}", "--seq-len", "4", "--out", "{file}"], "{file} exists and is not a directory"),
+    (["serve", "--port", "99999"], "--port must be between 1 and 65535, got 99999"),
+    (["serve", "--max-seq-len", "-5"], "--max-seq-len must be >= 1"),
+    (["serve", "--max-seq-len", "0"], "--max-seq-len must be >= 1"),
+    (["info", "{truncated}"], "{truncated}/model.safetensors is truncated: its header describes"),
+    (["info", "{file}"], "got a file: {file}"),
+    (["chat", "--model", "{truncated}"], "model.safetensors is truncated"),
+    (["generate", "--model", "{truncated}", "--prompt", "x"], "model.safetensors is truncated"),
+    (["convert", "{truncated}", "{run}"], "model.safetensors is truncated"),
+    (["merge-lora", "{truncated}", "{text}", "{run}"], "model.safetensors is truncated"),
+    (["agent", "--model", "{truncated}", "--tools", "calculator", "hi"], "model.safetensors is truncated"),
+    (["agent", "--timeout", "nan", "hi"], "--timeout must be a number of seconds > 0, got nan"),
+    (["demo", "build", "--work", "{file}"], "--work {file} exists and is not a directory"),
+    (["demo", "build", "--work", "{run}", "--out", "{file}"], "{file} exists and is a file"),
+    (["demo", "eval", "--count", "0"], "--count must be >= 1, got 0"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"), BAD_INPUTS, ids=lambda v: " ".join(v) if isinstance(v, list) else ""
+)
+def test_bad_inputs_give_one_line_errors(bad_inputs, args, expected, capsys):
+    code = main([a.format(**bad_inputs) for a in args])
+    assert_one_line_error(code, capsys.readouterr().err, expected.format(**bad_inputs))
+    assert not Path(bad_inputs["run"]).exists()  # refused before anything was written
+
+
+def test_bad_inputs_through_the_entry_point(bad_inputs):
+    """Two of the cases above as a user runs them: `python -m qwenkit`, stderr and the exit status."""
+    env = {"QWENKIT_HOME": bad_inputs["run"] + "-home", "PATH": "/usr/bin:/bin"}
+    cases = [
+        (["pretrain", "--config", "{png}", "--out", "{run}"], "picture.png is not a YAML recipe"),
+        (["serve", "--port", "99999"], "--port must be between 1 and 65535, got 99999"),
+    ]
+    for args, expected in cases:
+        args = [a.format(**bad_inputs) for a in args]
+        done = subprocess.run(
+            [sys.executable, "-m", "qwenkit", *args], capture_output=True, text=True, env=env
+        )
+        assert done.returncode == 1 and done.stdout == ""
+        assert done.stderr.startswith("qwenkit: error: ") and done.stderr.count("\n") == 1, done.stderr
+        assert expected.format(**bad_inputs) in done.stderr
+
+
+def test_served_api_schema_says_what_the_server_answers(small_checkpoint):
+    """400 (not FastAPI's 422) with OpenAI's error JSON in the schema, Allow on 405, and with an API
+    key the schema behind the key and the docs pages off (README, Serve)."""
+    from fastapi.testclient import TestClient
+
+    from qwenkit.serve.api import create_app
+
+    model, tokenizer = load(small_checkpoint)
+    with TestClient(create_app(model, tokenizer, "small", max_batch=1)) as client:
+        schema = client.get("/openapi.json").json()
+        responses = schema["paths"]["/v1/chat/completions"]["post"]["responses"]
+        assert responses["400"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/Error"
+        }
+        assert (
+            '"422"' not in json.dumps(schema) and "HTTPValidationError" not in schema["components"]["schemas"]
+        )
+        invalid = client.post("/v1/chat/completions", json={"messages": "hi"})
+        error = schema["components"]["schemas"]["Error"]["properties"]["error"]
+        assert invalid.status_code == 400 and sorted(invalid.json()["error"]) == sorted(error["required"])
+        wrong_method = client.get("/v1/chat/completions")
+        assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+        assert client.get("/docs").status_code == 200
+    with TestClient(create_app(model, tokenizer, "small", api_key="sekret", max_batch=1)) as client:
+        assert client.get("/openapi.json").status_code == 401
+        assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
+        keyed = client.get("/openapi.json", headers={"Authorization": "Bearer sekret"}).json()
+        assert "401" in keyed["paths"]["/v1/models"]["get"]["responses"]
+        assert "401" not in keyed["paths"]["/health"]["get"]["responses"]
+        assert keyed["components"]["securitySchemes"] == {"apiKey": {"type": "http", "scheme": "bearer"}}
+        assert client.get("/health").status_code == 200
 
 
 def test_python_m_qwenkit_entry_point(checkpoint, tmp_path):

@@ -16,8 +16,9 @@ from qwenkit.cli import main
 from qwenkit.data.pack import Source, pack_documents
 from qwenkit.data.synthetic import write_corpus
 from qwenkit.tokenizer import Tokenizer
-from qwenkit.train.common import learning_rate, load_recipe, make_optimizer
+from qwenkit.train.common import STAGING, learning_rate, load_recipe, make_optimizer, remove_stale_staging
 from qwenkit.train.pretrain import PretrainRecipe
+from qwenkit.train.sft import SFTRecipe
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "pretrain" / "tiny.yaml")
@@ -91,8 +92,46 @@ def test_resume_after_a_kill_is_exact(tmp_path, packed):
     run_until_killed(command(interrupted, packed, *settings), interrupted, after_step=7)
     assert (interrupted / "checkpoints" / "latest").is_file()
     assert not list((interrupted / "checkpoints").glob("step-0000012"))  # it really stopped early
+    half_written = interrupted / "checkpoints" / ".tmp-step-0000009"  # as a kill while saving leaves it
+    half_written.mkdir()
+    (half_written / "model.safetensors").write_bytes(b"\0" * 10)
     assert main(command(interrupted, packed, *settings)) == 0  # the same command resumes
     assert losses(interrupted) == losses(reference)  # every step, before and after the kill
+    assert not [p for p in (interrupted / "checkpoints").iterdir() if STAGING.fullmatch(p.name)]
+
+
+def test_stale_staging_folders_are_removed_and_nothing_else(tmp_path):
+    root = tmp_path / "checkpoints"
+    ours = [".tmp-step-0000003", "..tmp-step-0000003.k2j_9x0a"]  # staging, and save_state_dict's own
+    others = ["step-0000002", ".tmp-notes", "..tmp-step-0000003.toolong99", "x.tmp-step-0000003"]
+    for name in ours + others:
+        (root / name).mkdir(parents=True)
+        (root / name / "file").write_text("x")
+    (root / ".tmp-step-0000004").write_text("a file, not a folder")
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "keep").mkdir(parents=True)
+    (root / ".tmp-step-0000005").symlink_to(elsewhere, target_is_directory=True)
+    (tmp_path / ".tmp-step-0000006").mkdir()  # beside checkpoints/, not in it
+    assert sorted(p.name for p in remove_stale_staging(tmp_path)) == sorted(ours)
+    left = sorted(p.name for p in root.iterdir())
+    assert left == sorted([*others, ".tmp-step-0000004", ".tmp-step-0000005"])
+    assert (elsewhere / "keep").is_dir() and (tmp_path / ".tmp-step-0000006").is_dir()
+    assert remove_stale_staging(tmp_path / "no-run-here") == []
+
+
+def test_checkpoint_keep(tmp_path, packed):
+    out = tmp_path / "run"
+
+    def kept() -> list[str]:
+        return sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+
+    every = ["--checkpoint.every", "1"]
+    assert main(command(out, packed, "--train.max_steps", "3", *every, "--checkpoint.keep", "0")) == 0
+    assert kept() == ["step-0000001", "step-0000002", "step-0000003"]  # 0 keeps them all
+    assert main(command(out, packed, "--train.max_steps", "5", *every, "--checkpoint.keep", "1")) == 0
+    assert kept() == ["step-0000005"]  # the one just written stays
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-0000005"
+    qwenkit.load(out / "checkpoints" / "step-0000005")
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
@@ -139,8 +178,57 @@ def test_recipe_overrides_and_errors(tmp_path):
         (["--train.max_steps", "many"], "train.max_steps has the wrong type"),
         (["--train.lr"], "has no value"),
         (["max_steps", "3"], "overrides look like"),
+        (["--train.lr", "{"], r"--train.lr: '\{' is not a YAML value"),
+        (["--train.max_steps", "-5"], "train.max_steps must be >= 1, got -5"),
+        (["--train.micro_batch_size", "0"], "train.micro_batch_size must be >= 1, got 0"),
+        (["--train.grad_accum", "0"], "train.grad_accum must be >= 1"),
+        (["--train.lr", "nan"], "train.lr must be a finite number, got 'nan'"),
+        (["--train.lr", ".inf"], "train.lr must be a finite number"),
+        (["--train.lr", "0"], "train.lr must be > 0, got 0.0"),
+        (["--train.warmup_steps", "-1"], "train.warmup_steps must be >= 0"),
+        (["--train.beta2", "1"], "train.beta2 must be < 1"),
+        (["--train.final_lr_ratio", "1.5"], "train.final_lr_ratio must be <= 1"),
+        (["--train.decay", "linear"], "train.decay must be one of cosine, constant, got 'linear'"),
+        (["--train.distributed", "zero3"], "train.distributed must be one of ddp, fsdp"),
+        (["--train.seed", "-1"], "train.seed must be >= 0"),
+        (["--checkpoint.keep", "-1"], "checkpoint.keep must be >= 0, got -1"),
+        (["--checkpoint.every", "-2"], "checkpoint.every must be >= 0"),
+        (["--eval.batches", "0"], "eval.batches must be >= 1"),
+        (["--log.every", "0"], "log.every must be >= 1"),
+        (["--data.seq_len", "0"], "data.seq_len must be >= 1"),
+        (["--model.overrides", "{vocab_size:512}"], "unknown setting model.overrides.vocab_size:512"),
+        (["--model.overrides.hidden_size", "0"], "model.overrides.hidden_size must be >= 1, got 0"),
+        (["--model.overrides.rope_theta", "big"], "model.overrides.rope_theta has the wrong type"),
+        (["--model.preset", "huge"], "unknown preset 'huge'"),
     ]:
         with pytest.raises(qwenkit.QwenkitError, match=message):
             load_recipe(PretrainRecipe, TINY, overrides)
+    edge = load_recipe(PretrainRecipe, TINY, ["--train.seed", str(2**63 - 1), "--train.lr", "1e-3"])
+    assert edge.train.seed == 2**63 - 1 and edge.train.lr == 1e-3
+    # A YAML recipe gets the same checks as the command line.
+    recipe_file = tmp_path / "bad.yaml"
+    recipe_file.write_text("train:\n  max_steps: -5\n")
+    with pytest.raises(qwenkit.QwenkitError, match="train.max_steps must be >= 1, got -5"):
+        load_recipe(PretrainRecipe, recipe_file, [])
+    recipe_file.write_text("train:\n  lr: .nan\n")
+    with pytest.raises(qwenkit.QwenkitError, match="train.lr must be a finite number"):
+        load_recipe(PretrainRecipe, recipe_file, [])
+    recipe_file.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(qwenkit.QwenkitError, match="bad.yaml is not a YAML recipe"):
+        load_recipe(PretrainRecipe, recipe_file, [])
     assert main(["pretrain", "--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path)]) == 1
     assert main(["info", str(tmp_path), "--train.lr", "1"]) == 2  # other verbs take no overrides
+
+
+def test_sft_recipe_settings_are_checked():
+    for overrides, message in [
+        (["--model.method", "dora"], "model.method must be one of full, lora, qlora, got 'dora'"),
+        (["--model.lora_r", "0"], "model.lora_r must be >= 1"),
+        (["--model.lora_dropout", "1"], "model.lora_dropout must be < 1"),
+        (["--data.mask", "none"], "data.mask must be one of qwenkit, official"),
+        (["--data.max_len", "1"], "data.max_len must be >= 2"),
+        (["--data.val_fraction", "-0.1"], "data.val_fraction must be >= 0"),
+        (["--train.lr", "nan"], "train.lr must be a finite number"),
+    ]:
+        with pytest.raises(qwenkit.QwenkitError, match=message):
+            load_recipe(SFTRecipe, None, overrides)

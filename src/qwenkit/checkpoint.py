@@ -180,20 +180,57 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.
 
 
 def safetensors_header(file: Path) -> tuple[dict, int]:
-    """({name: {dtype, shape, data_offsets}}, offset of the data) of a .safetensors file."""
-    with open(file, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        if not 2 <= size <= 100_000_000:
-            raise QwenkitError(f"{file} is not a safetensors file (header size {size})")
-        try:
+    """({name: {dtype, shape, data_offsets}}, offset of the data) of a .safetensors file, checked
+    against the file: every tensor's byte range fits its shape, and the data after the header is
+    exactly as long as the largest end offset (so a truncated download is caught here)."""
+    try:
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= 100_000_000:
+                raise QwenkitError(f"{file} is not a safetensors file (header size {size})")
             header = json.loads(f.read(size))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise QwenkitError(f"{file} has a corrupt safetensors header: {e}") from None
+            data_size = os.fstat(f.fileno()).st_size - 8 - size
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QwenkitError(f"{file} has a corrupt safetensors header: {e}") from None
+    except OSError as e:
+        raise QwenkitError(f"cannot read {file}: {e.strerror}") from None
+    if not isinstance(header, dict):
+        raise QwenkitError(f"{file} has a corrupt safetensors header: not a JSON object")
     header.pop("__metadata__", None)
+    end = 0
     for name, entry in header.items():
-        if entry.get("dtype") not in SAFETENSORS_DTYPES:
-            raise QwenkitError(f"{file}: tensor {name} has unsupported dtype {entry.get('dtype')}")
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if dtype not in SAFETENSORS_DTYPES:
+            raise QwenkitError(f"{file}: tensor {name} has unsupported dtype {dtype}")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        valid = (
+            isinstance(shape, list)
+            and all(type(d) is int and d >= 0 for d in shape)
+            and isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        )
+        itemsize = SAFETENSORS_DTYPES[dtype].itemsize
+        if not valid or offsets[1] - offsets[0] != _numel(tuple(shape)) * itemsize:
+            raise QwenkitError(
+                f"{file} has a corrupt safetensors header: tensor {name}'s shape and offsets disagree"
+            )
+        end = max(end, offsets[1])
+    if data_size != end:
+        state = "truncated" if data_size < end else "longer than its header says"
+        raise QwenkitError(
+            f"{file} is {state}: its header describes {end:,} bytes of tensor data, the file holds {data_size:,}"
+        )
     return header, 8 + size
+
+
+def read_pickled_weights(file: Path, device: str) -> dict[str, torch.Tensor]:
+    """A pytorch_model.bin's tensors (memory-mapped; `device` "meta" reads shapes only)."""
+    try:
+        return torch.load(file, map_location=device, mmap=True, weights_only=True)
+    except Exception as e:  # a truncated or corrupt file raises many error types
+        raise QwenkitError(f"cannot read {file}: {' '.join(str(e).split())[:200]}") from None
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -205,7 +242,7 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """
     for file in files:
         if file.suffix != ".safetensors":
-            yield from torch.load(file, map_location="cpu", mmap=True, weights_only=True).items()
+            yield from read_pickled_weights(file, "cpu").items()
             continue
         header, data_start = safetensors_header(file)
         with open(file, "rb") as f:
@@ -230,11 +267,7 @@ def tensor_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
                 dtype = str(SAFETENSORS_DTYPES[entry["dtype"]]).removeprefix("torch.")
                 shapes[name] = (tuple(entry["shape"]), dtype)
             continue
-        try:
-            tensors = torch.load(file, map_location="meta", mmap=True, weights_only=True)
-        except Exception as e:  # a corrupt pickle raises many error types
-            raise QwenkitError(f"cannot read {file}: {e}") from None
-        for name, tensor in tensors.items():
+        for name, tensor in read_pickled_weights(file, "meta").items():
             shapes[name] = (tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
     return shapes
 

@@ -12,6 +12,7 @@ import ast
 import contextlib
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -301,13 +302,13 @@ def check_destination(src: Path, dst: Path, force: bool) -> None:
     if not dst.exists():
         return
     if src.exists() and dst.resolve() == src.resolve():
-        raise QwenkitError("DST must be a different directory from SRC")
+        raise QwenkitError(f"the output {dst} must be a different directory from the input")
     if not dst.is_dir():
         raise QwenkitError(f"{dst} exists and is a file")
     if not any(dst.iterdir()):
         return
     if not (dst / "config.json").is_file():
-        raise QwenkitError(f"{dst} exists and is not a checkpoint directory; choose another DST")
+        raise QwenkitError(f"{dst} exists and is not a checkpoint directory; choose another output directory")
     if not force:
         raise QwenkitError(f"{dst} already holds a checkpoint; pass --force to replace it")
 
@@ -648,6 +649,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.max_seq_len is not None and args.max_seq_len < 1:
+        raise QwenkitError(
+            f"--max-seq-len must be >= 1 (or left out for the model's context), got {args.max_seq_len}"
+        )
+    if not 1 <= args.port <= 65535:
+        raise QwenkitError(f"--port must be between 1 and 65535, got {args.port}")
     from qwenkit.serve.api import serve
 
     return serve(args)
@@ -694,12 +701,18 @@ def cmd_demo_build(args: argparse.Namespace) -> int:
     from qwenkit.demo import DEMO_MODEL_DIR, run_build
 
     args.out = args.out or str(DEMO_MODEL_DIR)
+    work = Path(args.work)
+    if work.exists() and not work.is_dir():
+        raise QwenkitError(f"--work {work} exists and is not a directory")
+    check_destination(work, Path(args.out), force=True)  # checked now, not after an hour of training
     return run_build(args)
 
 
 def cmd_demo_eval(args: argparse.Namespace) -> int:
     from qwenkit.demo import run_eval
 
+    if args.count < 1:
+        raise QwenkitError(f"--count must be >= 1, got {args.count}")
     return run_eval(args)
 
 
@@ -718,8 +731,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
     names = [name.strip() for name in args.tools.split(",") if name.strip()]
     if not names:
         raise QwenkitError("--tools needs at least one tool name (calculator, python)")
-    if args.max_steps < 1 or args.timeout <= 0:
-        raise QwenkitError("--max-steps must be >= 1 and --timeout > 0")
+    if args.max_steps < 1:
+        raise QwenkitError(f"--max-steps must be >= 1, got {args.max_steps}")
+    if not 0 < args.timeout < math.inf:
+        raise QwenkitError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
     images = Path(args.save_images) if args.save_images else None
     if images is not None and images.exists() and not images.is_dir():
         raise QwenkitError(f"--save-images: {images} exists and is not a directory")

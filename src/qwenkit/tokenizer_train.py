@@ -48,6 +48,14 @@ class CorpusCounts:
     bad_lines: int = 0
 
 
+def check_output_dir(path: str | Path) -> Path:
+    """The output directory as a Path, or QwenkitError when something other than a directory is there."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise QwenkitError(f"output {path} exists and is not a directory")
+    return path
+
+
 def check_inputs(files: Sequence[str | Path]) -> list[Path]:
     """The input paths, or QwenkitError naming the first one that is not a file."""
     if not files:
@@ -204,10 +212,10 @@ def train_tokenizer(
     counts: CorpusCounts | None = None,
 ) -> Tokenizer:
     """Train (see `train_vocab`), write `out_dir/qwen.tiktoken` and return the tokenizer loaded from it."""
+    out_dir = check_output_dir(out_dir)  # before training, which can take long
     ranks = train_vocab(
         files, vocab_size, base, min_frequency=min_frequency, progress=progress, counts=counts
     )
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     Tokenizer(ranks).save(out_dir / VOCAB_FILENAME)
     return Tokenizer.from_file(out_dir / VOCAB_FILENAME)
@@ -539,10 +547,10 @@ def parse_tokenizer_specs(specs: Sequence[str]) -> dict[str, Tokenizer]:
 
 
 def run_stats(args: argparse.Namespace) -> int:
+    out = check_output_dir(args.out) if args.out else None
     rows = compression_stats(parse_tokenizer_specs(args.tokenizer), args.input)
     print(format_stats_table(rows))
-    if args.out:
-        out = Path(args.out)
+    if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "stats.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
         write_stats(rows, out / "stats.png")

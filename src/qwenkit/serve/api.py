@@ -31,6 +31,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
@@ -361,12 +362,59 @@ class ReactOutput:
 # ---- the app --------------------------------------------------------------------------------
 
 
-def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+def _error(status: int, message: str, param: str | None = None, code: str | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
     kind = "invalid_request_error" if status < 500 else "server_error"
     if status == 401:
         kind = "authentication_error"
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+# OpenAI's error JSON (what `_error` sends) as the OpenAPI schema advertises it.
+ERROR_SCHEMA = {
+    "title": "Error",
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+
+def _openapi_schema(app: FastAPI, keyed: bool) -> dict:
+    """FastAPI's schema made to say what the server answers: a request that fails validation gets
+    400 with OpenAI's error JSON (FastAPI would advertise 422), and with an API key the /v1 routes
+    take a bearer token and may answer 401."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        for path, item in schema["paths"].items():
+            for operation in item.values():
+                responses = operation["responses"]
+                if responses.pop("422", None) is not None:
+                    responses["400"] = {"description": "Invalid request", **error}
+                if keyed and path.startswith("/v1"):
+                    responses["401"] = {"description": "Missing or incorrect API key", **error}
+                    operation["security"] = [{"apiKey": []}]
+        components = schema.setdefault("components", {})
+        schemas = components.setdefault("schemas", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(unused, None)
+        schemas["Error"] = ERROR_SCHEMA
+        if keyed:
+            components["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -381,14 +429,15 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 class RequireAPIKey:
-    """ASGI middleware: /v1 routes answer 401 without `Authorization: Bearer KEY`. (Plain ASGI rather
-    than an http middleware so streamed responses still see client disconnects.)"""
+    """ASGI middleware: /v1 routes and the OpenAPI schema answer 401 without `Authorization: Bearer
+    KEY`. (Plain ASGI rather than an http middleware so streamed responses still see client
+    disconnects.)"""
 
     def __init__(self, app, api_key: str):
         self.app, self.expected = app, f"Bearer {api_key}".encode()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        if scope["type"] == "http" and scope["path"].startswith(("/v1", "/openapi.json")):
             given = dict(scope.get("headers", [])).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 message = "missing or incorrect API key (send Authorization: Bearer KEY)"
@@ -557,7 +606,11 @@ def create_app(
         yield
         engine.close()
 
-    app = FastAPI(title="qwenkit", lifespan=lifespan)
+    # With an API key the schema needs the key too, and the /docs and /redoc pages are off: a browser
+    # loading them cannot send the key (README, Serve).
+    docs = {"docs_url": None, "redoc_url": None} if api_key is not None else {}
+    app = FastAPI(title="qwenkit", lifespan=lifespan, **docs)
+    app.openapi = lambda: _openapi_schema(app, keyed=api_key is not None)
     app.state.engine, app.state.tokenizer, app.state.model_name, app.state.model = (
         engine,
         tokenizer,
@@ -580,7 +633,7 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail))
+        return _error(exc.status_code, str(exc.detail), headers=exc.headers)  # e.g. 405's Allow
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, exc: Exception) -> JSONResponse:

@@ -8,8 +8,10 @@ import contextlib
 import dataclasses
 import json
 import math
+import operator
 import os
 import random
+import re
 import shutil
 import time
 import types
@@ -37,7 +39,11 @@ def load_recipe(cls, path: str | os.PathLike | None, overrides: list[str]):
         if not file.is_file():
             raise QwenkitError(f"config file not found: {file}")
         try:
-            values = yaml.safe_load(file.read_text()) or {}
+            values = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise QwenkitError(f"{file} is not a YAML recipe (not UTF-8 text)") from None
+        except OSError as e:
+            raise QwenkitError(f"cannot read {file}: {e.strerror}") from None
         except yaml.YAMLError as e:
             raise QwenkitError(f"{file} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(values, dict):
@@ -53,15 +59,43 @@ def load_recipe(cls, path: str | os.PathLike | None, overrides: list[str]):
             target = target.setdefault(section, {})
             if not isinstance(target, dict):
                 raise QwenkitError(f"{flag}: {section} is not a section")
-        target[key] = yaml.safe_load(text)
+        try:
+            target[key] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise QwenkitError(f"{flag}: {text!r} is not a YAML value") from None
     return build_dataclass(cls, values, "")
 
 
+def setting(default, *, choices: tuple | None = None, **bounds):
+    """A recipe field with its allowed values, checked when a recipe is loaded: `choices`, or
+    bounds `min` (>=), `above` (>), `max` (<=), `below` (<). Every float setting must be finite."""
+    unknown = set(bounds) - set(BOUNDS)
+    if unknown:
+        raise TypeError(f"unknown bounds {sorted(unknown)}")
+    return field(default=default, metadata={"choices": choices, **bounds})
+
+
+BOUNDS = {"min": (">=", operator.ge), "above": (">", operator.gt), "max": ("<=", operator.le),
+          "below": ("<", operator.lt)}  # fmt: skip
+
+
+def check_setting(value, metadata, name: str) -> None:
+    if value is None:
+        return
+    choices = metadata.get("choices")
+    if choices is not None and value not in choices:
+        raise QwenkitError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    for key, (sign, holds) in BOUNDS.items():
+        if key in metadata and not holds(value, metadata[key]):
+            raise QwenkitError(f"{name} must be {sign} {metadata[key]}, got {value!r}")
+
+
 def build_dataclass(cls, values: dict, where: str):
-    """Recursively build dataclass `cls` from a dict, checking names and simple types."""
+    """Recursively build dataclass `cls` from a dict, checking names, simple types and the
+    allowed values each field declares (`setting`)."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - fields)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(str(name) for name in set(values) - set(fields))
     if unknown:
         raise QwenkitError(f"unknown setting {where}{unknown[0]}; known: {', '.join(sorted(fields))}")
     kwargs = {}
@@ -73,6 +107,7 @@ def build_dataclass(cls, values: dict, where: str):
             kwargs[name] = build_dataclass(hint, value, f"{where}{name}.")
         else:
             kwargs[name] = check_type(value, hint, f"{where}{name}")
+            check_setting(kwargs[name], fields[name].metadata, f"{where}{name}")
     return cls(**kwargs)
 
 
@@ -81,13 +116,14 @@ def check_type(value, hint, name: str):
     if value is None and type(None) in options:
         return None
     for option in options:
-        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if option is float and isinstance(value, str):  # YAML reads "3e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        if option is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:  # YAML reads "3e-4" (no dot) as a string
+                number = float(value)
+            except (ValueError, OverflowError):
+                continue
+            if not math.isfinite(number):
+                raise QwenkitError(f"{name} must be a finite number, got {value!r}")
+            return number
         if option in (int, str, bool) and type(value) is option:
             return value
         container = typing.get_origin(option) or option
@@ -158,9 +194,11 @@ def setup_distributed(device: str | None) -> Distributed:
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise QwenkitError(f"train.device must be cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise QwenkitError(f"train.device is {device} but no CUDA GPU is available")
     if device == "cuda":
-        if not torch.cuda.is_available():
-            raise QwenkitError("train.device is cuda but no CUDA GPU is available")
         torch.cuda.set_device(local_rank)
         target = torch.device("cuda", local_rank)
     else:
@@ -193,7 +231,42 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-# --- checkpoints ---------------------------------------------------------------------------------
+# --- the run directory and its checkpoints -------------------------------------------------------
+
+# What a checkpoint being written is called: save_checkpoint's staging folder, and the temporary
+# folder qwenkit.checkpoint.save_state_dict writes that folder through (`.` + name + `.` + 8 random).
+STAGING = re.compile(r"\.tmp-step-\d+|\.\.tmp-step-\d+\.[a-z0-9_]{8}")
+
+
+def staging_dir(out: Path, step: int) -> Path:
+    """Where the checkpoint of `step` is written before it is moved into place."""
+    return out / "checkpoints" / f".tmp-step-{step:07d}"
+
+
+def prepare_run_dir(out: Path, env: Distributed) -> None:
+    """Create the run directory; the main process deletes the staging folders of checkpoints a
+    killed run was writing (only those, only in OUT/checkpoints)."""
+    if out.exists() and not out.is_dir():
+        raise QwenkitError(f"the run directory {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise QwenkitError(f"cannot create the run directory {out}: {e.strerror}") from None
+    if env.main:
+        remove_stale_staging(out)
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Delete OUT/checkpoints' unfinished checkpoints (named as STAGING); returns what was deleted."""
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    stale = sorted(
+        p for p in root.iterdir() if STAGING.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
+    )
+    for path in stale:
+        shutil.rmtree(path)
+    return stale
 
 
 def rng_state() -> dict:
@@ -264,7 +337,8 @@ def commit_trainer_state(out: Path, staging: Path, step: int, optimizer_state: d
 
 
 def commit_checkpoint(out: Path, staging: Path, name: str, keep: int) -> Path:
-    """Move a fully written checkpoint into place, then point `latest` at it; prune old ones."""
+    """Move a fully written checkpoint into place, then point `latest` at it; then delete the oldest
+    others so that `keep` remain (0 keeps all). The new checkpoint itself is never deleted."""
     root = out / "checkpoints"
     final = root / name
     if final.exists():
@@ -273,9 +347,10 @@ def commit_checkpoint(out: Path, staging: Path, name: str, keep: int) -> Path:
     pointer = root / "latest.tmp"
     pointer.write_text(name + "\n")
     os.replace(pointer, root / "latest")
-    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
-    for old in steps[: max(len(steps) - keep, 0)]:
-        shutil.rmtree(old, ignore_errors=True)
+    if keep > 0:
+        others = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name != name)
+        for old in others[: max(len(others) - (keep - 1), 0)]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

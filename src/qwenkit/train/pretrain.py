@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from qwenkit.errors import QwenkitError
 from qwenkit.model import Qwen
 from qwenkit.tokenizer import Tokenizer
 from qwenkit.train import common
+from qwenkit.train.common import setting
 
 
 @dataclass
@@ -30,50 +32,65 @@ class ModelSection:
     overrides: dict = field(default_factory=dict)  # any QwenConfig field, e.g. {num_hidden_layers: 4}
     init_from: str | None = None  # a checkpoint directory: continued pretraining
 
+    def __post_init__(self) -> None:
+        """Check the preset and overrides now, before any data is prepared; QwenConfig's integer
+        fields are all sizes or counts, so they must be >= 1."""
+        hints = typing.get_type_hints(QwenConfig)
+        checked = {}
+        for key, value in self.overrides.items():
+            name = f"model.overrides.{key}"
+            if key not in hints:
+                raise QwenkitError(f"unknown setting {name}; QwenConfig has {', '.join(hints)}")
+            checked[key] = common.check_type(value, hints[key], name)
+            if type(checked[key]) is int:
+                common.check_setting(checked[key], {"min": 1}, name)
+        self.overrides = checked
+        QwenConfig.from_preset(self.preset, **self.overrides)
+
 
 @dataclass
 class DataSection:
     path: str = ""  # a directory written by `qwenkit data pack`
-    synthetic_documents: int = 0  # > 0 and `path` missing: pack the generated corpus (tiny recipes)
-    seq_len: int = 128  # window length when packing the generated corpus
+    synthetic_documents: int = setting(0, min=0)  # > 0 and `path` missing: pack the generated corpus
+    seq_len: int = setting(128, min=1)  # window length when packing the generated corpus
 
 
 @dataclass
 class TrainSection:
-    max_steps: int = 100
-    micro_batch_size: int = 8  # windows per process per forward/backward
-    grad_accum: int = 1  # global batch = micro_batch_size * grad_accum * processes
-    lr: float = 3e-4
-    warmup_steps: int = 10
-    final_lr_ratio: float = 0.1
-    decay: str = "cosine"  # or "constant" (after warmup)
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    seed: int = 0
-    device: str | None = None  # default: cuda when there is one
-    distributed: str = "ddp"  # ddp or fsdp (under torchrun)
+    max_steps: int = setting(100, min=1)
+    micro_batch_size: int = setting(8, min=1)  # windows per process per forward/backward
+    grad_accum: int = setting(1, min=1)  # global batch = micro_batch_size * grad_accum * processes
+    lr: float = setting(3e-4, above=0)
+    warmup_steps: int = setting(10, min=0)
+    final_lr_ratio: float = setting(0.1, min=0, max=1)
+    decay: str = setting("cosine", choices=("cosine", "constant"))  # constant: the peak after warmup
+    weight_decay: float = setting(0.1, min=0)
+    beta1: float = setting(0.9, min=0, below=1)
+    beta2: float = setting(0.95, min=0, below=1)
+    eps: float = setting(1e-8, above=0)
+    grad_clip: float = setting(1.0, above=0)
+    seed: int = setting(0, min=0, below=2**63)
+    device: str | None = None  # cpu, cuda or cuda:N (default: cuda when there is one)
+    distributed: str = setting("ddp", choices=("ddp", "fsdp"))  # under torchrun
     activation_checkpointing: bool = False
     compile: bool = False
 
 
 @dataclass
 class EvalSection:
-    every: int = 0  # steps between held-out evaluations (0 = only at the end, if there is a val split)
-    batches: int = 8
+    every: int = setting(0, min=0)  # steps between held-out evaluations (0 = only at the end)
+    batches: int = setting(8, min=1)
 
 
 @dataclass
 class CheckpointSection:
-    every: int = 0  # steps between checkpoints (0 = only at the end)
-    keep: int = 2
+    every: int = setting(0, min=0)  # steps between checkpoints (0 = only at the end)
+    keep: int = setting(2, min=0)  # the newest checkpoints kept (0 = all)
 
 
 @dataclass
 class LogSection:
-    every: int = 1
+    every: int = setting(1, min=1)
     tensorboard: bool = False
     progress: bool = True
 
@@ -171,7 +188,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, tokenizer, recipe, e
     model_state, optimizer_state = common.full_state(model, optimizer)
     if not env.main:
         return
-    staging = out / "checkpoints" / f".tmp-step-{step:07d}"
+    staging = common.staging_dir(out, step)
     raw = common.unwrap(model)
     save_state_dict(model_state, raw.config, None, tokenizer, staging, torch.float32)
     samples = step * recipe.train.micro_batch_size * recipe.train.grad_accum * env.world_size
@@ -198,7 +215,7 @@ def resume(out: Path, model, optimizer) -> int:
 def run(recipe: PretrainRecipe, out: Path) -> Path:
     """Train; returns the directory of the last checkpoint (a model directory qwenkit and transformers load)."""
     env = common.setup_distributed(recipe.train.device)
-    out.mkdir(parents=True, exist_ok=True)
+    common.prepare_run_dir(out, env)
     torch.manual_seed(recipe.train.seed)
     train_data, val_data, tokenizer = prepare_data(recipe, out, env)
     model, tokenizer = build_model(recipe, tokenizer, env.device)

@@ -17,6 +17,7 @@ import yaml
 
 from qwenkit.errors import QwenkitError
 from qwenkit.train import common
+from qwenkit.train.common import setting
 from qwenkit.train.pretrain import CheckpointSection, EvalSection, LogSection, TrainSection
 from qwenkit.train.pretrain import resume as resume_full
 from qwenkit.train.pretrain import save_checkpoint as save_full
@@ -26,21 +27,21 @@ from qwenkit.train.sft_data import IGNORE_INDEX, MASK_MODES, load_sft_samples
 @dataclass
 class SFTModelSection:
     path: str = ""  # the checkpoint to fine-tune (--model)
-    method: str = "full"  # full, lora or qlora (LoRA over a 4-bit NF4 base)
-    lora_r: int = 64
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
+    method: str = setting("full", choices=("full", "lora", "qlora"))  # qlora: LoRA over a 4-bit NF4 base
+    lora_r: int = setting(64, min=1)
+    lora_alpha: int = setting(16, min=1)
+    lora_dropout: float = setting(0.05, min=0, below=1)
     train_embeddings: bool | None = None  # LoRA: also train embedding and head; default: for base models
 
 
 @dataclass
 class SFTDataSection:
     path: str = ""  # official JSON (conversations) or OpenAI-style JSONL (messages) (--data)
-    max_len: int = 512
+    max_len: int = setting(512, min=2)
     packing: bool = False  # several conversations per sequence (block-diagonal attention)
-    mask: str = "qwenkit"  # or "official": the original finetune.py's labels
+    mask: str = setting("qwenkit", choices=MASK_MODES)  # "official": the original finetune.py's labels
     strict: bool = False  # fail on the first malformed sample instead of skipping it
-    val_fraction: float = 0.0
+    val_fraction: float = setting(0.0, min=0, below=1)
 
 
 @dataclass
@@ -120,7 +121,7 @@ def save_adapter(out: Path, step: int, model, optimizer, recipe: SFTRecipe, env)
     _, optimizer_state = common.full_state(model, optimizer)
     if not env.main:
         return
-    staging = out / "checkpoints" / f".tmp-step-{step:07d}"
+    staging = common.staging_dir(out, step)
     staging.mkdir(parents=True, exist_ok=True)
     peft_model = common.unwrap(model)
     peft_model.save_pretrained(str(staging / "adapter"))
@@ -147,7 +148,7 @@ def run(recipe: SFTRecipe, out: Path) -> Path | None:
     if recipe.data.mask not in MASK_MODES:
         raise QwenkitError(f"data.mask must be one of {', '.join(MASK_MODES)}, got {recipe.data.mask!r}")
     env = common.setup_distributed(recipe.train.device)
-    out.mkdir(parents=True, exist_ok=True)
+    common.prepare_run_dir(out, env)
     torch.manual_seed(recipe.train.seed)
     model, tokenizer = prepare_model(recipe, env)
     d = recipe.data
