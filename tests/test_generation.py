@@ -246,3 +246,87 @@ def test_repetition_penalty_ignores_padding_and_other_rows(model):
     long = prompt(8, 5)[0].tolist() + [alone[0]]  # the other row holds the short row's next token
     batch = model.generate([long, short], **settings)
     assert batch[1, 9:].tolist() == alone
+
+
+# ---- one decoding core: generate, the serving engine and the agent adapters agree ----------------
+
+PARITY_TEXTS = ["The quick brown fox", "你好，世界！Hello there, how are you today?", "def f(x):\n    return"]
+# Greedy continuations (12 tokens) recorded from generate() before the engine and generate shared
+# one decoding core; pinned so that neither path can drift. The second set penalizes repetition
+# with 0.5 (< 1 favours seen tokens), so the seen-token sets decide its tokens.
+PARITY_GREEDY = [
+    [124543, 99868, 88052, 96715, 57073, 20483, 5542, 147579, 12531, 5352, 25586, 138070],
+    [121256, 8577, 51076, 104270, 20847, 85138, 135793, 43687, 60643, 61595, 2194, 23532],
+    [67644, 121413, 52985, 47706, 79545, 91916, 65155, 111402, 55133, 138150, 41581, 8508],
+]
+PARITY_PENALIZED = [
+    [124543, 99868, 99868, 99868, 99868, 99868, 99868, 100170, 57018, 69706, 785, 69706],
+    [121256, 8577, 51076, 30, 121256, 8577, 51076, 30, 121256, 8577, 51076, 30],
+    [67644, 121413, 52985, 47706, 2075, 47138, 52985, 47706, 2075, 47138, 52985, 47706],
+]
+PARITY_AGENT = [56008, 35758, 150720, 9052, 64392, 115160, 15511, 72418, 123979, 37160, 117381, 124344,
+                1833, 23527, 38268, 83324]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def served(official_tokenizer):
+    """The sharpened tiny model as `qwenkit.load` would set it up, and a serving engine of 2 rows."""
+    from qwenkit.serve.engine import Engine
+
+    model = Qwen(QwenConfig.from_preset("tiny-gqa", max_position_embeddings=1024))
+    model.init_weights(seed=0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)
+    model.generation_config = GenerationConfig(vocab_size=official_tokenizer.vocab_size)
+    engine = Engine(model.eval(), official_tokenizer, max_batch=2)
+    yield model, official_tokenizer, engine
+    engine.close()
+
+
+def engine_texts(engine, prompts, params) -> list[str]:
+    """Every prompt submitted at once (more prompts than rows: some wait for a free row)."""
+    import threading
+
+    results = [None] * len(prompts)
+
+    def run(i):
+        results[i] = engine.generate(prompts[i], params).text
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    return results
+
+
+def test_generate_engine_and_agent_adapters_give_the_pinned_greedy_output(served):
+    from qwenkit.agent.loop import local_complete, react_messages
+    from qwenkit.agent.react import calculator
+    from qwenkit.chat import DEFAULT_SYSTEM, make_context, stop_words_ids
+    from qwenkit.serve.engine import SamplingParams
+    from qwenkit.serve.web import engine_complete
+
+    model, tok, engine = served
+    prompts = [tok.encode(text) for text in PARITY_TEXTS]
+    width = max(len(p) for p in prompts)
+    for settings, expected in [({}, PARITY_GREEDY), ({"repetition_penalty": 0.5}, PARITY_PENALIZED)]:
+        batch = model.generate(prompts, max_new_tokens=12, do_sample=False, **settings)
+        assert batch[:, width:].tolist() == expected
+        alone = [model.generate([p], max_new_tokens=12, do_sample=False, **settings)[0, len(p) :].tolist()
+                 for p in prompts]  # fmt: skip
+        assert alone == expected
+        params = SamplingParams(max_tokens=12, temperature=0, **settings)
+        assert engine_texts(engine, prompts, params) == [tok.decode(ids) for ids in expected]
+    sampled = dict(temperature=1.0, top_p=0.9, seed=5)
+    alone = [model.generate([p], max_new_tokens=12, **sampled)[0, len(p) :].tolist() for p in prompts]
+    assert engine_texts(engine, prompts, SamplingParams(max_tokens=12, **sampled)) == [
+        tok.decode(i) for i in alone
+    ]
+
+    messages = react_messages("What is 6 * 7?", [calculator])
+    _, ids = make_context(tok, messages[1]["content"], [], DEFAULT_SYSTEM)
+    out = model.generate([ids], max_new_tokens=16, do_sample=False, stop=stop_words_ids(tok, "chatml"))
+    assert out[0, len(ids) :].tolist() == PARITY_AGENT
+    begun = [*messages, {"role": "assistant", "content": ""}]
+    local = local_complete(model, tok, max_new_tokens=16, do_sample=False)
+    served_agent = engine_complete(engine, tok, SamplingParams(max_tokens=16, temperature=0))
+    assert "".join(local(begun, [])) == "".join(served_agent(begun, [])) == tok.decode(PARITY_AGENT)
