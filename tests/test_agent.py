@@ -1,16 +1,22 @@
-"""ReAct parsing, the tool registry and the calculator."""
+"""The ReAct format: tool calls rendered as text and parsed back, tools, the calculator."""
 
 import pytest
 
 from qwenkit.agent.react import (
     FinalAnswer,
+    ReactStep,
     ToolCall,
     calculate,
     calculator,
     parse_reply,
     react_instruction,
+    react_question,
+    react_turns,
+    render_react_turn,
+    step_text,
     tool,
 )
+from qwenkit.errors import QwenkitError
 
 
 def test_parse_tool_call_as_the_official_parser():
@@ -74,3 +80,70 @@ def test_calculator(expression, result):
 )  # fmt: skip
 def test_calculator_never_runs_code(attack):
     assert calculator.call(f'{{"expression": "{attack}"}}').startswith("Error:")
+
+
+def call(name: str, arguments: str) -> dict:
+    return {"type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+CALLS = [
+    {"role": "user", "content": "2+3, and the weather?"},
+    {
+        "role": "assistant",
+        "content": "Look.",
+        "tool_calls": [call("calculator", "2+3"), call("weather", "{}")],
+    },
+    {"role": "tool", "content": "5"},
+    {"role": "tool", "content": "Sun"},
+    {"role": "assistant", "content": None, "tool_calls": [call("calculator", "5*2")]},
+    {"role": "tool", "content": "10"},
+    {"role": "assistant", "content": "5, sunny, 10."},
+]
+
+
+def test_tool_calls_and_results_become_one_react_turn():
+    turns, calls, is_open = react_turns(CALLS)
+    assert calls == [1] and not is_open
+    assert turns[0] == ("user", [("2+3, and the weather?", False)])
+    assert turns[1] == ("assistant", render_react_turn([ReactStep("Look.", "calculator", "2+3", "5"),
+                                                        ReactStep("", "weather", "{}", "Sun"),
+                                                        ReactStep("", "calculator", "5*2", "10")], "5, sunny, 10."))  # fmt: skip
+    text = "".join(piece for piece, _ in turns[1][1])
+    assert text == (
+        "Thought: Look.\nAction: calculator\nAction Input: 2+3\nObservation: 5\nThought: I need to call a tool.\n"
+        "Action: weather\nAction Input: {}\nObservation: Sun\nThought: I need to call a tool.\nAction: calculator\n"
+        "Action Input: 5*2\nObservation: 10\nThought: I now know the final answer\nFinal Answer: 5, sunny, 10."
+    )
+    learned = "".join(piece for piece, learned in turns[1][1] if learned)
+    assert " 5\nThought:" not in learned and "Observation: 5" not in learned  # the caller writes results
+    # ending after a tool result, the turn is left open for the model to continue
+    turns, calls, is_open = react_turns(CALLS[:-1], allow_open=True)
+    assert is_open and "".join(p for p, _ in turns[1][1]).endswith("Observation: 10\nThought:")
+
+
+@pytest.mark.parametrize(
+    ("messages", "allow_open", "message"),
+    [
+        (CALLS[:-1], False, r"messages\[6\]: tool results must be followed by a final assistant message"),
+        ([*CALLS[:-1], {"role": "user", "content": "?"}], True, "final assistant message"),
+        (CALLS[:3], True, r"messages\[2\]: each tool call needs its own following tool result message"),
+        (CALLS[2:], False, r"messages\[1\]: a tool result must follow an assistant message with tool calls"),
+        (
+            [CALLS[0], {"role": "system", "content": "late"}],
+            False,
+            r"messages\[2\]: system messages must come first",
+        ),
+        ([{"role": "robot", "content": "x"}], False, r"messages\[1\]: unexpected role 'robot'"),
+    ],
+)
+def test_react_turns_errors_name_the_message(messages, allow_open, message):
+    with pytest.raises(QwenkitError, match=message):
+        react_turns(messages, allow_open=allow_open, first_index=1)
+
+
+def test_step_text_and_question():
+    assert step_text("x", "f", "{}") == "Thought: x\nAction: f\nAction Input: {}\nObservation:"
+    assert step_text("") == "Thought: I need to call a tool.\nAction:"  # what a forced call writes
+    assert step_text("", "f", first=False) == " I need to call a tool.\nAction: f\nAction Input:"
+    specs = [calculator.spec()]
+    assert react_question(specs, "2+2?") == react_instruction(specs) + "\n\nQuestion: 2+2?"

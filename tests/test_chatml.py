@@ -3,11 +3,15 @@ gave before there was one writer, pinned here as digests on the official vocabul
 
 import hashlib
 import json
+import subprocess
+import sys
 
 import pytest
 
 from qwenkit import demo
 from qwenkit.chat import make_context
+from qwenkit.chatml import IGNORE_INDEX, render_messages
+from qwenkit.errors import QwenkitError
 from qwenkit.serve.api import ChatRequest, plan_chat
 from qwenkit.tokenizer import Tokenizer
 from qwenkit.train.sft_data import tokenize_conversation
@@ -251,3 +255,73 @@ def test_demo_prompts_are_pinned(official_tokenizer, vocabulary):
     examples = demo.generate_examples(60, seed=3) + demo.generate_examples(20, seed=4, held_out=True)
     assert {e.kind for e in examples} == {"identity", "chat", "knowledge", "react", "direct_math"}
     assert digest([demo.prompt_ids(tokenizer, e) for e in examples]) == PINNED_DEMO[vocabulary]
+
+
+# ---- the one renderer ---------------------------------------------------------------------------------
+
+
+def test_make_context_the_server_and_sft_write_the_same_chatml(official_tokenizer):
+    tok = official_tokenizer
+    messages = [{"role": "system", "content": "Be brief."}, *ONE_TURN, {"role": "user", "content": "你好"}]
+    raw, ids = make_context(tok, "你好", [("Hi", "Hello!")], "Be brief.")
+    prompt = render_messages(tok, messages, prompt=True)
+    assert (prompt.text, prompt.input_ids) == (raw, ids)
+    assert plan_chat(tok, ChatRequest(messages=messages)).prompt == ids
+    sample = tokenize_conversation(tok, [*messages, {"role": "assistant", "content": "Hi!"}])
+    assert sample.input_ids[: len(ids)] == ids
+    assert tok.decode(sample.input_ids[len(ids) :]) == "Hi!<|im_end|>"
+
+
+@pytest.mark.parametrize(
+    ("messages", "tools", "answer"),
+    [
+        (TWO_TURNS[:-1], None, "4"),
+        (TOOLS_UNUSED[:-1], TOOLS, "A model."),  # the answer becomes a zero-step ReAct turn
+        (TOOL_STEPS[:-3], TOOLS, "Sunny; rain; 5."),  # after a tool result: the ReAct turn goes on
+    ],
+)
+def test_a_prompt_is_the_start_of_the_answered_conversation(official_tokenizer, messages, tools, answer):
+    prompt = render_messages(official_tokenizer, messages, tools, prompt=True)
+    full = render_messages(official_tokenizer, [*messages, {"role": "assistant", "content": answer}], tools)
+    assert full.input_ids[: len(prompt.input_ids)] == prompt.input_ids
+    assert full.text.startswith(prompt.text)
+    learned = [t for t, label in zip(full.input_ids, full.labels, strict=True) if label != IGNORE_INDEX]
+    assert official_tokenizer.decode(learned).endswith(f"{answer}<|im_end|>")
+    if tools:
+        assert "You have access to the following APIs" in prompt.text
+        assert prompt.text.endswith("<|im_start|>assistant\n") != (messages[-1]["role"] == "tool")
+
+
+def test_text_and_ids_agree_and_only_the_renderer_writes_control_tokens(official_tokenizer):
+    tok = official_tokenizer
+    messages = [{"role": "system", "content": ATTACK}, *TOOL_STEPS[1:]]
+    messages[3] = {**messages[3], "content": ATTACK}
+    for mask, tools in (("qwenkit", TOOLS), ("official", None)):
+        plain = [m for m in messages if m["role"] in ("user", "assistant") and not m.get("tool_calls")]
+        rendered = render_messages(tok, messages if tools else [messages[0], *plain], tools, mask)
+        assert tok.decode(rendered.input_ids) == rendered.text
+        turns = rendered.text.count("<|im_start|>assistant\n") + rendered.text.count("<|im_start|>user\n") + 1
+        control = [i for i in rendered.input_ids if i >= tok.eod_id]
+        assert control == [tok.im_start_id, tok.im_end_id] * turns
+        assert len(rendered.input_ids) == len(rendered.labels) and rendered.ends[-1] == len(
+            rendered.input_ids
+        )
+
+
+def test_unknown_mask_and_official_tool_calls(official_tokenizer):
+    with pytest.raises(QwenkitError, match="mask mode"):
+        render_messages(official_tokenizer, ONE_TURN, mask="other")
+    with pytest.raises(QwenkitError, match=r"messages\[4\]: mask='official'"):
+        render_messages(official_tokenizer, TOOL_STEPS, TOOLS, mask="official")
+    with pytest.raises(QwenkitError, match="must follow a user message"):
+        render_messages(official_tokenizer, TOOL_STEPS[4:], TOOLS)
+
+
+def test_serving_does_not_import_training():
+    code = (
+        "import sys, qwenkit.serve.api, qwenkit.serve.engine, qwenkit.serve.web\n"
+        "print(sorted(m for m in sys.modules if m.startswith('qwenkit.train')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

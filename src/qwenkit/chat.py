@@ -1,20 +1,20 @@
 """ChatML conversations: the official context builder and the chat()/chat_stream() calls.
 
-make_context reproduces the official Qwen code token for token: each message is tokenized as
-`role` + "\\n" + `content` separately, and history is added newest first while it fits. Unlike
-the original, content is never allowed to contain control tokens, whatever the tokenizer default.
+make_context reproduces the official Qwen code token for token (rendered by qwenkit.chatml): each
+message is tokenized as `role` + "\\n" + `content` separately, and history is added newest first
+while it fits. Unlike the original, content is never allowed to contain control tokens, whatever
+the tokenizer default.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+from qwenkit.chatml import DEFAULT_SYSTEM, Rendered, render_turns
 from qwenkit.errors import QwenkitError
 from qwenkit.generation import GenerationConfig, context_length, stream_generate
 from qwenkit.tokenizer import Tokenizer
 
-DEFAULT_SYSTEM = "You are a helpful assistant."
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 History = list[tuple[str, str]]
 
 
@@ -29,49 +29,26 @@ def make_context(
     """(raw_text, context_ids) of a ChatML prompt ending with `<|im_start|>assistant\\n`.
 
     History turns are added newest first while system + turns stay under `max_window_size` tokens
-    (the current query is not counted), exactly as the official `make_context`.
+    (the current query is not counted), exactly as the official `make_context`; a turn whose
+    response is None leaves only its "\\n", as there.
     """
     if chat_format == "raw":
         return query, tokenizer.encode(query)
     if chat_format != "chatml":
         raise QwenkitError(f"unknown chat format {chat_format!r}; use 'chatml' or 'raw'")
-    im_start, im_end = [tokenizer.im_start_id], [tokenizer.im_end_id]
-    nl = tokenizer.encode("\n")
-
-    def turn(role: str, content: str) -> tuple[str, list[int]]:
-        ids = (
-            tokenizer.encode(role, allowed_special=set())
-            + nl
-            + tokenizer.encode(content, allowed_special=set())
-        )
-        return f"{role}\n{content}", im_start + ids + im_end
-
-    system_text, system_ids = turn("system", system)
-    raw_text, context_ids = "", []
+    parts = [render_turns(tokenizer, [("system", [(system, False)])])]
+    kept: list[Rendered] = []
+    size = len(parts[0].input_ids)
     for turn_query, turn_response in reversed(list(history or [])):
-        query_text, query_ids = turn("user", turn_query)
-        if turn_response is not None:
-            response_text, response_ids = turn("assistant", turn_response)
-            next_ids = nl + query_ids + nl + response_ids
-            previous = f"\n{IM_START}{query_text}{IM_END}\n{IM_START}{response_text}{IM_END}"
-        else:
-            next_ids = nl + query_ids + nl
-            previous = f"\n{IM_START}{query_text}{IM_END}\n"
-        if len(system_ids) + len(next_ids) + len(context_ids) < max_window_size:
-            context_ids = next_ids + context_ids
-            raw_text = previous + raw_text
-        else:
+        reply = None if turn_response is None else ("assistant", [(turn_response, True)])
+        pair = render_turns(tokenizer, [("user", [(turn_query, False)]), reply], continued=True)
+        size += len(pair.input_ids)
+        if size >= max_window_size:
             break
-    query_text, query_ids = turn("user", query)
-    context_ids = (
-        system_ids + context_ids + nl + query_ids + nl + im_start + tokenizer.encode("assistant") + nl
-    )
-    raw_text = (
-        f"{IM_START}{system_text}{IM_END}"
-        + raw_text
-        + f"\n{IM_START}{query_text}{IM_END}\n{IM_START}assistant\n"
-    )
-    return raw_text, context_ids
+        kept.append(pair)
+    query_turn = [("user", [(query, False)]), ("assistant", [])]
+    parts += [*reversed(kept), render_turns(tokenizer, query_turn, open=True, continued=True)]
+    return "".join(p.text for p in parts), [i for p in parts for i in p.input_ids]
 
 
 def stop_words_ids(tokenizer: Tokenizer, chat_format: str) -> list[list[int]]:

@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwenkit.agent.react import calculate, calculator, parse_reply
-from qwenkit.chat import DEFAULT_SYSTEM
+from qwenkit.agent.react import calculate, calculator, observation_text, parse_reply
+from qwenkit.chatml import DEFAULT_SYSTEM, render_messages
 from qwenkit.data.synthetic import arithmetic, chinese_story, english_story
 from qwenkit.errors import QwenkitError
 
@@ -394,15 +394,9 @@ def prompt_messages(example: Example) -> list[dict]:
 
 
 def prompt_ids(tokenizer, example: Example) -> list[int]:
-    """ChatML prompt ids ending with `<|im_start|>assistant\n`, built by the SFT renderer so evaluation
-    sees exactly the training layout (with tools: the ReAct instruction before the question)."""
-    from qwenkit.train.sft_data import tokenize_conversation
-
-    probe = prompt_messages(example) + [{"role": "assistant", "content": "x"}]
-    sample = tokenize_conversation(tokenizer, probe, max_len=1 << 20, tools=example.tools)
-    labels = sample.labels  # the probe reply is the last learned run; earlier turns are learned too
-    start = max(i for i in range(1, len(labels)) if labels[i] != -100 and labels[i - 1] == -100)
-    return sample.input_ids[:start]
+    """ChatML prompt ids ending with `<|im_start|>assistant\n`, rendered as training renders the
+    conversation (with tools: the ReAct instruction before the question)."""
+    return render_messages(tokenizer, prompt_messages(example), example.tools, prompt=True).input_ids
 
 
 def generate_replies(model, tokenizer, prompts: Sequence[list[int]], stop_strings: Sequence[str] = (),
@@ -469,7 +463,7 @@ def evaluate_examples(model, tokenizer, examples: Sequence[Example], batch_size:
             ids = tokenizer.encode(
                 reply.text.rstrip().removesuffix("Observation:").rstrip() + "\nObservation:"
             )
-            second_prompts.append(prompt + ids + tokenizer.encode(f" {observation}\nThought:"))
+            second_prompts.append(prompt + ids + tokenizer.encode(observation_text(observation)))
             waiting.append(example)
         results["react_action"].append(ok)
         samples.append({"kind": "react", "question": example.question, "reply": reply.text})

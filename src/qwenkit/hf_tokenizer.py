@@ -19,21 +19,9 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
+from qwenkit.chatml import CHAT_TEMPLATE
 from qwenkit.errors import QwenkitError
 from qwenkit.tokenizer import ENDOFTEXT, PAT_STR, Tokenizer
-
-DEFAULT_SYSTEM = "You are a helpful assistant."
-
-# ChatML; a conversation that does not open with a system message gets the default one.
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if loop.first and message['role'] != 'system' %}"
-    "{{- '<|im_start|>system\\n" + DEFAULT_SYSTEM + "<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
 
 
 def bytes_to_unicode() -> dict[int, str]:

@@ -1,6 +1,16 @@
-"""The official Qwen ReAct format (QWEN_REFERENCE "Tools and agents"): the instruction listing the
-tools, the parser for the model's reply, a registry that turns typed Python functions into tools,
-and a calculator that evaluates arithmetic without `eval`."""
+"""The official Qwen ReAct format (QWEN_REFERENCE "Tools and agents"), written and read here only:
+the instruction listing the tools, OpenAI-style tool calls and results rendered as ReAct text, the
+parser for the model's reply, typed Python functions as tools, and a calculator without `eval`.
+
+A tool-using assistant turn, as the model learns it (qwenkit.chatml renders it, SFT learns it)
+and the agent loop and the server continue it:
+
+    Thought: {thought or DEFAULT_THOUGHT}\nAction: {name}\nAction Input: {arguments}\nObservation:
+     {tool result}\nThought:                         <- written by the caller, not learned
+     {next thought}\nAction: ...\nObservation:       <- further calls, same pattern
+     {tool result}\nThought:
+     I now know the final answer\nFinal Answer: {answer}
+"""
 
 from __future__ import annotations
 
@@ -12,7 +22,9 @@ import operator
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
+
+from qwenkit.errors import QwenkitError
 
 TOOL_DESC = (
     "{name_for_model}: Call this tool to interact with the {name_for_human} API. What is the "
@@ -51,6 +63,125 @@ def react_instruction(tools: Sequence[dict[str, Any]]) -> str:
     return REACT_INSTRUCTION.format(
         tools_text="\n\n".join(descriptions), tools_name_text=", ".join(f["name"] for f in functions)
     )
+
+
+def react_question(tools: Sequence[dict[str, Any]], question: str) -> str:
+    """The user turn of a ReAct prompt: the instruction listing `tools`, then the question."""
+    return f"{react_instruction(tools)}\n\nQuestion: {question}"
+
+
+# --- tool calls as ReAct text --------------------------------------------------------------------
+
+DEFAULT_THOUGHT = "I need to call a tool."
+Piece = tuple[str, bool]  # (text, learned): what the model writes is learned, what the caller writes is not
+Turn = tuple[str, list[Piece]]  # (role, pieces): one ChatML turn (qwenkit.chatml renders it)
+
+
+def step_text(thought: str, name: str | None = None, arguments: str | None = None, first: bool = True) -> str:
+    """A tool call as the model writes it, up to its "Observation:". "Thought: " opens only the
+    turn's first step (later ones follow the caller's "Thought:"); an empty thought is DEFAULT_THOUGHT.
+    Without `arguments` (or `name`) it stops after "Action Input:" (or "Action:"): what the server
+    writes to force a call."""
+    text = f"{'Thought: ' if first else ' '}{thought or DEFAULT_THOUGHT}\nAction:"
+    if name is not None:
+        text += f" {name}\nAction Input:"
+        if arguments is not None:
+            text += f" {arguments}\nObservation:"
+    return text
+
+
+def observation_text(result: str) -> str:
+    """What the caller appends to the model's "Observation:" before the model goes on."""
+    return f" {result}\nThought:"
+
+
+class ReactStep(NamedTuple):
+    """One tool call inside a ReAct assistant turn."""
+
+    thought: str
+    name: str
+    arguments: str
+    observation: str
+
+
+def render_react_turn(steps: Sequence[ReactStep], final_answer: str | None) -> list[Piece]:
+    """The text of a ReAct assistant turn as (piece, learned) pairs (module docstring). With
+    `final_answer` None the turn ends after the last observation, where the model continues it."""
+    pieces: list[Piece] = []
+    for i, step in enumerate(steps):
+        action = step_text(step.thought, step.name, step.arguments, first=i == 0)
+        pieces += [(action, True), (observation_text(step.observation), False)]
+    if final_answer is not None:
+        prefix = " " if steps else "Thought: "
+        pieces.append((f"{prefix}I now know the final answer\nFinal Answer: {final_answer}", True))
+    return pieces
+
+
+class ReactTurns(NamedTuple):
+    turns: list[Turn]
+    calls: list[int]  # indices of the turns that call tools
+    open: bool  # the messages end after a tool result, inside the last turn: the model continues it
+
+
+def react_turns(
+    messages: Sequence[dict[str, Any]], allow_open: bool = False, first_index: int = 0
+) -> ReactTurns:
+    """OpenAI-style messages after the system prompt (user; assistant, with or without `tool_calls`
+    [{"function": {"name", "arguments"}}]; tool) -> ChatML turns. Each run of tool-calling assistant
+    messages, the tool results answering their calls (in order) and the final assistant answer
+    becomes ONE assistant turn (render_react_turn); with `allow_open` the run may end after a tool
+    result. Content None is "". Errors name a message by its index plus `first_index`."""
+    turns: list[Turn] = []
+    calls: list[int] = []
+    i, is_open = 0, False
+    while i < len(messages):
+        message = messages[i]
+        role, where = message.get("role"), f"messages[{i + first_index}]"
+        if role == "system":
+            raise QwenkitError(f"{where}: system messages must come first")
+        if role == "tool":
+            raise QwenkitError(f"{where}: a tool result must follow an assistant message with tool calls")
+        if role not in ("user", "assistant"):
+            raise QwenkitError(f"{where}: unexpected role {role!r}")
+        if role == "user" or not message.get("tool_calls"):
+            turns.append((role, [(_content(message), role == "assistant")]))
+            i += 1
+            continue
+        steps: list[ReactStep] = []
+        final = None
+        while i < len(messages) and messages[i].get("role") == "assistant":
+            message = messages[i]
+            tool_calls = message.get("tool_calls")
+            if not tool_calls:
+                final = _content(message)
+                i += 1
+                break
+            results = messages[i + 1 : i + 1 + len(tool_calls)]
+            if len(results) < len(tool_calls) or any(r.get("role") != "tool" for r in results):
+                raise QwenkitError(
+                    f"messages[{i + first_index}]: each tool call needs its own following tool result message"
+                )
+            for k, (call, result) in enumerate(zip(tool_calls, results, strict=True)):
+                function = call["function"]
+                thought = _content(message) if k == 0 else ""
+                steps.append(ReactStep(thought, function["name"], function["arguments"], _content(result)))
+            i += 1 + len(tool_calls)
+        if final is None and (i < len(messages) or not allow_open):
+            raise QwenkitError(
+                f"messages[{i + first_index - 1}]: tool results must be followed by a final assistant message"
+            )
+        calls.append(len(turns))
+        turns.append(("assistant", render_react_turn(steps, final)))
+        is_open = final is None
+    return ReactTurns(turns, calls, is_open)
+
+
+def _content(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    return "" if content is None else content
+
+
+# --- the model's reply ---------------------------------------------------------------------------
 
 
 @dataclass

@@ -4,11 +4,10 @@ continuous-batching Engine.
 Routes: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions. Chat messages
 become the official ChatML prompt; content is always encoded as plain text, so no message can
 inject control tokens. Function calling (current `tools` and legacy `functions`) uses the
-official ReAct prompt (qwenkit.agent.react) rendered as the SFT data renders it
-(qwenkit.train.sft_data.render_react_turn), so the server reads what the model was trained on:
-the instruction goes before the last user message, generation stops at "Observation:", and
-earlier calls and results continue the same assistant turn. Unlike the original server,
-streaming works with tools.
+official ReAct prompt, with calls and results rendered as SFT data renders them (qwenkit.chatml,
+qwenkit.agent.react), so the server reads what the model was trained on: the instruction goes
+before the last user message, generation stops at "Observation:", and earlier calls and results
+continue the same assistant turn. Unlike the original server, streaming works with tools.
 
 Single-model server: any `model` name is accepted and answered by the loaded model (responses
 name it). Every client mistake is a 4xx with OpenAI's error JSON; with an API key set, /v1 routes
@@ -39,13 +38,12 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from qwenkit.agent.react import parse_reply, react_instruction
-from qwenkit.chat import DEFAULT_SYSTEM
+from qwenkit.agent.react import Turn, parse_reply, react_question, react_turns, step_text
+from qwenkit.chatml import DEFAULT_SYSTEM, render_turns
 from qwenkit.errors import QwenkitError
 from qwenkit.generation import REPETITION_PENALTY_RANGE
 from qwenkit.serve.engine import Chunk, Engine, GenerationFailed, SamplingParams
 from qwenkit.tokenizer import Tokenizer
-from qwenkit.train.sft_data import DEFAULT_THOUGHT, ReactStep, render_react_turn
 
 MAX_N = 16  # choices per request
 MAX_STOP_STRINGS = 4  # as OpenAI
@@ -177,77 +175,27 @@ def _legacy_to_current(messages: list[Message]) -> list[dict[str, Any]]:
         if calls and m.role != "assistant":
             raise APIError(f"messages[{i}]: only assistant messages carry tool calls", param=f"messages.{i}")
         if calls:
-            entry["tool_calls"] = [
-                {"name": c.function.name, "arguments": c.function.arguments} for c in calls
-            ]
+            entry["tool_calls"] = [{"function": c.function.model_dump()} for c in calls]
         out.append(entry)
     return out
 
 
-def chat_turns(messages: list[dict[str, Any]]) -> tuple[str, list[tuple[str, list[str]]], bool]:
-    """(system, [(role, text pieces)], open): each tool-calling run of assistant messages and their
-    results becomes ONE ReAct assistant turn (render_react_turn); `open` when the conversation ends
-    inside such a turn (after a tool result), so the model continues it after "Thought:"."""
+def chat_turns(messages: list[dict[str, Any]]) -> tuple[str, list[Turn], bool]:
+    """(system, turns, open): leading system messages joined, each tool-calling run of assistant
+    messages and their results as ONE ReAct assistant turn (react_turns); `open` when the
+    conversation ends inside such a turn (after a tool result), so the model continues it."""
     system_parts = []
     while messages and messages[0]["role"] == "system":
         system_parts.append(messages[0]["content"])
         messages = messages[1:]
     system = "\n".join(system_parts) if system_parts else DEFAULT_SYSTEM
-    turns: list[tuple[str, list[str]]] = []
-    i, is_open = 0, False
-    while i < len(messages):
-        m = messages[i]
-        where = f"messages[{i + len(system_parts)}]"
-        if m["role"] == "system":
-            raise APIError(f"{where}: system messages must come first", param="messages")
-        if m["role"] == "tool":
-            raise APIError(f"{where}: a tool result must follow an assistant message with tool calls")
-        if m["role"] == "user" or not m.get("tool_calls"):
-            turns.append((m["role"], [m["content"]]))
-            i += 1
-            continue
-        steps, final = [], None
-        while i < len(messages) and messages[i]["role"] == "assistant":
-            calls = messages[i].get("tool_calls")
-            if not calls:
-                final = messages[i]["content"]
-                i += 1
-                break
-            results = messages[i + 1 : i + 1 + len(calls)]
-            if len(results) < len(calls) or any(r["role"] != "tool" for r in results):
-                raise APIError(
-                    f"messages[{i + len(system_parts)}]: each tool call needs its own following tool "
-                    "(or function) result message",
-                    param="messages",
-                )
-            for k, (call, result) in enumerate(zip(calls, results, strict=True)):
-                thought = messages[i]["content"] if k == 0 else ""
-                steps.append(ReactStep(thought, call["name"], call["arguments"], result["content"]))
-            i += 1 + len(calls)
-        if final is None and i < len(messages):
-            raise APIError("after tool results, the next message must be the assistant's", param="messages")
-        turns.append(("assistant", [text for text, _ in render_react_turn(steps, final)]))
-        is_open = final is None
+    try:
+        turns, _, is_open = react_turns(messages, allow_open=True, first_index=len(system_parts))
+    except QwenkitError as e:
+        raise APIError(str(e), param="messages") from None
     if not is_open and (not turns or turns[-1][0] != "user"):
         raise APIError("the last message must be from the user, or a tool result", param="messages")
     return system, turns, is_open
-
-
-def encode_chat(tokenizer: Tokenizer, system: str, turns: list[tuple[str, list[str]]], is_open: bool,
-                prefix: str = "") -> list[int]:  # fmt: skip
-    """ChatML ids, token for token the layout of chat.make_context and the SFT data (each piece
-    encoded separately, content never turned into control tokens), ending inside the assistant turn."""
-    nl = tokenizer.encode("\n")
-    ids: list[int] = []
-    for t, (role, pieces) in enumerate([("system", [system]), *turns]):
-        ids += ([] if t == 0 else nl) + [tokenizer.im_start_id] + tokenizer.encode(role) + nl
-        for piece in pieces:
-            ids += tokenizer.encode(piece)
-        if not (is_open and t == len(turns)):
-            ids.append(tokenizer.im_end_id)
-    if not is_open:
-        ids += nl + [tokenizer.im_start_id] + tokenizer.encode("assistant") + nl
-    return ids + (tokenizer.encode(prefix) if prefix else [])
 
 
 @dataclass
@@ -287,18 +235,18 @@ def plan_chat(tokenizer: Tokenizer, body: ChatRequest) -> ChatPlan:
         if not users:
             raise APIError("tools need a user message to answer", param="messages")
         last_user = users[-1]
-        question = turns[last_user][1][0]
-        turns[last_user] = ("user", [f"{react_instruction(specs)}\n\nQuestion: {question}"])
+        question = turns[last_user][1][0][0]
+        turns[last_user] = ("user", [(react_question(specs, question), False)])
     prefix = ""
     if forced is not None or choice == "required":
-        name = tools[0].name if forced is not None else None
-        prefix = (" " if is_open else "Thought: ") + f"{DEFAULT_THOUGHT}\nAction:"
-        prefix += f" {name}\nAction Input:" if name else ""
+        prefix = step_text("", tools[0].name if forced is not None else None, first=not is_open)
     history_calls = any(
-        role == "assistant" and any("\nAction:" in p for p in pieces) for role, pieces in turns
+        role == "assistant" and any("\nAction:" in text for text, _ in pieces) for role, pieces in turns
     )
+    role, pieces = turns.pop() if is_open else ("assistant", [])  # the turn the model writes
+    turns.append((role, [*pieces, (prefix, False)]))
     return ChatPlan(
-        prompt=encode_chat(tokenizer, system, turns, is_open, prefix),
+        prompt=render_turns(tokenizer, [("system", [(system, False)]), *turns], open=True).input_ids,
         react=bool(specs) or is_open or history_calls,
         allow_calls=bool(specs) and choice != "none",
         prefix=prefix,

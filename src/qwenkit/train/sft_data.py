@@ -1,43 +1,13 @@
 """ChatML supervised fine-tuning data: conversations -> (input_ids, labels), and SFT file readers.
 
-Layout (token for token the official chat format, as `qwenkit.chat.make_context`): each turn is
-`<|im_start|>` + encode(role) + encode("\\n") + encode(content) + `<|im_end|>`, turns joined by
-"\\n". Content is always encoded as plain text: "<|im_end|>" inside a message is never a control
-token. The default system prompt is used when the first message is not a system message; a
-per-sample system message is honored (the official script ignores it).
-
-Masking (labels are -100 where no loss is taken), mode "qwenkit": only assistant content and
-its `<|im_end|>` are learned; system and user turns, every `<|im_start|>assistant\\n` header and
-the "\\n" joins are not.
-
-Mode "official" reproduces the original finetune.py `preprocess`, where every turn (system
-included) is followed by "\\n" and, with `role_ids` = tokenizer("<|im_start|>" + role):
-- system/user turn: labels = [im_start] + [-100] * (len(turn) - 3) + [im_end, nl]
-- assistant turn:   labels = [im_start] + [-100] * len(role_ids) + content + [im_end, nl]
-so im_start of every turn, and im_end and the trailing "\\n" of system and user turns, are
-learned too (the quirk). The official role string carries `<|im_start|>`, so
-len(role_ids) = 2: the -100s cover the role token and the "\\n" after it, and input and labels
-stay aligned. (Read with role = "user" and im_start prepended separately, the same formula
-would be one token short per turn.) Official mode knows only system/user/assistant.
-
-Tool calls (mode "qwenkit") use the official ReAct format, so agent data trains what the
-server and agent read. Given `tools=[{"type": "function", "function": {"name", "description",
-"parameters"}}]`, the user message before the last tool-using assistant turn becomes
-`react_instruction(tools) + "\\n\\nQuestion: " + content`. With `tools` but no tool call, the last
-user message still gets the instruction and the assistant's answer after it becomes the
-zero-step turn `Thought: I now know the final answer\\nFinal Answer: {content}`, as the model
-must answer when tools are offered but not needed. An assistant message with
-`tool_calls`, the `tool` messages answering them (in order), any further tool-calling
-assistant messages and the final assistant answer become ONE assistant turn
-(`render_react_turn`):
-
-    Thought: {content or "I need to call a tool."}\\nAction: {name}\\nAction Input: {arguments}\\nObservation:
-     {tool result}\\nThought:                                     <- not learned (the caller writes it)
-     {next thought}\\nAction: ...\\nObservation:                   <- further calls, same pattern
-     {tool result}\\nThought:                                     <- not learned
-     I now know the final answer\\nFinal Answer: {final content}<|im_end|>
-
-Each piece is encoded separately, so a token never straddles learned and unlearned text.
+A sample is rendered by the one ChatML writer, `qwenkit.chatml.render_messages` (its docstring has
+the layout and both masking modes, "qwenkit" and the original finetune.py's "official"): the
+official chat format token for token, the same ids as `qwenkit.chat.make_context` and the
+server's prompts, content always encoded as plain text. The default system prompt is used when
+the first message is not a system message; a per-sample system message is honored (the official
+script ignores it). Assistant `tool_calls` and `tool` results become one ReAct assistant turn
+(`qwenkit.agent.react`), whose tool results are not learned, so agent data trains what the server
+and the agent loop read.
 
 Truncation to `max_len` never cuts inside an assistant turn: the sample ends after the last
 complete assistant turn that fits (`truncated=True`); if none fits, labels are all -100.
@@ -51,18 +21,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from qwenkit.agent.react import REACT_INSTRUCTION, TOOL_DESC, react_instruction  # noqa: F401 - re-exported
-from qwenkit.chat import DEFAULT_SYSTEM
+from qwenkit.agent.react import (  # noqa: F401 - re-exported: SFT data's ReAct rendering lives there
+    DEFAULT_THOUGHT,
+    REACT_INSTRUCTION,
+    TOOL_DESC,
+    ReactStep,
+    react_instruction,
+    render_react_turn,
+)
+from qwenkit.chatml import IGNORE_INDEX, MASK_MODES, render_messages  # noqa: F401 - MASK_MODES re-exported
 from qwenkit.errors import QwenkitError
 from qwenkit.tokenizer import Tokenizer
 
-IGNORE_INDEX = -100
-MASK_MODES = ("qwenkit", "official")
 ROLES = ("system", "user", "assistant", "tool")
 OFFICIAL_ROLES = ("system", "user", "assistant")
 MAX_REPORTED_ERRORS = 10
-
-DEFAULT_THOUGHT = "I need to call a tool."
 
 
 @dataclass
@@ -74,153 +47,6 @@ class Conversation:
     truncated: bool = False
 
 
-class ReactStep(NamedTuple):
-    """One tool call inside a ReAct assistant turn."""
-
-    thought: str
-    name: str
-    arguments: str
-    observation: str
-
-
-def render_react_turn(steps: Sequence[ReactStep], final_answer: str | None) -> list[tuple[str, bool]]:
-    """The text of a ReAct assistant turn as (piece, learned) pairs; see the module docstring.
-
-    An empty thought becomes "I need to call a tool.". The model writes the thoughts, actions and "Observation:"; the caller writes each
-    " {result}\\nThought:". With `final_answer` None the turn ends after the last observation.
-    """
-    pieces: list[tuple[str, bool]] = []
-    for i, step in enumerate(steps):
-        prefix = " " if i else "Thought: "
-        thought = step.thought or DEFAULT_THOUGHT
-        action = f"{prefix}{thought}\nAction: {step.name}\nAction Input: {step.arguments}\nObservation:"
-        pieces += [(action, True), (f" {step.observation}\nThought:", False)]
-    if final_answer is not None:
-        prefix = " " if steps else "Thought: "
-        pieces.append((f"{prefix}I now know the final answer\nFinal Answer: {final_answer}", True))
-    return pieces
-
-
-def _content(message: dict[str, Any]) -> str:
-    content = message.get("content")
-    return "" if content is None else content
-
-
-def _react_turns(
-    messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None
-) -> list[tuple[str, list[tuple[str, bool]]]]:
-    """Messages (system already removed) -> [(role, [(text, learned), ...])], ReAct merged."""
-    turns: list[tuple[str, list[tuple[str, bool]]]] = []
-    last_tool_user = None  # index in `turns` of the user turn before the last tool-using turn
-    i = 0
-    while i < len(messages):
-        message = messages[i]
-        role = message["role"]
-        if role == "user":
-            turns.append(("user", [(_content(message), False)]))
-            i += 1
-        elif role == "assistant" and not message.get("tool_calls"):
-            turns.append(("assistant", [(_content(message), True)]))
-            i += 1
-        elif role == "assistant":
-            steps: list[ReactStep] = []
-            final = None
-            while i < len(messages) and messages[i]["role"] == "assistant":
-                message = messages[i]
-                calls = message.get("tool_calls") or []
-                if not calls:
-                    final = _content(message)
-                    i += 1
-                    break
-                results = messages[i + 1 : i + 1 + len(calls)]
-                if len(results) < len(calls) or any(m["role"] != "tool" for m in results):
-                    raise QwenkitError(f"message {i}: each tool call needs a following 'tool' message")
-                for k, (call, result) in enumerate(zip(calls, results, strict=True)):
-                    thought = _content(message) if k == 0 else ""
-                    function = call["function"]
-                    steps.append(
-                        ReactStep(thought, function["name"], function["arguments"], _content(result))
-                    )
-                i += 1 + len(calls)
-            if final is None:
-                raise QwenkitError("tool results must be followed by a final assistant message")
-            if not tools:
-                raise QwenkitError("a conversation with tool calls needs the `tools` list")
-            if not turns or turns[-1][0] != "user":
-                raise QwenkitError("a tool-using assistant turn must follow a user message")
-            last_tool_user = len(turns) - 1
-            turns.append(("assistant", render_react_turn(steps, final)))
-        else:
-            raise QwenkitError(f"message {i}: unexpected {role!r} message")
-    if last_tool_user is None and tools:  # tools offered but not used: a direct ReAct "Final Answer:"
-        last_tool_user = next(
-            (
-                k
-                for k in range(len(turns) - 2, -1, -1)
-                if turns[k][0] == "user" and turns[k + 1][0] == "assistant"
-            ),
-            None,
-        )
-        if last_tool_user is not None:
-            answer = turns[last_tool_user + 1][1][0][0]
-            turns[last_tool_user + 1] = ("assistant", render_react_turn([], answer))
-    if last_tool_user is not None:
-        question = turns[last_tool_user][1][0][0]
-        turns[last_tool_user] = ("user", [(f"{react_instruction(tools)}\n\nQuestion: {question}", False)])
-    return turns
-
-
-def _qwenkit_layout(tokenizer: Tokenizer, system: str, turns) -> tuple[list[int], list[int], list[int]]:
-    """(input_ids, labels, ends of assistant turns) in qwenkit masking."""
-    nl = tokenizer.encode("\n")
-    ids: list[int] = []
-    labels: list[int] = []
-    ends: list[int] = []
-    for t, (role, pieces) in enumerate([("system", [(system, False)]), *turns]):
-        header = ([] if t == 0 else nl) + [tokenizer.im_start_id] + tokenizer.encode(role) + nl
-        ids += header
-        labels += [IGNORE_INDEX] * len(header)
-        for text, learned in pieces:
-            piece = tokenizer.encode(text)
-            ids += piece
-            labels += piece if learned else [IGNORE_INDEX] * len(piece)
-        ids.append(tokenizer.im_end_id)
-        labels.append(tokenizer.im_end_id if role == "assistant" else IGNORE_INDEX)
-        if role == "assistant":
-            ends.append(len(ids))
-    return ids, labels, ends
-
-
-def _official_layout(
-    tokenizer: Tokenizer, system: str, messages: Sequence[dict[str, Any]]
-) -> tuple[list[int], list[int], list[int]]:
-    """(input_ids, labels, ends of assistant turns) exactly as the official finetune.py."""
-    im_start, im_end = tokenizer.im_start_id, tokenizer.im_end_id
-    nl = tokenizer.encode("\n")
-    system_ids = [im_start] + tokenizer.encode("system") + nl + tokenizer.encode(system) + [im_end] + nl
-    ids = list(system_ids)
-    labels = [im_start] + [IGNORE_INDEX] * (len(system_ids) - 3) + [im_end] + nl
-    ends: list[int] = []
-    for i, message in enumerate(messages):
-        role = message["role"]
-        if role not in OFFICIAL_ROLES or message.get("tool_calls"):
-            raise QwenkitError(f"message {i}: mask='official' supports only user/assistant text turns")
-        role_ids = [im_start] + tokenizer.encode(role)  # official: tokenizer("<|im_start|>" + role)
-        turn = role_ids + nl + tokenizer.encode(_content(message)) + [im_end] + nl
-        if role == "user":
-            target = [im_start] + [IGNORE_INDEX] * (len(turn) - 3) + [im_end] + nl
-        else:
-            target = (
-                [im_start] + [IGNORE_INDEX] * len(role_ids) + turn[len(role_ids) + 1 : -2] + [im_end] + nl
-            )
-        assert len(turn) == len(target), "official masking formula misaligned"
-        ids += turn
-        labels += target
-        if role == "assistant":
-            ends.append(len(ids))
-    return ids, labels, ends
-
-
 def tokenize_conversation(
     tokenizer: Tokenizer,
     messages: Sequence[dict[str, Any]],
@@ -229,22 +55,11 @@ def tokenize_conversation(
     tools: Sequence[dict[str, Any]] | None = None,
 ) -> Conversation:
     """OpenAI-style `messages` -> a ChatML training sample (layout and masking: module docstring)."""
-    if mask not in MASK_MODES:
-        raise QwenkitError(f"unknown mask mode {mask!r}; use one of {', '.join(MASK_MODES)}")
-    messages = list(messages)
-    system = DEFAULT_SYSTEM
-    if messages and messages[0].get("role") == "system":
-        system, messages = _content(messages[0]), messages[1:]
-    for i, message in enumerate(messages):
-        if message.get("role") not in ROLES or message["role"] == "system":
-            raise QwenkitError(f"message {i}: unexpected role {message.get('role')!r}")
-    if mask == "official":
-        ids, labels, ends = _official_layout(tokenizer, system, messages)
-    else:
-        ids, labels, ends = _qwenkit_layout(tokenizer, system, _react_turns(messages, tools))
+    sample = render_messages(tokenizer, messages, tools, mask)
+    ids, labels = sample.input_ids, sample.labels
     if max_len is None or len(ids) <= max_len:
         return Conversation(ids, labels)
-    keep = max((end for end in ends if end <= max_len), default=0)
+    keep = max((end for end in sample.ends if end <= max_len), default=0)
     if keep == 0:
         return Conversation(ids[:max_len], [IGNORE_INDEX] * min(len(ids), max_len), truncated=True)
     return Conversation(ids[:keep], labels[:keep], truncated=True)
