@@ -325,3 +325,18 @@ def test_serving_does_not_import_training():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_one_default_system_prompt():
+    """Every default is chatml's very object (a second literal would be a different string object)."""
+    import inspect
+
+    from qwenkit import chat, chatml
+    from qwenkit.agent import loop
+    from qwenkit.model import Qwen
+
+    defaults = [inspect.signature(f).parameters["system"].default
+                for f in (chat.chat, chat.chat_stream, Qwen.chat, Qwen.chat_stream, loop.run_agent, loop.react_messages)]  # fmt: skip
+    assert all(d is chatml.DEFAULT_SYSTEM for d in defaults)
+    assert chat.DEFAULT_SYSTEM is loop.DEFAULT_SYSTEM is chatml.DEFAULT_SYSTEM
+    assert f"system\\n{chatml.DEFAULT_SYSTEM}<|im_end|>" in chatml.CHAT_TEMPLATE

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from qwenkit.chatml import DEFAULT_SYSTEM
 from qwenkit.config import QwenConfig
 
 
@@ -374,15 +375,13 @@ class Qwen(nn.Module):
 
         return stream_generate(self, tokenizer, input_ids, **settings)
 
-    def chat(
-        self, tokenizer, query: str, history=None, system: str = "You are a helpful assistant.", **settings
-    ):
+    def chat(self, tokenizer, query: str, history=None, system: str = DEFAULT_SYSTEM, **settings):
         from qwenkit.chat import chat
 
         return chat(self, tokenizer, query, history=history, system=system, **settings)
 
     def chat_stream(
-        self, tokenizer, query: str, history=None, system: str = "You are a helpful assistant.", **settings
+        self, tokenizer, query: str, history=None, system: str = DEFAULT_SYSTEM, **settings
     ) -> Iterator[str]:
         from qwenkit.chat import chat_stream
 

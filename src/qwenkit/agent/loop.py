@@ -21,11 +21,20 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from qwenkit.agent.interpreter import PythonTool, ToolOutput
-from qwenkit.agent.react import FinalAnswer, Tool, ToolCall, calculator, parse_reply, react_instruction, tool
+from qwenkit.agent.react import (
+    FinalAnswer,
+    Tool,
+    ToolCall,
+    calculator,
+    observation_text,
+    parse_reply,
+    react_question,
+    tool,
+)
+from qwenkit.chatml import DEFAULT_SYSTEM
 from qwenkit.errors import QwenkitError
 
 Message = dict[str, str]
-DEFAULT_SYSTEM = "You are a helpful assistant."  # qwenkit.chat's default too; not imported, to keep torch out
 Complete = Callable[[list[Message], list[str]], Iterator[str]]
 BUILTIN_TOOLS = ("calculator", "python")
 OBSERVATION = "Observation:"
@@ -200,7 +209,7 @@ def react_messages(
     question: str, tools: Sequence[Tool], system: str = DEFAULT_SYSTEM, history: Sequence[Message] = ()
 ) -> list[Message]:
     """System, earlier turns, and the user turn of the official ReAct prompt (instruction + question)."""
-    content = react_instruction([t.spec() for t in tools]) + "\n\nQuestion: " + question
+    content = react_question([t.spec() for t in tools], question)
     return [{"role": "system", "content": system}, *history, {"role": "user", "content": content}]
 
 
@@ -241,7 +250,7 @@ def run_agent(
         yield ToolCalled(parsed.name, parsed.arguments)
         output = registry.run(parsed.name, parsed.arguments)
         yield ToolResult(parsed.name, output.text, output.images)
-        transcript += f"{parsed.text} {output.text}\nThought:"
+        transcript += parsed.text + observation_text(output.text)
     yield Final(None, "max_steps", transcript)
 
 
