@@ -248,6 +248,56 @@ def test_repetition_penalty_ignores_padding_and_other_rows(model):
     assert batch[1, 9:].tolist() == alone
 
 
+def test_stream_text_hides_a_stop_sequence_and_shows_a_false_start(model, official_tokenizer):
+    """Tokens that begin a multi-token stop sequence wait; they are shown once they cannot complete it."""
+    tok = official_tokenizer
+    ids = tok.encode("Once upon a time")
+    settings = dict(max_new_tokens=12, do_sample=False)
+    full = model.generate([ids], stop=[], **settings)[0, len(ids) :].tolist()
+
+    def text(stop) -> str:
+        return "".join(model.stream_generate(tok, ids, stop=stop, **settings))
+
+    def decode(new: list[int]) -> str:
+        return tok.decode([t for t in new if t < tok.n_bpe])
+
+    assert text([]) == decode(full)
+    assert text([[full[3], full[4] + 1]]) == decode(full)
+    assert text([[full[3], full[4]]]) == decode(full[:3])
+
+
+def test_fixed_shape_decoding_of_all_rows_equals_eager(model, monkeypatch):
+    """The CUDA-graph path decodes every row at fixed shapes, parking rows that have ended at slot 0.
+    With the capture replaced by the same decode_step run eagerly, it gives `generate`'s tokens on
+    CPU too (tests/test_cuda.py replays the real graph)."""
+    from qwenkit import generation
+
+    class EagerGraph:
+        def __init__(self, model, cache):
+            self.model, self.cache = model, cache
+
+        def __call__(self, tokens):
+            return self.model.decode_step(tokens[:, None], self.cache)
+
+    rows = [prompt(7, 3)[0].tolist(), prompt(3, 4)[0].tolist(), prompt(5, 5)[0].tolist()]
+    first = model.generate(rows[:1], max_new_tokens=10, do_sample=False, stop=[])[0, 7:].tolist()
+    expected = model.generate(rows, max_new_tokens=10, do_sample=False, stop=[first[2]])[:, 7:].tolist()
+    monkeypatch.setattr(generation, "CUDAGraphDecoder", EagerGraph)
+    decoder = generation.BatchDecoder(model, 3, 7 + 10)
+    decoder.cuda_graph = True
+    settings = generation.RowSettings.create(
+        GenerationConfig(do_sample=False, max_new_tokens=10), "cpu", [first[2]]
+    )
+    steps = decoder.prefill(range(3), rows, [settings] * 3)
+    got = [[] for _ in rows]
+    while steps:
+        for step in steps:
+            got[step.row].append(step.token)
+        steps = decoder.decode()
+    assert isinstance(decoder.graph, EagerGraph)
+    assert len(got[0]) == 3 and [r + [151643] * (10 - len(r)) for r in got] == expected
+
+
 # ---- one decoding core: generate, the serving engine and the agent adapters agree ----------------
 
 PARITY_TEXTS = ["The quick brown fox", "你好，世界！Hello there, how are you today?", "def f(x):\n    return"]

@@ -119,9 +119,10 @@ def test_static_decode_step_equals_full_forward(switches):
     mask[1, :20] = 0  # rows of 70 and 50 real tokens at prefill: NTK alpha 3 and 1 (S = 64), kept after
     with torch.no_grad():
         full = model(ids[:, :76], attention_mask=mask[:, :76])
+        prefilled = KVCache(model.config, 2, 70, model.device, model.dtype)
+        model(ids[:, :70], attention_mask=mask[:, :70], cache=prefilled)
         cache = KVCache(model.config, 2, 76, model.device, model.dtype)
-        model(ids[:, :70], attention_mask=mask[:, :70], cache=cache)
-        cache.make_static()
+        cache.insert([0, 1], prefilled)
         steps = [model.decode_step(ids[:, i : i + 1], cache) for i in range(70, 76)]
     torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 70:], atol=1e-4, rtol=0)
 

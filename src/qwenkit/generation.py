@@ -1,7 +1,18 @@
-"""Token generation: sampling settings, logits processing, stop conditions, batching and streaming.
+"""Token generation: the one decoding core, and the calls that drive it.
 
-One preallocated KV cache per call; each step runs the model on one new token per row, so the
-Python work per token is a handful of tensor operations.
+`BatchDecoder` holds rows of one model that decode together (gpt-fast's split into a prefill and
+one-token decoding steps; rows that come and go, as in nanochat's Engine). It owns the KV cache of
+its rows and, per row, the settings (`RowSettings`: sampling, token budget, stop sequences of one
+or more tokens, stop strings, random stream), the tokens seen for the repetition penalty and the
+streaming text. Every consumer drives it:
+
+- `generate`, `generate_tokens`, `stream_generate` and `generate_text`: a fixed batch, prefilled
+  at once and decoded until every row has ended (on CUDA, each step replays a captured graph);
+- the serving engine (`qwenkit.serve.engine`): one request per row, rows joining and leaving
+  between steps.
+
+Each step runs the model on one new token per row, so the Python work per token is a handful of
+tensor operations and a few list operations per row.
 """
 
 from __future__ import annotations
@@ -9,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,6 +129,19 @@ def context_length(model: Qwen | QwenConfig) -> int:
     return config.max_position_embeddings * (4 if config.use_dynamic_ntk else 1)
 
 
+def check_prompt(
+    prompt: Sequence[int], vocab_size: int, window: int, reserve: int = 0, owner: str = "the model's"
+) -> None:
+    """QwenkitError for an empty prompt, an id outside [0, vocab_size), or a prompt that leaves
+    fewer than `reserve` tokens of the `window` free (`owner` says whose window it is)."""
+    if not prompt:
+        raise QwenkitError("the prompt is empty")
+    if min(prompt) < 0 or max(prompt) >= vocab_size:
+        raise QwenkitError(f"token ids must lie in [0, {vocab_size})")
+    if len(prompt) + reserve > window:
+        raise QwenkitError(f"the prompt has {len(prompt)} tokens; {owner} context window is {window}")
+
+
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch prompts of different lengths: (input_ids, attention_mask), padding on the left."""
     if not rows or any(len(r) == 0 for r in rows):
@@ -175,6 +199,331 @@ def pick_tokens(
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+def find_stop(text: str, stop_strings: Sequence[str]) -> int | None:
+    """Index of the earliest stop string in `text`, or None."""
+    hits = [i for i in (text.find(s) for s in stop_strings if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+def held_back_length(text: str, stop_strings: Sequence[str]) -> int:
+    """Length of the longest tail of `text` that is the start of a stop string. Only the last
+    len(stop) - 1 characters are read, and only where the stop's first character occurs, so the
+    cost per call is about the stop strings' total length, whatever the length of `text`."""
+    longest = 0
+    for s in stop_strings:
+        if not s:
+            continue
+        end = len(text) - longest  # a tail starting at or after `end` is no longer than `longest`
+        start = text.find(s[0], max(len(text) - len(s) + 1, 0), end)
+        while start >= 0:
+            if s.startswith(text[start:]):
+                longest = len(text) - start
+                break
+            start = text.find(s[0], start + 1, end)
+    return longest
+
+
+def stop_tokens_held_back(tokens: Sequence[int], stop_sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the longest tail of `tokens` that is the start (not the whole) of a stop sequence:
+    the tokens whose text waits until they either complete it or cannot."""
+    tail = list(tokens)
+    return max((n for s in stop_sequences for n in range(1, len(s)) if tail[-n:] == list(s[:n])), default=0)
+
+
+# ---- the decoding core ---------------------------------------------------------------------------
+
+
+@dataclass
+class RowSettings:
+    """How one row decodes: `config` for sampling (its `max_new_tokens` is the row's budget), the
+    token sequences that end it (`stops`, one or more ids each; not shown as text), the strings that
+    end it (cut from the text) and its random stream (None: torch's global one). Rows that share one
+    RowSettings object are sampled together, one draw from its generator, as `generate` samples a
+    batch."""
+
+    config: GenerationConfig
+    stops: list[list[int]]
+    stop_strings: list[str] = field(default_factory=list)
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        self.stop_ids = {s[0] for s in self.stops if len(s) == 1}
+        self.stop_sequences = [s for s in self.stops if len(s) > 1]
+        self.longest_stop = max((len(s) for s in self.stops), default=1)
+
+    @classmethod
+    def create(
+        cls,
+        config: GenerationConfig,
+        device: torch.device | str,
+        stop: Sequence[int | Sequence[int]] | None = None,
+        stop_strings: Sequence[str] = (),
+        seed: int | None = None,
+    ) -> RowSettings:
+        """Settings from a validated config: its end-of-text ids and `stop_words_ids`, plus `stop`;
+        a generator on `device` seeded with `seed`, if given."""
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        return cls(config, config.stop_sequences(stop), list(stop_strings), generator)
+
+    @property
+    def argmax_only(self) -> bool:
+        """Greedy with no repetition penalty: the next token is the plain argmax of the logits."""
+        return self.config.greedy and self.config.repetition_penalty == 1.0
+
+
+@dataclass
+class RowStep:
+    """What one step gave a row. `text` is the text the token releases (with a tokenizer only):
+    special tokens and stop sequences are never shown, and text is held back while it could still
+    become a stop string. `finish_reason` is "stop" or "length" once the row has ended. `error` is
+    set instead when picking or decoding this row's token failed; the row has ended too."""
+
+    row: int
+    token: int  # -1 when picking the token failed
+    generated: int  # new tokens of the row so far, this one included
+    text: str = ""
+    finish_reason: str | None = None
+    error: Exception | None = None
+
+
+@dataclass
+class _Row:
+    """A running row's state."""
+
+    settings: RowSettings
+    tail: list[int]  # the last tokens, prompt included: enough to match the longest stop sequence
+    text: StreamDecoder | None
+    generated: int = 0
+    last_token: int = 0
+    held: list[int] = field(default_factory=list)  # new tokens not decoded yet: they may start a stop
+    pending: str = ""  # decoded text held back while it could still become a stop string
+
+
+class BatchDecoder:
+    """Rows of one model decoding together, each with its own prompt and RowSettings.
+
+        decoder = BatchDecoder(model, max_batch=8, max_length=1024, tokenizer=tokenizer)
+        steps = decoder.prefill([0, 1], [ids_a, ids_b], [settings_a, settings_b])  # first tokens
+        while decoder.running:
+            steps = decoder.decode()  # a RowStep for every running row
+
+    `prefill` runs new prompts through the model in one forward pass (left-padded) and moves their
+    keys and values into free rows of the cache; `decode` advances every running row by one token,
+    each at its own cache slot, so rows of any length decode together and new rows can join
+    between steps. A row ends, and is free again, at a stop, at its budget, by `release`, or when
+    its own sampling or text fails (its RowStep carries the error; the other rows go on). A failure
+    of the shared forward pass raises; the caller then releases the rows. Prompts are checked by
+    the caller (`check_prompt`). With `cuda_graph` on a CUDA device, each step decodes all
+    `max_batch` rows by replaying one captured graph.
+    """
+
+    def __init__(
+        self,
+        model: Qwen,
+        max_batch: int,
+        max_length: int,
+        tokenizer: Tokenizer | None = None,
+        cuda_graph: bool = False,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.pad_id = (model.generation_config or GenerationConfig()).pad_token_id
+        self.cache = KVCache(model.config, max_batch, max_length, model.device, model.dtype)
+        self.rows: list[_Row | None] = [None] * max_batch
+        self.lengths = [0] * max_batch  # tokens in each row's cache (its next write slot), on the host
+        self.seen: torch.Tensor | None = None  # [max_batch, vocab]: tokens each row has seen
+        self.cuda_graph = cuda_graph and model.device.type == "cuda"
+        self.graph: CUDAGraphDecoder | None = None
+
+    @property
+    def running(self) -> list[int]:
+        """The rows decoding now."""
+        return [row for row, state in enumerate(self.rows) if state is not None]
+
+    @property
+    def free_rows(self) -> list[int]:
+        """The rows a prefill can take."""
+        return [row for row, state in enumerate(self.rows) if state is None]
+
+    def release(self, row: int) -> None:
+        """End a row now (e.g. a cancelled request); it is free for the next prefill."""
+        self.rows[row] = None
+
+    @torch.inference_mode()
+    def prefill(
+        self, rows: Iterable[int], prompts: Sequence[Sequence[int]], settings: Sequence[RowSettings]
+    ) -> list[RowStep]:
+        """Start each prompt in its free row with its settings; the first token of each."""
+        rows = list(rows)
+        for row, prompt, s in zip(rows, prompts, settings, strict=True):
+            if self.rows[row] is not None:
+                raise ValueError(f"row {row} is in use")
+            if len(prompt) + s.config.max_new_tokens > self.max_length:
+                raise ValueError(f"a row holds {self.max_length} tokens: no room for {len(prompt)} + "
+                                 f"{s.config.max_new_tokens}")  # fmt: skip
+            if s.stop_strings and self.tokenizer is None:
+                raise ValueError("stop strings need a BatchDecoder with a tokenizer")
+        device = self.model.device
+        ids, mask = left_pad(prompts, self.pad_id)
+        prefilled = KVCache(self.model.config, len(rows), ids.shape[1], device, self.model.dtype)
+        attention_mask = mask.to(device) if len(rows) > 1 else None
+        logits = self.model(ids.to(device), attention_mask=attention_mask, cache=prefilled, last_only=True)
+        self.cache.insert(rows, prefilled)
+        for row, prompt, s in zip(rows, prompts, settings, strict=True):
+            text = StreamDecoder(self.tokenizer, skip_special_tokens=True) if self.tokenizer else None
+            self.rows[row] = _Row(s, list(prompt[-s.longest_stop :]), text)
+            self.lengths[row] = len(prompt)
+            if s.config.repetition_penalty != 1.0:
+                if self.seen is None:
+                    shape = (len(self.rows), self.model.config.vocab_size)
+                    self.seen = torch.zeros(shape, dtype=torch.bool, device=device)
+                self.seen[row] = False
+                self.seen[row, torch.tensor(list(prompt), device=device)] = True
+        return self._advance(rows, logits[:, -1].float())
+
+    @torch.inference_mode()
+    def decode(self) -> list[RowStep]:
+        """One token for every running row."""
+        running = self.running
+        if not running:
+            return []
+        # A graph decodes every row at fixed shapes; eager decoding, the rows up to the last running
+        # one, attending only the slots in use. Rows in between that are not running decode a
+        # dummy token at slot 0.
+        decoded = len(self.rows) if self.cuda_graph else running[-1] + 1
+        holes = [row for row in range(decoded) if self.rows[row] is None]
+        if holes:
+            self.cache.park(holes)
+        tokens = [state.last_token if state else self.pad_id for state in self.rows[:decoded]]
+        tokens = torch.tensor(tokens, device=self.model.device)
+        if self.cuda_graph:
+            if self.graph is None:
+                self.graph = CUDAGraphDecoder(self.model, self.cache)
+            logits = self.graph(tokens)
+        else:
+            width = max(self.lengths[row] for row in running) + 1
+            logits = self.model.decode_step(tokens[:, None], self.cache.first_rows(decoded), width=width)
+        for row in running:
+            self.lengths[row] += 1
+        return self._advance(running, (logits[running] if holes else logits).float())
+
+    def _advance(self, rows: list[int], logits: torch.Tensor) -> list[RowStep]:
+        """Pick each row's next token from its row of `logits` [len(rows), V] and take it."""
+        tokens, errors = self._pick(rows, logits)
+        penalized = [(row, token) for row, token in zip(rows, tokens, strict=True)
+                     if row not in errors and self.rows[row].settings.config.repetition_penalty != 1.0]  # fmt: skip
+        if penalized:
+            self.seen[[row for row, _ in penalized], [token for _, token in penalized]] = True
+        steps = []
+        for row, token in zip(rows, tokens, strict=True):
+            if row in errors:
+                step = RowStep(row, -1, self.rows[row].generated, error=errors[row])
+            else:
+                try:
+                    step = self._take(row, token)
+                except Exception as e:  # this row's text failed: it ends alone
+                    step = RowStep(row, token, self.rows[row].generated, error=e)
+            if step.finish_reason is not None or step.error is not None:
+                self.rows[row] = None
+            steps.append(step)
+        return steps
+
+    def _pick(self, rows: list[int], logits: torch.Tensor) -> tuple[list[int], dict[int, Exception]]:
+        """Next tokens: one argmax for all plain greedy rows, one pick per RowSettings otherwise
+        (so neighbours in the batch never change a row's random stream), and the rows whose pick
+        failed, with the error."""
+        groups: dict[object, list[int]] = {}
+        for i, row in enumerate(rows):
+            s = self.rows[row].settings
+            groups.setdefault(("argmax", s.config.vocab_size) if s.argmax_only else id(s), []).append(i)
+        tokens, errors = [0] * len(rows), {}
+        for members in groups.values():
+            s = self.rows[rows[members[0]]].settings
+            part = logits if len(members) == len(rows) else logits[members]
+            try:
+                if s.argmax_only:
+                    chosen = part[:, : s.config.vocab_size].argmax(dim=-1)
+                else:
+                    seen = (
+                        self.seen[[rows[i] for i in members]] if s.config.repetition_penalty != 1.0 else None
+                    )
+                    chosen = pick_tokens(part, seen, s.config, s.generator)
+                for i, token in zip(members, chosen.tolist(), strict=True):
+                    tokens[i] = token
+            except Exception as e:  # e.g. non-finite logits: these rows end, the others go on
+                errors.update((rows[i], e) for i in members)
+        return tokens, errors
+
+    def _take(self, row: int, token: int) -> RowStep:
+        """A row's new token: has it stopped, or spent its budget? What text does it release?"""
+        state = self.rows[row]
+        s = state.settings
+        state.generated += 1
+        state.last_token = token
+        state.tail = (state.tail + [token])[-s.longest_stop :]
+        matched = max((len(q) for q in s.stop_sequences if state.tail[-len(q) :] == q), default=0)
+        if not matched and token in s.stop_ids:
+            matched = 1
+        finish = "stop" if matched else "length" if state.generated >= s.config.max_new_tokens else None
+        text = ""
+        if state.text is not None:
+            text, finish = self._text(state, token, matched, finish)
+        return RowStep(row, token, state.generated, text, finish)
+
+    def _text(self, state: _Row, token: int, matched: int, finish: str | None) -> tuple[str, str | None]:
+        """The text a row's new token releases, and its finish reason (a stop string ends it too).
+        `matched` is the length of the stop sequence the token completed (0: none)."""
+        s = state.settings
+        if matched:  # the stop sequence is not shown: drop the new token and the held ones it ends
+            shown = state.held[: max(len(state.held) - (matched - 1), 0)]
+            state.held = []
+        else:
+            state.held.append(token)
+            keep = 0 if finish else min(stop_tokens_held_back(state.tail, s.stop_sequences), len(state.held))
+            shown, state.held = state.held[: len(state.held) - keep], state.held[len(state.held) - keep :]
+        for t in shown:
+            state.pending += state.text.push(t)
+        if finish is not None:
+            state.pending += state.text.flush()
+        text, state.pending = state.pending, ""
+        cut = find_stop(text, s.stop_strings)
+        if cut is not None:
+            return text[:cut], "stop"
+        if finish is None:
+            keep = held_back_length(text, s.stop_strings)
+            text, state.pending = text[: len(text) - keep], text[len(text) - keep :]
+        return text, finish
+
+
+class CUDAGraphDecoder:
+    """One decoding step of every row of a cache captured as a CUDA graph and replayed per token:
+    the whole forward pass becomes a single launch instead of hundreds of small kernels started
+    from Python."""
+
+    def __init__(self, model: Qwen, cache: KVCache):
+        self.tokens = torch.zeros((cache.positions.shape[0], 1), dtype=torch.long, device=model.device)
+        with cache.rollback():
+            side = torch.cuda.Stream()  # warm-up off the main stream, as graph capture requires
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    model.decode_step(self.tokens, cache)
+            torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model.decode_step(self.tokens, cache)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] for tokens [B] (the output buffer is reused by the next call)."""
+        self.tokens.copy_(tokens[:, None])
+        self.graph.replay()
+        return self.logits
+
+
+# ---- a fixed batch, decoded to the end -----------------------------------------------------------
+
+
 def _prepare(model: Qwen, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
     """input_ids as a LongTensor [B, T] on the model's device; a list of prompts is left-padded."""
     config = model.generation_config or GenerationConfig()
@@ -189,12 +538,59 @@ def _prepare(model: Qwen, input_ids, attention_mask) -> tuple[torch.Tensor, torc
         rows = [list(input_ids)] if isinstance(input_ids[0], int) else [list(r) for r in input_ids]
         input_ids, pad_mask = left_pad(rows, config.pad_token_id)
         attention_mask = pad_mask if len(rows) > 1 else None
-    if int(input_ids.max()) >= model.config.vocab_size or int(input_ids.min()) < 0:
-        raise QwenkitError(f"token ids must lie in [0, {model.config.vocab_size})")
     return input_ids.to(model.device), attention_mask
 
 
+def _prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[list[int]]:
+    """Each row's real tokens: those the attention mask keeps."""
+    rows = input_ids.tolist()
+    if attention_mask is None:
+        return rows
+    return [
+        [t for t, keep in zip(r, m, strict=True) if keep]
+        for r, m in zip(rows, attention_mask.tolist(), strict=True)
+    ]
+
+
 @torch.inference_mode()
+def _decode_to_end(
+    model: Qwen,
+    prompts: list[list[int]],
+    tokenizer: Tokenizer | None,
+    stop: Sequence[int | Sequence[int]] | None,
+    stop_strings: Sequence[str],
+    seed: int | None,
+    cuda_graph: bool,
+    settings: dict,
+) -> Iterator[list[RowStep]]:
+    """The RowSteps of a fixed batch, step by step: one prefill, then one decoding step per token
+    until every row has ended. The rows share one RowSettings (so a seed gives the batch one random
+    stream) and one budget, cut where the longest prompt meets the context window; a failure of any
+    row raises."""
+    config = (model.generation_config or GenerationConfig()).updated(**settings)
+    limit = context_length(model)
+    for prompt in prompts:
+        check_prompt(prompt, model.config.vocab_size, limit)
+    longest = max(len(p) for p in prompts)
+    budget = min(config.max_new_tokens, limit - longest)
+    if budget == 0:
+        return
+    config = dataclasses.replace(config, max_new_tokens=budget)
+    row_settings = RowSettings.create(config, model.device, stop, stop_strings, seed)
+    decoder = BatchDecoder(
+        model, len(prompts), longest + budget, tokenizer, cuda_graph=cuda_graph and budget > 1
+    )
+    steps = decoder.prefill(range(len(prompts)), prompts, [row_settings] * len(prompts))
+    while True:
+        for step in steps:
+            if step.error is not None:
+                raise step.error
+        yield steps
+        if not decoder.running:
+            return
+        steps = decoder.decode()
+
+
 def generate_tokens(
     model: Qwen,
     input_ids: torch.Tensor,
@@ -206,77 +602,17 @@ def generate_tokens(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (next_tokens [B], finished [B]) per step; finished rows get the pad id from then on.
     On CUDA each decoding step replays a captured CUDA graph unless `cuda_graph=False`."""
-    config = (model.generation_config or GenerationConfig()).updated(**settings)
     input_ids, attention_mask = _prepare(model, input_ids, attention_mask)
-    b, t = input_ids.shape
-    limit = context_length(model)
-    if t > limit:
-        raise QwenkitError(f"the prompt has {t} tokens; the model's context window is {limit}")
-    max_new = min(config.max_new_tokens, limit - t)
-    if max_new == 0:
-        return
-    stops = config.stop_sequences(stop)
-    single_stops = torch.tensor([s[0] for s in stops if len(s) == 1], dtype=torch.long, device=model.device)
-    multi_stops = [s for s in stops if len(s) > 1]
-    generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
-
-    cache = KVCache(model.config, b, t + max_new, model.device, model.dtype)
-    mask = attention_mask.to(model.device) if attention_mask is not None else None
-    seen = None
-    if config.repetition_penalty != 1.0:
-        seen = torch.zeros((b, model.config.vocab_size), dtype=torch.bool, device=model.device)
-        # padding slots repeat the row's last (real) token, so they add nothing to its seen set
-        real = input_ids if mask is None else torch.where(mask == 0, input_ids[:, -1:], input_ids)
-        seen.scatter_(1, real, True)
-    history = input_ids.tolist() if multi_stops else None
-    finished = torch.zeros(b, dtype=torch.bool, device=model.device)
-    logits = model(input_ids, attention_mask=mask, cache=cache, last_only=True)[:, -1].float()
-    if cuda_graph and model.device.type == "cuda" and max_new > 1:
-        decode = CUDAGraphDecoder(model, cache)
-    else:
-        decode = lambda tokens: model(tokens[:, None], cache=cache, last_only=True)[:, -1]  # noqa: E731
-    for step in range(max_new):
-        tokens = pick_tokens(logits, seen, config, generator)
-        tokens = tokens.masked_fill(finished, config.pad_token_id)
-        done_now = torch.isin(tokens, single_stops)
-        if multi_stops:
-            for row, token in enumerate(tokens.tolist()):
-                history[row].append(token)
-                if any(history[row][-len(s) :] == s for s in multi_stops):
-                    done_now[row] = True
-        finished = finished | done_now
-        yield tokens, finished
-        if bool(finished.all()) or step == max_new - 1:
-            return
-        if seen is not None:
-            seen.scatter_(1, tokens[:, None], True)
-        logits = decode(tokens).float()
-
-
-class CUDAGraphDecoder:
-    """One decoding step captured as a CUDA graph and replayed per token: the whole forward pass
-    becomes a single launch instead of hundreds of small kernels started from Python."""
-
-    def __init__(self, model: Qwen, cache: KVCache):
-        cache.make_static()
-        self.tokens = torch.zeros((cache.positions.shape[0], 1), dtype=torch.long, device=model.device)
-        saved = cache.slot.clone(), cache.next_position.clone(), cache.positions.clone()
-        side = torch.cuda.Stream()  # warm-up off the main stream, as graph capture requires
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                model.decode_step(self.tokens, cache)
-        torch.cuda.current_stream().wait_stream(side)
-        for tensor, value in zip((cache.slot, cache.next_position, cache.positions), saved, strict=True):
-            tensor.copy_(value)  # undo the warm-up; the values it wrote stay masked until overwritten
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = model.decode_step(self.tokens, cache)
-
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.tokens.copy_(tokens[:, None])
-        self.graph.replay()
-        return self.logits
+    prompts = _prompts(input_ids, attention_mask)
+    pad = settings.get("pad_token_id")
+    pad = (model.generation_config or GenerationConfig()).pad_token_id if pad is None else pad
+    finished = [False] * len(prompts)
+    for steps in _decode_to_end(model, prompts, None, stop, (), seed, cuda_graph, settings):
+        tokens = [pad] * len(prompts)
+        for step in steps:
+            tokens[step.row] = step.token
+            finished[step.row] = step.finish_reason == "stop"
+        yield torch.tensor(tokens, device=model.device), torch.tensor(finished, device=model.device)
 
 
 def generate(
@@ -300,58 +636,52 @@ def stream_generate(
     tokenizer: Tokenizer,
     input_ids: torch.Tensor | Sequence[int],
     stop_strings: Sequence[str] = (),
+    stop: Sequence[int | Sequence[int]] | None = None,
+    seed: int | None = None,
+    cuda_graph: bool = True,
     **settings,
 ) -> Iterator[str]:
     """Text deltas of one prompt's continuation. Multi-byte characters are never split; stop tokens
-    are not shown; text is held back while it could still become one of `stop_strings`."""
-    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[0] != 1:
+    and stop sequences are not shown; text is held back while it could still become one of
+    `stop_strings`, and ends before the first one."""
+    prompts = _prompts(*_prepare(model, input_ids, None))
+    if len(prompts) != 1:
         raise QwenkitError("stream_generate takes a single prompt")
-    stops = (model.generation_config or GenerationConfig()).stop_sequences(settings.get("stop"))
-    stop_tokens = {s[-1] for s in stops}
-    decoder = StreamDecoder(tokenizer, skip_special_tokens=True)
-    pending = ""
-    for tokens, finished in generate_tokens(model, input_ids, **settings):
-        token = int(tokens[0])
-        if not (bool(finished[0]) and token in stop_tokens):
-            pending += decoder.push(token)
-        if bool(finished[0]):
-            break
-        cut = find_stop(pending, stop_strings)
-        if cut is not None:
-            if pending[:cut]:
-                yield pending[:cut]
-            return
-        keep = held_back_length(pending, stop_strings)
-        if len(pending) > keep:
-            yield pending[: len(pending) - keep]
-            pending = pending[len(pending) - keep :]
-    pending += decoder.flush()
-    cut = find_stop(pending, stop_strings)
-    if cut is not None:
-        pending = pending[:cut]
-    if pending:
-        yield pending
+    for steps in _decode_to_end(model, prompts, tokenizer, stop, stop_strings, seed, cuda_graph, settings):
+        if steps[0].text:
+            yield steps[0].text
 
 
-def find_stop(text: str, stop_strings: Sequence[str]) -> int | None:
-    """Index of the earliest stop string in `text`, or None."""
-    hits = [i for i in (text.find(s) for s in stop_strings if s) if i >= 0]
-    return min(hits) if hits else None
+@dataclass
+class Continuation:
+    """A prompt's continuation: its new ids (stop tokens included), their text (special tokens and
+    stop sequences not shown, cut before a stop string) and why it ended ("stop" or "length")."""
+
+    ids: list[int]
+    text: str
+    finish_reason: str
 
 
-def held_back_length(text: str, stop_strings: Sequence[str]) -> int:
-    """Length of the longest tail of `text` that is the start of a stop string. Only the last
-    len(stop) - 1 characters are read, and only where the stop's first character occurs, so the
-    cost per call is about the stop strings' total length, whatever the length of `text`."""
-    longest = 0
-    for s in stop_strings:
-        if not s:
-            continue
-        end = len(text) - longest  # a tail starting at or after `end` is no longer than `longest`
-        start = text.find(s[0], max(len(text) - len(s) + 1, 0), end)
-        while start >= 0:
-            if s.startswith(text[start:]):
-                longest = len(text) - start
-                break
-            start = text.find(s[0], start + 1, end)
-    return longest
+def generate_text(
+    model: Qwen,
+    tokenizer: Tokenizer,
+    prompts: Sequence[Sequence[int]],
+    stop_strings: Sequence[str] = (),
+    stop: Sequence[int | Sequence[int]] | None = None,
+    seed: int | None = None,
+    cuda_graph: bool = True,
+    **settings,
+) -> list[Continuation]:
+    """The continuations of several prompts, decoded together as one batch; each row ends on its
+    own (a stop, a stop string, or the budget). Settings as for `generate`."""
+    rows = [list(p) for p in prompts]
+    results = [Continuation([], "", "length") for _ in rows]
+    if not rows:
+        return results
+    for steps in _decode_to_end(model, rows, tokenizer, stop, stop_strings, seed, cuda_graph, settings):
+        for step in steps:
+            result = results[step.row]
+            result.ids.append(step.token)
+            result.text += step.text
+            result.finish_reason = step.finish_reason or result.finish_reason
+    return results

@@ -9,9 +9,10 @@ peft adapters and checkpoints are interchangeable with it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -71,11 +72,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class KVCache:
     """Preallocated keys/values for every layer, plus what decoding must remember.
 
-    Slots are filled left to right for all rows at once (prompts are left-padded), so one integer
-    `length` tells how many are in use. `positions` holds each slot's real position (-1 for padding)
-    and `inv_freq` the rotary frequencies with the dynamic-NTK factor fixed at prefill, as the
-    original does. `Qwen.decode_step` instead writes each row at its own device-side `slot`, so rows
-    of different lengths can decode together (CUDA graphs; the batching server in qwenkit.serve).
+    Two ways of filling it. `Qwen.forward` fills slots left to right for all rows at once (prompts
+    are left-padded), so one integer `length` tells how many are in use; that is a prefill.
+    `Qwen.decode_step` instead writes each row at its own device-side `slot`, so rows of different
+    lengths decode together (CUDA graphs; the rows of `qwenkit.generation.BatchDecoder`): `insert`
+    moves prefilled prompts into such rows. `positions` holds each slot's real position (-1 for
+    padding) and `inv_freq` the rotary frequencies with the dynamic-NTK factor fixed at prefill, as
+    the original does.
     """
 
     def __init__(self, config: QwenConfig, batch_size: int, max_length: int, device, dtype):
@@ -87,9 +90,10 @@ class KVCache:
             max_length,
             config.head_dim,
         )
-        storage = torch.zeros(shape, device=device, dtype=dtype)  # one allocation, viewed per layer
-        self.keys, self.values = list(storage[0]), list(storage[1])
+        self.storage = torch.zeros(shape, device=device, dtype=dtype)  # one allocation, viewed per layer
+        self.keys, self.values = list(self.storage[0]), list(self.storage[1])
         self.positions = torch.full((batch_size, max_length), -1, dtype=torch.long, device=device)
+        self.head_dim = config.head_dim
         self.inv_freq: torch.Tensor | None = None
         self.slot: torch.Tensor | None = None  # [B] write slot of each row, for decode_step
         self.next_position: torch.Tensor | None = None  # [B, 1] position of each row's next token
@@ -101,15 +105,49 @@ class KVCache:
         """Positions [B, 1] of the token that follows what is cached."""
         return self.positions[:, : self.length].max(dim=1, keepdim=True).values + 1
 
-    def make_static(self) -> None:
-        """Keep the write slots and next positions on the device, for `Qwen.decode_step`."""
-        self.slot = torch.full((self.positions.shape[0],), self.length, device=self.positions.device)
-        self.next_position = self.next_positions()
+    def insert(self, rows: Sequence[int], prefilled: KVCache) -> None:
+        """Move the prompts of a prefilled cache (left-padded, as `Qwen.forward` fills it) into
+        `rows` of this one, each from slot 0, ready for `Qwen.decode_step`."""
+        device = self.positions.device
+        if self.slot is None:
+            batch = self.positions.shape[0]
+            self.slot = torch.zeros(batch, dtype=torch.long, device=device)
+            self.next_position = torch.zeros((batch, 1), dtype=torch.long, device=device)
+            self.inv_freq = torch.zeros((batch, self.head_dim // 2), device=device)
+        width = prefilled.length
+        lengths = (prefilled.positions[:, :width] >= 0).sum(dim=1)
+        for i, (row, n) in enumerate(zip(rows, lengths.tolist(), strict=True)):
+            self.storage[:, :, row, :, :n] = prefilled.storage[:, :, i, :, width - n : width]
+        index = torch.tensor(list(rows), device=device)
+        slots = torch.arange(self.max_length, device=device)
+        lengths = lengths.to(device)
+        self.positions[index] = torch.where(slots < lengths[:, None], slots, -1)
+        self.slot[index] = lengths
+        self.next_position[index] = lengths[:, None]
+        self.inv_freq[index] = prefilled.inv_freq
+
+    def park(self, rows: Sequence[int]) -> None:
+        """Rows not in use: the next `decode_step` writes their (dummy) token at slot 0, so a row
+        that is decoded while empty never runs past the end of the cache."""
+        self.slot[list(rows)] = 0
+        self.next_position[list(rows)] = 0
+
+    @contextlib.contextmanager
+    def rollback(self) -> Iterator[None]:
+        """Decoding steps run inside leave every row's slot and positions as they were; the keys and
+        values they wrote stay masked until overwritten (warming up before a CUDA graph capture)."""
+        saved = self.slot.clone(), self.next_position.clone(), self.positions.clone()
+        try:
+            yield
+        finally:
+            for tensor, value in zip((self.slot, self.next_position, self.positions), saved, strict=True):
+                tensor.copy_(value)
 
     def first_rows(self, n: int) -> KVCache:
         """A view of rows [0, n) sharing this cache's storage: decode only the rows in use."""
         view = copy.copy(self)
-        view.keys, view.values = [k[:n] for k in self.keys], [v[:n] for v in self.values]
+        view.storage = self.storage[:, :, :n]
+        view.keys, view.values = list(view.storage[0]), list(view.storage[1])
         view.positions = self.positions[:n]
         for name in ("inv_freq", "slot", "next_position"):
             if getattr(self, name) is not None:
@@ -319,7 +357,7 @@ class Qwen(nn.Module):
         `cache.next_position`. With `width` None every cache slot is attended under a mask, so shapes
         and control flow never depend on the data and a CUDA graph can capture it; a `width` attends
         only the first `width` slots (eager batched decoding of rows with different lengths).
-        Call `cache.make_static()` after a prefill, or set slot and next_position per row."""
+        The rows come from `cache.insert` after a prefill."""
         config = self.config
         positions = cache.next_position
         rows = torch.arange(tokens.shape[0], device=tokens.device)
