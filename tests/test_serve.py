@@ -8,6 +8,7 @@ tested in two parts: the reply reader on written replies, and end to end with a 
 where the server writes `Action: NAME` and the model only fills in the arguments.
 """
 
+import dataclasses
 import json
 import re
 import socket
@@ -86,19 +87,12 @@ def test_decode_step_with_per_row_slots_equals_forward(model):
     """Rows of different lengths decode together, each at its own slot, within a narrowed width."""
     prompts = [random_prompt(n, n) for n in (7, 19, 12)]
     cache = KVCache(model.config, 3, 40, model.device, model.dtype)
-    cache.slot = torch.tensor([7, 19, 12])
-    cache.next_position = cache.slot[:, None].clone()
-    cache.inv_freq = torch.zeros(3, model.config.head_dim // 2)
     expected = []
     with torch.no_grad():
         for row, prompt in enumerate(prompts):
             scratch = KVCache(model.config, 1, len(prompt), model.device, model.dtype)
             model(torch.tensor([prompt]), cache=scratch)
-            for layer in range(model.config.num_hidden_layers):
-                cache.keys[layer][row, :, : len(prompt)] = scratch.keys[layer][0]
-                cache.values[layer][row, :, : len(prompt)] = scratch.values[layer][0]
-            cache.positions[row, : len(prompt)] = torch.arange(len(prompt))
-            cache.inv_freq[row] = scratch.inv_freq[0]
+            cache.insert([row], scratch)
             expected.append(model(torch.tensor([prompt + [5, 6]]))[0, -2:])
         view = cache.first_rows(3)
         steps = [
@@ -153,6 +147,28 @@ def test_engine_stop_strings_are_cut_and_held_back(model, tokenizer, engine):
     assert text == full[: full.index(stop)]
     assert streamed[-1].finish_reason == "stop"
     assert all(stop not in c.text for c in streamed)
+
+
+def test_engine_honours_multi_token_stop_sequences(model, tokenizer):
+    """A stop sequence of several tokens (a checkpoint's `stop_words_ids`) ends a request where it
+    ends `generate`; as with a stop id, its tokens are not shown, in the engine and in stream_generate."""
+    prompt = random_prompt(6, 3)
+    full = model.generate(prompt, max_new_tokens=20, do_sample=False, stop=[])[0, 6:].tolist()
+    stop = full[5:7]
+    first = next(i for i in range(len(full) - 1) if full[i : i + 2] == stop)
+    defaults = model.generation_config
+    model.generation_config = dataclasses.replace(defaults, stop_words_ids=[stop])
+    engine = Engine(model, tokenizer, max_batch=2)
+    try:
+        result = engine.generate(prompt, SamplingParams(max_tokens=20, temperature=0))
+        ids = model.generate(prompt, max_new_tokens=20, do_sample=False)[0, 6:].tolist()
+        streamed = "".join(model.stream_generate(tokenizer, prompt, max_new_tokens=20, do_sample=False))
+    finally:
+        engine.close()
+        model.generation_config = defaults
+    assert ids == full[: first + 2]
+    assert result.finish_reason == "stop" and result.completion_tokens == first + 2
+    assert result.text == streamed == tokenizer.decode(full[:first])
 
 
 def test_engine_cancel_frees_the_row_within_a_step(engine):
@@ -498,9 +514,9 @@ def test_a_request_that_fails_inside_the_engine_ends_alone(server, monkeypatch):
     seed 999, the model and everything else real), that request ends with an OpenAI error (a stream
     with an error event and [DONE], a whole reply with a 500) and the requests decoded beside it go
     on to the same text they give without it."""
-    from qwenkit.serve import engine as engine_module
+    from qwenkit import generation
 
-    engine, real_pick = server.app.state.engine, engine_module.pick_tokens
+    engine, real_pick = server.app.state.engine, generation.pick_tokens
     calls, running_at_failure = {}, []
 
     def pick_or_fail(logits, seen, config, generator):
@@ -511,7 +527,7 @@ def test_a_request_that_fails_inside_the_engine_ends_alone(server, monkeypatch):
                 raise RuntimeError("injected sampling fault")
         return real_pick(logits, seen, config, generator)
 
-    monkeypatch.setattr(engine_module, "pick_tokens", pick_or_fail)
+    monkeypatch.setattr(generation, "pick_tokens", pick_or_fail)
     url = f"{server.url}/v1/completions"
     others = [
         {"prompt": "The first neighbour", "max_tokens": 60, "temperature": 0, "stream": True},

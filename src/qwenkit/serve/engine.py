@@ -1,14 +1,19 @@
 """Continuous batching: one model, one device, many concurrent requests.
 
-A background thread owns the model and a KV cache of `max_batch` rows (slots). Each loop:
+A background thread drives the decoding core (`qwenkit.generation.BatchDecoder`, whose KV cache
+holds `max_batch` rows), one request per row. Each loop:
 
-1. new requests are prefilled together (left-padded, one forward pass) and their keys/values are
-   copied into free rows, so they join the running batch at the next step;
-2. one `Qwen.decode_step` advances every running row by a token; each row writes at its own
-   cache slot and position, so rows of any length decode together;
+1. new requests are prefilled together (left-padded, one forward pass) into free rows, so they
+   join the running batch at the next step;
+2. one decoding step advances every running row by a token, each row at its own cache slot, so
+   rows of any length decode together;
 3. each row picks its token with its own settings and its own `torch.Generator` (seeded requests
-   give the same text alone or in a batch), its text is pushed to the request's output, and
-   finished or cancelled requests leave at once, freeing their row.
+   give the same text alone or in a batch), its text goes to the request's output, and finished
+   or cancelled requests leave at once, freeing their row.
+
+The engine itself keeps only what serving needs: the thread, admission (how many prompt tokens
+one prefill takes), cancellation, and fault isolation. Stops, sampling and text are the core's,
+the same as `qwenkit.generation.generate`'s.
 
 Using it:
 
@@ -42,15 +47,15 @@ import torch
 from qwenkit.errors import QwenkitError
 from qwenkit.generation import (
     GREEDY_BELOW,
+    BatchDecoder,
     GenerationConfig,
+    RowSettings,
+    RowStep,
+    check_prompt,
     context_length,
-    find_stop,
-    held_back_length,
-    left_pad,
-    pick_tokens,
 )
-from qwenkit.model import KVCache, Qwen
-from qwenkit.tokenizer import StreamDecoder, Tokenizer
+from qwenkit.model import Qwen
+from qwenkit.tokenizer import Tokenizer
 
 
 @dataclass
@@ -90,21 +95,13 @@ class Completion:
 
 @dataclass
 class _Request:
-    """Engine-side state of one request; only the engine thread touches the mutable fields."""
+    """Engine-side state of one request; only the engine thread sets `row`."""
 
     prompt: list[int]
-    config: GenerationConfig
-    max_tokens: int
-    stop_ids: set[int]
-    stop_strings: list[str]
-    generator: torch.Generator | None
+    settings: RowSettings
     deliver: Callable[[Chunk | BaseException], None]
-    decoder: StreamDecoder
     cancelled: threading.Event = field(default_factory=threading.Event)
     row: int = -1
-    generated: int = 0
-    last_token: int = 0
-    pending: str = ""  # decoded text held back while it could still become a stop string
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -136,15 +133,9 @@ class Engine:
         self.max_seq_len = min(max_seq_len or context_length(model), context_length(model))
         self.prefill_tokens = prefill_tokens  # padded prompt tokens prefilled in one forward pass
         self.defaults = model.generation_config or GenerationConfig()
-        config, device = model.config, model.device
-        self.cache = KVCache(config, max_batch, self.max_seq_len, device, model.dtype)
-        self.cache.slot = torch.zeros(max_batch, dtype=torch.long, device=device)
-        self.cache.next_position = torch.zeros((max_batch, 1), dtype=torch.long, device=device)
-        self.cache.inv_freq = torch.zeros((max_batch, config.head_dim // 2), device=device)
-        self.seen = torch.zeros((max_batch, config.vocab_size), dtype=torch.bool, device=device)
-        self.rows: list[_Request | None] = [None] * max_batch
+        self.decoder = BatchDecoder(model, max_batch, self.max_seq_len, tokenizer)
+        self.rows: list[_Request | None] = [None] * max_batch  # the request decoding in each row
         self.waiting: list[_Request] = []
-        self.prefilling: list[_Request] = []
         self.inbox: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self.steps = 0  # decoding steps run (for tests and monitoring)
         self._closed = False
@@ -158,16 +149,10 @@ class Engine:
         """Requests holding a row now."""
         return sum(r is not None for r in self.rows)
 
-    def validate(self, prompt: Sequence[int], params: SamplingParams) -> tuple[GenerationConfig, int]:
-        """(generation config, max new tokens) for a request, or QwenkitError saying what is wrong."""
-        if not prompt:
-            raise QwenkitError("the prompt is empty")
-        if len(prompt) >= self.max_seq_len:
-            raise QwenkitError(
-                f"the prompt has {len(prompt)} tokens; this server's context window is {self.max_seq_len}"
-            )
-        if min(prompt) < 0 or max(prompt) >= self.model.config.vocab_size:
-            raise QwenkitError(f"token ids must lie in [0, {self.model.config.vocab_size})")
+    def validate(self, prompt: Sequence[int], params: SamplingParams) -> RowSettings:
+        """The decoding settings of a request, or QwenkitError saying what is wrong with it."""
+        vocab_size = self.model.config.vocab_size
+        check_prompt(prompt, vocab_size, self.max_seq_len, reserve=1, owner="this server's")
         greedy = params.temperature is not None and 0 <= params.temperature < GREEDY_BELOW
         settings = {
             "temperature": None if greedy else params.temperature,
@@ -190,28 +175,16 @@ class Engine:
             )
         if any(not s for s in params.stop):
             raise QwenkitError("stop strings must not be empty")
-        return config, max_tokens
+        config.max_new_tokens = max_tokens
+        stop = [[int(i)] for i in params.stop_token_ids]
+        return RowSettings.create(config, self.model.device, stop, params.stop, params.seed)
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, deliver) -> _Request:
         """Queue a request; `deliver(item)` is called from the engine thread with each Chunk, or an
         exception. Returns a handle whose `cancel()` removes the request within one step."""
         if self._closed:
             raise _CLOSED
-        config, max_tokens = self.validate(prompt, params)
-        stops = config.stop_sequences([[int(i)] for i in params.stop_token_ids])
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
-        request = _Request(
-            prompt=[int(i) for i in prompt],
-            config=config,
-            max_tokens=max_tokens,
-            stop_ids={s[0] for s in stops if len(s) == 1},
-            stop_strings=list(params.stop),
-            generator=generator,
-            deliver=deliver,
-            decoder=StreamDecoder(self.tokenizer, skip_special_tokens=True),
-        )
+        request = _Request([int(i) for i in prompt], self.validate(prompt, params), deliver)
         self.inbox.put(request)
         return request
 
@@ -278,15 +251,14 @@ class Engine:
                 try:
                     self._admit()
                     if self.active:
-                        self._decode()
+                        self._deliver(self.decoder.decode())
+                        self.steps += 1
                 except Exception as e:  # e.g. out of memory: fail the running requests, keep serving
                     failure = _failure(e)
-                    for request in {
-                        id(r): r for r in [*self.prefilling, *self.rows] if r is not None
-                    }.values():
-                        request.deliver(failure)
-                    self.rows = [None] * self.max_batch
-                    self.prefilling = []
+                    for row, request in enumerate(self.rows):
+                        if request is not None:
+                            self._end(row)
+                            request.deliver(failure)
         for request in [*self.waiting, *(r for r in self.rows if r is not None)]:
             request.deliver(_CLOSED)
 
@@ -306,11 +278,12 @@ class Engine:
         self.waiting = [r for r in self.waiting if not r.cancelled.is_set()]
         for row, request in enumerate(self.rows):
             if request is not None and request.cancelled.is_set():
-                self.rows[row] = None
+                self._end(row)
 
     def _admit(self) -> None:
-        """Prefill waiting requests into free rows (lowest first, so running rows stay packed)."""
-        free = [row for row, r in enumerate(self.rows) if r is None]
+        """Prefill waiting requests into free rows (lowest first, so running rows stay packed), as
+        many as fit in `prefill_tokens` padded prompt tokens."""
+        free = self.decoder.free_rows
         batch: list[_Request] = []
         while self.waiting and len(batch) < len(free):
             longest = max([len(r.prompt) for r in batch] + [len(self.waiting[0].prompt)])
@@ -319,102 +292,33 @@ class Engine:
             batch.append(self.waiting.pop(0))
         if not batch:
             return
-        self.prefilling = batch
-        ids, mask = left_pad([r.prompt for r in batch], self.defaults.pad_token_id)
-        device = self.model.device
-        scratch = KVCache(self.model.config, len(batch), ids.shape[1], device, self.model.dtype)
-        attention_mask = mask.to(device) if len(batch) > 1 else None
-        logits = self.model(ids.to(device), attention_mask=attention_mask, cache=scratch, last_only=True)
-        width = ids.shape[1]
-        for i, (request, row) in enumerate(zip(batch, free, strict=False)):
-            n = len(request.prompt)
-            for layer in range(self.model.config.num_hidden_layers):
-                self.cache.keys[layer][row, :, :n] = scratch.keys[layer][i, :, width - n :]
-                self.cache.values[layer][row, :, :n] = scratch.values[layer][i, :, width - n :]
-            self.cache.positions[row] = -1
-            self.cache.positions[row, :n] = torch.arange(n, device=device)
-            self.cache.inv_freq[row] = scratch.inv_freq[i]
-            self.cache.slot[row] = n
-            self.cache.next_position[row, 0] = n
-            self.seen[row] = False
-            if request.config.repetition_penalty != 1.0:
-                self.seen[row, torch.tensor(request.prompt, device=device)] = True
+        rows = free[: len(batch)]
+        for request, row in zip(batch, rows, strict=True):
             request.row = row
             self.rows[row] = request
-        self._advance(batch, logits[:, -1].float())
-        self.prefilling = []
+        self._deliver(self.decoder.prefill(rows, [r.prompt for r in batch], [r.settings for r in batch]))
 
-    def _decode(self) -> None:
-        """One token for every running row."""
-        used = max(row for row, r in enumerate(self.rows) if r is not None) + 1
-        tokens = torch.full((used, 1), self.defaults.pad_token_id, dtype=torch.long)
-        holes = []
-        for row in range(used):
-            request = self.rows[row]
-            if request is not None:
-                tokens[row, 0] = request.last_token
-            else:
-                holes.append(row)
-        if holes:  # a free row between running ones decodes a dummy token at slot 0, never overflowing
-            self.cache.slot[holes] = 0
-            self.cache.next_position[holes] = 0
-        cache = self.cache.first_rows(used)
-        width = int(cache.slot.max()) + 1
-        logits = self.model.decode_step(tokens.to(self.model.device), cache, width=width).float()
-        self.steps += 1
-        running = [row for row in range(used) if self.rows[row] is not None]
-        self._advance([self.rows[row] for row in running], logits[running])
-
-    def _advance(self, requests: list[_Request], logits: torch.Tensor) -> None:
-        """Pick and emit each request's next token from its logits row: one argmax for all plain
-        greedy rows, each other row with its own settings and generator (so batch neighbours never
-        change it). A request whose own step fails ends with the error; the others go on."""
-        vocab = self.tokenizer.vocab_size
-        plain = [r.config.greedy and r.config.repetition_penalty == 1.0 and r.config.vocab_size == vocab
-                 for r in requests]  # fmt: skip
-        greedy = logits[:, :vocab].argmax(dim=-1).tolist() if any(plain) else []
-        for i, request in enumerate(requests):
+    def _deliver(self, steps: list[RowStep]) -> None:
+        """Send each row's new text to its request; a request whose own step failed ends with the
+        error, and one that has finished leaves its row. The other requests go on."""
+        for step in steps:
+            request = self.rows[step.row]
             try:
-                token = greedy[i] if plain[i] else self._sample(request, logits[i : i + 1])
-                self._emit(request, token)
+                if step.error is not None:
+                    raise step.error
+                if step.finish_reason is not None:
+                    self._end(step.row)
+                if step.text or step.finish_reason is not None:
+                    chunk = Chunk(step.text, step.finish_reason, len(request.prompt), step.generated)
+                    request.deliver(chunk)
             except Exception as e:
-                self.rows[request.row] = None
+                self._end(step.row)
                 request.deliver(_failure(e))
 
-    def _sample(self, request: _Request, logits: torch.Tensor) -> int:
-        """The next token of a request that samples or penalizes repetition, from its logits [1, V]."""
-        config = request.config
-        seen = self.seen[request.row : request.row + 1] if config.repetition_penalty != 1.0 else None
-        return int(pick_tokens(logits, seen, config, request.generator)[0])
-
-    def _emit(self, request: _Request, token: int) -> None:
-        """Take the request's next token: deliver its text, retire the request when done."""
-        row = request.row
-        request.last_token = token
-        request.generated += 1
-        if request.config.repetition_penalty != 1.0:
-            self.seen[row, token] = True
-        finish = None
-        if token in request.stop_ids:
-            finish = "stop"
-        else:
-            request.pending += request.decoder.push(token)
-            if request.generated >= request.max_tokens:
-                finish = "length"
-        if finish is not None:
-            request.pending += request.decoder.flush()
-        text = request.pending
-        cut = find_stop(text, request.stop_strings)
-        if cut is not None:
-            text, finish = text[:cut], "stop"
-        elif finish is None:
-            keep = held_back_length(text, request.stop_strings)
-            text, request.pending = text[: len(text) - keep], text[len(text) - keep :]
-        if finish is None and not text:
-            return
-        request.deliver(Chunk(text, finish, len(request.prompt), request.generated))
-        if finish is not None:
-            self.rows[row] = None
+    def _end(self, row: int) -> None:
+        """Free a row (its request finished, failed or was cancelled)."""
+        self.rows[row] = None
+        self.decoder.release(row)
 
 
 def _failure(error: Exception) -> GenerationFailed:
