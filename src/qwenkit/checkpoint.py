@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from qwenkit.config import QwenConfig
+from qwenkit.devices import pick_device
 from qwenkit.errors import QwenkitError
 from qwenkit.model import Qwen, cpu_decode_layout
 from qwenkit.tokenizer import Tokenizer
@@ -348,9 +349,9 @@ def load(
 ) -> tuple[Qwen, Tokenizer]:
     """Load a checkpoint directory (original Qwen or Qwen2 layout) -> (model in eval mode, tokenizer).
 
-    With no path, the embedded demo model. dtype: float32, bfloat16 or float16; by default float32
-    on CPU and the checkpoint's own dtype on GPUs. `adapter`: a LoRA adapter directory (peft
-    format) merged into the weights.
+    With no path, the embedded demo model. device: cpu, cuda, cuda:N or "auto" (cuda when available).
+    dtype: float32, bfloat16 or float16; "auto" (or None) is float32 on CPU and the checkpoint's own
+    dtype on GPUs. `adapter`: a LoRA adapter directory (peft format) merged into the weights.
     """
     if path is None:
         from qwenkit import default_model_path
@@ -359,9 +360,7 @@ def load(
     directory = Path(path)
     hf = read_config_json(directory)
     config, layout = config_from_hf(hf)
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise QwenkitError("device cuda was asked for but no CUDA GPU is available")
+    device = pick_device(device)
     stored = hf.get("torch_dtype") or hf.get("dtype")
     default = DTYPES.get(stored, torch.bfloat16) if device.type != "cpu" else torch.float32
     dtype = resolve_dtype(dtype, default)
