@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from qwenkit.cli.data import add_pack_arguments, input_source, run_pack
 from qwenkit.data import PackedDataset, Source, pack_documents, plan_documents
-from qwenkit.data.pack import add_pack_arguments, input_source, run_pack
 from qwenkit.errors import QwenkitError
 from qwenkit.tokenizer import Tokenizer
 

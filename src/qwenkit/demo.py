@@ -613,7 +613,7 @@ def _loss_summary(run: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------
-# the model card's measured part and the command line
+# the model card's measured part, the record of a build, held-out measurement
 
 CARD_BEGIN, CARD_END = "<!-- measured:begin -->", "<!-- measured:end -->"
 SCORE_NAMES = {
@@ -666,29 +666,21 @@ def write_model_card(report: dict, card: Path) -> None:
     card.write_text(text[:start] + "\n".join(lines) + text[end:], encoding="utf-8")
 
 
-def run_build(args) -> int:
+def record_build(report: dict, work: Path, out: Path, card: bool = True) -> None:
+    """Write a build's measurements next to the model (out/eval.json) and, with `card` and a source
+    checkout, into docs/demo-model.md with the loss plots of `work`'s runs."""
     import shutil
 
-    settings = BuildSettings(seed=args.seed)
-    work, out = Path(args.work), Path(args.out)
-    report = build(work, out, settings, args.overrides)
     (out / "eval.json").write_text(json.dumps({k: report[k] for k in ("scores", "settings", "timings",
                                    "minutes", "losses")}, indent=1) + "\n")  # fmt: skip
     docs = REPO_ROOT / "docs"
-    if args.card and (docs / "demo-model.md").is_file():
+    if card and (docs / "demo-model.md").is_file():
         write_model_card(report, docs / "demo-model.md")
         for name in ("pretrain", "sft"):
             shutil.copy(work / name / "loss.png", docs / f"demo-model-{name}-loss.png")
-    print(score_table(report["scores"]))
-    print(f"demo model written to {out} in {report['minutes']} minutes")
-    return 0
 
 
-def run_eval(args) -> int:
-    from qwenkit.checkpoint import load
-
-    model, tokenizer = load(args.model or DEMO_MODEL_DIR, dtype="float32")
-    train = {prompt_key(e) for e in generate_examples(BuildSettings.sft_examples, args.seed + 1)}
-    report = evaluate_examples(model, tokenizer, held_out_examples(args.count, args.seed + 1000, train))
-    print(score_table(report["scores"]))
-    return 0
+def evaluate_held_out(model, tokenizer, count: int, seed: int = 0) -> dict:
+    """Measure a model on `count` held-out prompts of the build with `seed` (none of its training prompts)."""
+    train = {prompt_key(e) for e in generate_examples(BuildSettings.sft_examples, seed + 1)}
+    return evaluate_examples(model, tokenizer, held_out_examples(count, seed + 1000, train))

@@ -10,11 +10,9 @@ language and tokenizer, like the report's Figure 3.
 
 from __future__ import annotations
 
-import argparse
 import heapq
 import json
 import os
-import time
 import unicodedata
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -462,97 +460,3 @@ def write_stats(rows: Sequence[dict], out_png: str | Path) -> None:
     fig.tight_layout()
     Path(out_png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, format="png", dpi=120)
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI glue: `qwenkit tokenizer train` and `qwenkit tokenizer stats`
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--input",
-        nargs="+",
-        required=True,
-        metavar="FILE",
-        help="training text: plain text or .jsonl ('text')",
-    )
-    parser.add_argument(
-        "--vocab-size",
-        type=int,
-        required=True,
-        metavar="N",
-        help="BPE ranks in all (special tokens come on top)",
-    )
-    parser.add_argument(
-        "--out", required=True, metavar="DIR", help=f"directory to write {VOCAB_FILENAME} into"
-    )
-    parser.add_argument(
-        "--base",
-        metavar="VOCAB_FILE",
-        help=f"extend this {VOCAB_FILENAME} (or checkpoint directory): its ranks are kept, new ones appended",
-    )
-
-
-def run_train(args: argparse.Namespace) -> int:
-    counts = CorpusCounts()
-    start = time.perf_counter()
-    tokenizer = train_tokenizer(args.input, args.vocab_size, args.out, base=args.base, counts=counts)
-    seconds = time.perf_counter() - start
-    how = f"extending {args.base}" if args.base else "from scratch"
-    short = f" (text ran out of pairs before {args.vocab_size})" if tokenizer.n_bpe < args.vocab_size else ""
-    skipped = f", {counts.bad_lines} bad JSONL lines skipped" if counts.bad_lines else ""
-    print(
-        f"trained {tokenizer.n_bpe} BPE ranks {how}{short} on {counts.bytes / 1e6:.1f} MB of text"
-        f"{skipped} in {seconds:.1f} s -> {tokenizer.path}"
-    )
-    return 0
-
-
-def add_stats_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--tokenizer",
-        action="append",
-        required=True,
-        metavar="[NAME=]PATH",
-        help=f"a {VOCAB_FILENAME} file or checkpoint directory; repeat to compare (named by NAME or the path)",
-    )
-    parser.add_argument(
-        "--input",
-        nargs="+",
-        required=True,
-        metavar="FILE",
-        help="one file per language or source, named by its stem",
-    )
-    parser.add_argument(
-        "--out", metavar="DIR", help="also write DIR/stats.json and the bar chart DIR/stats.png"
-    )
-
-
-def parse_tokenizer_specs(specs: Sequence[str]) -> dict[str, Tokenizer]:
-    """`NAME=PATH` or `PATH` -> {name: Tokenizer}; a bare path is named by its directory for a
-    checkpoint or a file called qwen.tiktoken, else by its stem."""
-    tokenizers: dict[str, Tokenizer] = {}
-    for spec in specs:
-        name, sep, path_text = spec.partition("=")
-        if not sep or not name or Path(spec).exists():
-            name, path_text = "", spec
-        path = Path(path_text)
-        if not name:
-            named = path.resolve().parent if path.name == VOCAB_FILENAME else path.resolve()
-            name = named.name if path.is_dir() or path.name == VOCAB_FILENAME else path.stem
-        if name in tokenizers:
-            raise QwenkitError(f"two tokenizers are named {name!r}: name them with NAME=PATH")
-        tokenizers[name] = Tokenizer.from_file(path)
-    return tokenizers
-
-
-def run_stats(args: argparse.Namespace) -> int:
-    out = check_output_dir(args.out) if args.out else None
-    rows = compression_stats(parse_tokenizer_specs(args.tokenizer), args.input)
-    print(format_stats_table(rows))
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "stats.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
-        write_stats(rows, out / "stats.png")
-        print(f"wrote {out / 'stats.json'} and {out / 'stats.png'}")
-    return 0

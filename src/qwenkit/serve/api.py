@@ -784,20 +784,3 @@ def _completion_prompts(tokenizer: Tokenizer, prompt) -> list[list[int]]:
     if len(prompts) > MAX_N:
         raise APIError(f"at most {MAX_N} prompts per request", param="prompt")
     return prompts
-
-
-def serve(args) -> int:
-    """`qwenkit serve`: load the model and run the API with uvicorn until interrupted."""
-    import uvicorn
-
-    from qwenkit.cli import load_model
-
-    if not 1 <= args.max_batch <= 1024:
-        raise QwenkitError("--max-batch must be between 1 and 1024")
-    model, tokenizer, path = load_model(args)
-    name = args.model_name or Path(path).name
-    app = create_app(model, tokenizer, name, api_key=args.api_key, max_batch=args.max_batch,
-                     max_seq_len=args.max_seq_len)  # fmt: skip
-    print(f"qwenkit serve: {path} as {name!r} on http://{args.host}:{args.port} (max batch {args.max_batch})")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
-    return 0

@@ -1,0 +1,272 @@
+"""Data verbs: `qwenkit tokenizer train|stats` (qwenkit.tokenizer_train) and `qwenkit data pack`
+(qwenkit.data.pack)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qwenkit.cli.common import add_verb, seed_value
+from qwenkit.errors import QwenkitError
+from qwenkit.tokenizer import VOCAB_FILENAME, Tokenizer
+
+if TYPE_CHECKING:
+    from qwenkit.data.pack import Source
+
+
+def add_parsers(verbs) -> None:
+    p = add_verb(
+        verbs,
+        "tokenizer",
+        "train or extend a BPE vocabulary, and compare tokenizers' compression",
+        "  qwenkit tokenizer train --input en.txt zh.jsonl --vocab-size 32000 --out my-tok\n"
+        "  qwenkit tokenizer train --input zh.jsonl --base qwen.tiktoken --vocab-size 159643 --out qwen-zh\n"
+        "  qwenkit tokenizer stats --tokenizer official=qwen.tiktoken --tokenizer my-tok --input en.txt zh.txt",
+    )
+    steps = p.add_subparsers(dest="tokenizer_verb", metavar="STEP", required=True)
+    q = add_verb(
+        steps,
+        "train",
+        "train a byte-level BPE vocabulary (or extend one with --base) and write qwen.tiktoken",
+        "  qwenkit tokenizer train --input corpus.jsonl --vocab-size 32000 --out my-tok\n"
+        "  qwenkit tokenizer train --input zh.jsonl --base qwen.tiktoken --vocab-size 159643 --out qwen-zh",
+    )
+    add_train_arguments(q)
+    q.set_defaults(run=run_tokenizer_train)
+    q = add_verb(
+        steps,
+        "stats",
+        "compression (bytes per token, tokens per character) per input and tokenizer, with a bar chart",
+        "  qwenkit tokenizer stats --tokenizer official=qwen.tiktoken --tokenizer my-tok --input en.txt zh.txt --out stats/",
+    )
+    add_stats_arguments(q)
+    q.set_defaults(run=run_tokenizer_stats)
+
+    p = add_verb(
+        verbs,
+        "data",
+        "prepare pretraining data",
+        "  qwenkit data pack --input web.jsonl:0.5 code/:2 --tokenizer qwen.tiktoken --seq-len 2048 --out data/packed",
+    )
+    steps = p.add_subparsers(dest="data_verb", metavar="STEP", required=True)
+    q = add_verb(
+        steps,
+        "pack",
+        "tokenize documents, shuffle, concatenate and cut into seq_len + 1 windows",
+        "  qwenkit data pack --input corpus.jsonl --tokenizer qwen.tiktoken --seq-len 2048 --out data/packed\n"
+        "  qwenkit data pack --input web.jsonl:0.5 books.parquet code/:2 --tokenizer ckpt/ --seq-len 4096 "
+        "--out data/mix --val-fraction 0.01",
+    )
+    add_pack_arguments(q)
+    q.set_defaults(run=run_pack)
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer train, tokenizer stats
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="training text: plain text or .jsonl ('text')",
+    )
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        required=True,
+        metavar="N",
+        help="BPE ranks in all (special tokens come on top)",
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", help=f"directory to write {VOCAB_FILENAME} into"
+    )
+    parser.add_argument(
+        "--base",
+        metavar="VOCAB_FILE",
+        help=f"extend this {VOCAB_FILENAME} (or checkpoint directory): its ranks are kept, new ones appended",
+    )
+
+
+def run_tokenizer_train(args: argparse.Namespace) -> int:
+    from qwenkit.tokenizer_train import CorpusCounts, train_tokenizer
+
+    counts = CorpusCounts()
+    start = time.perf_counter()
+    tokenizer = train_tokenizer(args.input, args.vocab_size, args.out, base=args.base, counts=counts)
+    seconds = time.perf_counter() - start
+    how = f"extending {args.base}" if args.base else "from scratch"
+    short = f" (text ran out of pairs before {args.vocab_size})" if tokenizer.n_bpe < args.vocab_size else ""
+    skipped = f", {counts.bad_lines} bad JSONL lines skipped" if counts.bad_lines else ""
+    print(
+        f"trained {tokenizer.n_bpe} BPE ranks {how}{short} on {counts.bytes / 1e6:.1f} MB of text"
+        f"{skipped} in {seconds:.1f} s -> {tokenizer.path}"
+    )
+    return 0
+
+
+def add_stats_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tokenizer",
+        action="append",
+        required=True,
+        metavar="[NAME=]PATH",
+        help=f"a {VOCAB_FILENAME} file or checkpoint directory; repeat to compare (named by NAME or the path)",
+    )
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="one file per language or source, named by its stem",
+    )
+    parser.add_argument(
+        "--out", metavar="DIR", help="also write DIR/stats.json and the bar chart DIR/stats.png"
+    )
+
+
+def parse_tokenizer_specs(specs: Sequence[str]) -> dict[str, Tokenizer]:
+    """`NAME=PATH` or `PATH` -> {name: Tokenizer}; a bare path is named by its directory for a
+    checkpoint or a file called qwen.tiktoken, else by its stem."""
+    tokenizers: dict[str, Tokenizer] = {}
+    for spec in specs:
+        name, sep, path_text = spec.partition("=")
+        if not sep or not name or Path(spec).exists():
+            name, path_text = "", spec
+        path = Path(path_text)
+        if not name:
+            named = path.resolve().parent if path.name == VOCAB_FILENAME else path.resolve()
+            name = named.name if path.is_dir() or path.name == VOCAB_FILENAME else path.stem
+        if name in tokenizers:
+            raise QwenkitError(f"two tokenizers are named {name!r}: name them with NAME=PATH")
+        tokenizers[name] = Tokenizer.from_file(path)
+    return tokenizers
+
+
+def run_tokenizer_stats(args: argparse.Namespace) -> int:
+    from qwenkit.tokenizer_train import check_output_dir, compression_stats, format_stats_table, write_stats
+
+    out = check_output_dir(args.out) if args.out else None
+    rows = compression_stats(parse_tokenizer_specs(args.tokenizer), args.input)
+    print(format_stats_table(rows))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "stats.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+        write_stats(rows, out / "stats.png")
+        print(f"wrote {out / 'stats.json'} and {out / 'stats.png'}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# data pack
+
+
+def input_source(text: str) -> Source:
+    """`PATH` or `PATH:WEIGHT` -> Source; a suffix that is not a number stays part of the path."""
+    from qwenkit.data.pack import Source
+
+    path, sep, weight = text.rpartition(":")
+    if sep and path:
+        try:
+            return Source((Path(path),), float(weight))
+        except ValueError:
+            pass
+        except QwenkitError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return Source((Path(text),))
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}; use an integer >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}; use an integer >= 1")
+    return value
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"invalid fraction {text!r}; use a number in [0, 1)")
+    return value
+
+
+def add_pack_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--input",
+        dest="inputs",
+        metavar="FILE[:WEIGHT]",
+        nargs="+",
+        action="extend",
+        type=input_source,
+        required=True,
+        help="input .jsonl/.ndjson ('text' field), .parquet ('text' column) or .txt (one document) "
+        "file, or a directory of them; ':WEIGHT' samples the source's documents, e.g. web.jsonl:0.5 "
+        "keeps half, code.jsonl:2 uses each twice (default 1)",
+    )
+    parser.add_argument(
+        "--tokenizer", required=True, metavar="PATH", help="qwen.tiktoken file or checkpoint directory"
+    )
+    parser.add_argument(
+        "--seq-len", type=positive_int, required=True, metavar="N", help="tokens per training sequence"
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    parser.add_argument("--seed", type=seed_value, default=0, help="shuffle and sampling seed (default 0)")
+    parser.add_argument(
+        "--val-fraction",
+        type=fraction,
+        default=0.0,
+        metavar="F",
+        help="fraction of each source's documents held out for val.bin (default 0: no validation split)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="tokenizer threads (default: all cores)",
+    )
+
+
+def run_pack(args: argparse.Namespace) -> int:
+    """`qwenkit data pack`: pack, then print a short summary."""
+    from qwenkit.data.pack import pack_documents
+
+    tokenizer = Tokenizer.from_file(args.tokenizer)
+    stats = pack_documents(
+        args.inputs,
+        tokenizer,
+        args.seq_len,
+        args.out,
+        seed=args.seed,
+        val_fraction=args.val_fraction,
+        workers=args.workers,
+    )
+    print(
+        f"packed {stats.documents:,} documents from {len(args.inputs)} source(s) into {args.out} "
+        f"(seq_len {stats.seq_len}, {stats.dtype})"
+    )
+    for split, s in stats.splits.items():
+        print(
+            f"  {split}: {s.windows:,} windows, {s.tokens:,} tokens, {s.documents:,} documents "
+            f"({s.dropped_tokens:,} tokens of the last partial window dropped)"
+        )
+    skipped = ", ".join(f"{reason} {n:,}" for reason, n in stats.skipped.items()) or "none"
+    print(f"  skipped documents: {skipped}")
+    seconds = max(stats.tokenize_seconds, 1e-9)
+    print(
+        f"  tokenized {stats.documents / seconds:,.0f} documents/s, {stats.tokenized_tokens / seconds:,.0f} tokens/s; "
+        f"{stats.seconds:.1f} s in all"
+    )
+    return 0

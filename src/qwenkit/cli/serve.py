@@ -1,0 +1,57 @@
+"""`qwenkit serve`: the OpenAI-compatible HTTP API (qwenkit.serve.api) run by uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from qwenkit.cli.common import add_model_arguments, add_verb, load_model
+from qwenkit.errors import QwenkitError
+
+
+def add_parsers(verbs) -> None:
+    p = add_verb(
+        verbs,
+        "serve",
+        "serve a model over an OpenAI-compatible HTTP API (continuous batching, streaming, tools)",
+        "  qwenkit serve\n"
+        "  qwenkit serve --model ./Qwen-7B-Chat --device cuda --dtype bfloat16 --port 8000 --max-batch 32\n"
+        "  qwenkit serve --model ./ckpt --host 0.0.0.0 --api-key secret --max-seq-len 4096\n"
+        "then: curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' "
+        '-d \'{"model": "qwen", "messages": [{"role": "user", "content": "Hello"}]}\'',
+    )
+    add_model_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--max-batch", type=int, default=16, metavar="N",
+                   help="requests decoded together (KV-cache rows) (default: %(default)s)")  # fmt: skip
+    p.add_argument("--max-seq-len", type=int, metavar="N",
+                   help="prompt + reply tokens per request (default: the model's context window)")  # fmt: skip
+    p.add_argument(
+        "--model-name", metavar="NAME", help="model id the API reports (default: the directory name)"
+    )
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Load the model and serve the API until interrupted."""
+    if args.max_seq_len is not None and args.max_seq_len < 1:
+        raise QwenkitError(
+            f"--max-seq-len must be >= 1 (or left out for the model's context), got {args.max_seq_len}"
+        )
+    if not 1 <= args.port <= 65535:
+        raise QwenkitError(f"--port must be between 1 and 65535, got {args.port}")
+    if not 1 <= args.max_batch <= 1024:
+        raise QwenkitError("--max-batch must be between 1 and 1024")
+    import uvicorn
+
+    from qwenkit.serve.api import create_app
+
+    model, tokenizer, path = load_model(args)
+    name = args.model_name or Path(path).name
+    app = create_app(model, tokenizer, name, api_key=args.api_key, max_batch=args.max_batch,
+                     max_seq_len=args.max_seq_len)  # fmt: skip
+    print(f"qwenkit serve: {path} as {name!r} on http://{args.host}:{args.port} (max batch {args.max_batch})")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
