@@ -23,6 +23,7 @@ _EXPORTS = {
     "calculator": "qwenkit.agent.react",
     "run_agent": "qwenkit.agent.loop",
     "local_complete": "qwenkit.agent.loop",
+    "chatml_complete": "qwenkit.agent.loop",
     "react_messages": "qwenkit.agent.loop",
     "split_messages": "qwenkit.agent.loop",
     "tool_from_spec": "qwenkit.agent.loop",

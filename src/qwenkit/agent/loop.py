@@ -8,8 +8,8 @@ terminal, a web page or an SSE stream can show every step.
 
 The generator is injected: `complete(messages, stop) -> Iterator[str]` yields text deltas of the
 assistant turn that the last message (role "assistant", possibly empty) has begun, and stops
-before any of the `stop` strings. `local_complete(model, tokenizer)` is that callable for a
-qwenkit model; the server passes its engine's own.
+before any of the `stop` strings. `chatml_complete` makes that callable from any generator of
+prompt ids: `local_complete(model, tokenizer)` over a qwenkit model, the server over its engine.
 """
 
 from __future__ import annotations
@@ -275,22 +275,34 @@ def split_messages(messages: Sequence[Message]) -> tuple[str, list[tuple[str, st
     return system, pairs, query, prefix
 
 
-def local_complete(model, tokenizer, seed: int | None = None, **settings) -> Complete:
-    """`complete` for a qwenkit model: the ChatML prompt as make_context builds it, with the begun
-    assistant turn appended (encoded as plain text, so tool output can never close the turn)."""
+TextStream = Callable[[list[int], list[str], list[int]], Iterator[str]]
+
+
+def chatml_complete(tokenizer, window: int, stream: TextStream) -> Complete:
+    """`complete` over a text generator of prompt ids, `stream(ids, stop_strings, stop_token_ids)`
+    (the local model's or the server engine's): the ChatML prompt as make_context builds it, history
+    kept within `window` tokens, with the begun assistant turn appended as plain text (so tool
+    output can never close the turn); the turn ends at <|im_end|> or <|im_start|>."""
     from qwenkit.chat import make_context, stop_words_ids
+
+    end_of_turn = [ids[0] for ids in stop_words_ids(tokenizer, "chatml")]
+
+    def complete(messages: list[Message], stop: list[str]) -> Iterator[str]:
+        system, pairs, query, prefix = split_messages(messages)
+        _, ids = make_context(tokenizer, query, pairs, system, window)
+        yield from stream(ids + tokenizer.encode(prefix), list(stop), end_of_turn)
+
+    return complete
+
+
+def local_complete(model, tokenizer, seed: int | None = None, **settings) -> Complete:
+    """`complete` for a qwenkit model, decoded in the caller's thread (`stream_generate`)."""
     from qwenkit.generation import GenerationConfig, context_length, stream_generate
 
     config = model.generation_config or GenerationConfig()
     window = min(settings.pop("max_window_size", None) or config.max_window_size, context_length(model))
 
-    def complete(messages: list[Message], stop: list[str]) -> Iterator[str]:
-        system, pairs, query, prefix = split_messages(messages)
-        _, ids = make_context(tokenizer, query, pairs, system, window)
-        ids = ids + tokenizer.encode(prefix)
-        end_of_turn = stop_words_ids(tokenizer, "chatml")
-        yield from stream_generate(
-            model, tokenizer, ids, stop_strings=stop, stop=end_of_turn, seed=seed, **settings
-        )
+    def stream(ids: list[int], stop_strings: list[str], stop_token_ids: list[int]) -> Iterator[str]:
+        return stream_generate(model, tokenizer, ids, stop_strings, stop_token_ids, seed=seed, **settings)
 
-    return complete
+    return chatml_complete(tokenizer, window, stream)

@@ -36,9 +36,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 
 from qwenkit.agent.interpreter import PythonTool
-from qwenkit.agent.loop import Complete, Message, ToolRegistry, event_dict, run_agent, split_messages
+from qwenkit.agent.loop import Complete, Message, ToolRegistry, chatml_complete, event_dict, run_agent
 from qwenkit.agent.react import calculator
-from qwenkit.chat import DEFAULT_SYSTEM, make_context, stop_words_ids
+from qwenkit.chat import DEFAULT_SYSTEM
 from qwenkit.errors import QwenkitError
 from qwenkit.serve.engine import Engine, SamplingParams
 from qwenkit.tokenizer import Tokenizer
@@ -126,21 +126,16 @@ class Sessions:
 
 
 def engine_complete(engine: Engine, tokenizer: Tokenizer, params: SamplingParams) -> Complete:
-    """The agent loop's text generator over the batching engine: the ChatML prompt of make_context
-    with the begun assistant turn appended as plain text (tool output can never close the turn)."""
-    end_of_turn = [ids[0] for ids in stop_words_ids(tokenizer, "chatml")]
+    """The agent loop's text generator over the batching engine (the ChatML prompt of
+    qwenkit.agent.loop.chatml_complete, as for a local model)."""
 
-    def complete(messages: list[Message], stop: list[str]) -> Iterator[str]:
-        system, pairs, query, prefix = split_messages(messages)
-        _, ids = make_context(tokenizer, query, pairs, system, engine.max_seq_len)
-        ids = ids + tokenizer.encode(prefix)
-        request = dataclasses.replace(params, stop=list(stop), stop_token_ids=end_of_turn)
-        engine.validate(ids, request)
+    def stream(ids: list[int], stop_strings: list[str], stop_token_ids: list[int]) -> Iterator[str]:
+        request = dataclasses.replace(params, stop=stop_strings, stop_token_ids=stop_token_ids)
         for chunk in engine.stream(ids, request):  # closing this generator cancels the engine request
             if chunk.text:
                 yield chunk.text
 
-    return complete
+    return chatml_complete(tokenizer, engine.max_seq_len, stream)
 
 
 def conversation(messages: list[AgentMessage]) -> tuple[str, list[Message], str]:
