@@ -5,6 +5,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -340,3 +341,10 @@ def test_one_default_system_prompt():
     assert all(d is chatml.DEFAULT_SYSTEM for d in defaults)
     assert chat.DEFAULT_SYSTEM is loop.DEFAULT_SYSTEM is chatml.DEFAULT_SYSTEM
     assert f"system\\n{chatml.DEFAULT_SYSTEM}<|im_end|>" in chatml.CHAT_TEMPLATE
+    package = Path(chatml.__file__).parent
+    holders = [
+        p.relative_to(package).as_posix()
+        for p in package.rglob("*.py")
+        if chatml.DEFAULT_SYSTEM in p.read_text(encoding="utf-8")
+    ]
+    assert holders == ["chatml.py"]  # the CLI's --system default too
