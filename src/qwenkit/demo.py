@@ -385,7 +385,7 @@ def pretraining_documents(count: int, seed: int) -> Iterator[str]:
 @dataclass
 class Reply:
     text: str
-    ended: bool  # the turn ended with <|im_end|>
+    ended: bool  # the turn ended with <|im_end|> (or a stop string)
 
 
 def prompt_messages(example: Example) -> list[dict]:
@@ -401,25 +401,20 @@ def prompt_ids(tokenizer, example: Example) -> list[int]:
 
 def generate_replies(model, tokenizer, prompts: Sequence[list[int]], stop_strings: Sequence[str] = (),
                      max_new_tokens: int = 96, batch_size: int = 16) -> list[Reply]:  # fmt: skip
-    """Greedy replies for many prompts, batched (left-padded); cut at a stop string if given."""
-    from qwenkit.generation import generate
+    """Greedy replies for many prompts, batched (left-padded); the turn ends at <|im_end|>, or before
+    a stop string if given."""
+    from qwenkit.generation import generate_text
 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: dict[int, Reply] = {}
-    stops = [[tokenizer.im_end_id], [tokenizer.im_start_id]] + [tokenizer.encode(s) for s in stop_strings]
+    stops = [[tokenizer.im_end_id], [tokenizer.im_start_id]]
     for start in range(0, len(order), batch_size):
         rows = [prompts[i] for i in order[start : start + batch_size]]
-        out = generate(model, rows, max_new_tokens=max_new_tokens, do_sample=False, stop=stops)
-        width = max(len(r) for r in rows)
-        for k, i in enumerate(order[start : start + batch_size]):
-            new = out[k, width:].tolist()
-            ended = tokenizer.im_end_id in new
-            cut = new.index(tokenizer.im_end_id) if ended else len(new)
-            text = tokenizer.decode([t for t in new[:cut] if t != tokenizer.pad_id])
-            for s in stop_strings:
-                if s in text:
-                    text, ended = text[: text.index(s) + len(s)], True
-            results[i] = Reply(text, ended)
+        replies = generate_text(model, tokenizer, rows, stop_strings, stops, max_new_tokens=max_new_tokens,
+                                do_sample=False)  # fmt: skip
+        for i, reply in zip(order[start : start + batch_size], replies, strict=True):
+            ended = reply.finish_reason == "stop" and reply.ids[-1] != tokenizer.im_start_id
+            results[i] = Reply(reply.text, ended)
     return [results[i] for i in range(len(prompts))]
 
 
@@ -460,9 +455,7 @@ def evaluate_examples(model, tokenizer, examples: Sequence[Example], batch_size:
         if call is not None and hasattr(call, "name") and call.name == "calculator":
             observation = calculator.call(call.arguments)
             ok = observation == example.expected
-            ids = tokenizer.encode(
-                reply.text.rstrip().removesuffix("Observation:").rstrip() + "\nObservation:"
-            )
+            ids = tokenizer.encode(reply.text.rstrip() + "\nObservation:")
             second_prompts.append(prompt + ids + tokenizer.encode(observation_text(observation)))
             waiting.append(example)
         results["react_action"].append(ok)
