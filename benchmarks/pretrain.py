@@ -38,14 +38,14 @@ def pack(directory: Path, seq_len: int, documents: int) -> None:
 
 
 def run_qwenkit(args, data: Path, out: Path) -> dict:
-    from qwenkit.train import common
     from qwenkit.train.pretrain import PretrainRecipe, run
+    from qwenkit.train.settings import load_recipe
 
     overrides = ["--model.overrides", json.dumps(SHAPES[args.shape]), "--data.path", str(data),
                  "--train.max_steps", str(args.steps), "--train.micro_batch_size", str(args.batch),
                  "--train.warmup_steps", "2", "--train.device", args.device, "--train.compile", str(args.compile),
                  "--log.every", "1", "--log.progress", "false", "--checkpoint.every", "0"]  # fmt: skip
-    recipe = common.load_recipe(PretrainRecipe, None, overrides)
+    recipe = load_recipe(PretrainRecipe, None, overrides)
     run(recipe, out)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steady = records[args.warmup :]  # skip compilation and allocator warm-up

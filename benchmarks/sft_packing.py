@@ -18,7 +18,7 @@ from report import write_section
 
 import qwenkit
 from qwenkit.data.synthetic import chat_samples
-from qwenkit.train import common
+from qwenkit.train.settings import load_recipe
 from qwenkit.train.sft import SFTRecipe, run
 
 
@@ -55,7 +55,7 @@ def main() -> None:
                          "--data.max_len", str(args.max_len), "--data.packing", str(packing).lower(),
                          "--train.max_steps", str(args.steps), "--train.micro_batch_size", str(args.batch),
                          "--train.device", "cpu", "--log.progress", "false", "--checkpoint.every", "0"]  # fmt: skip
-            recipe = common.load_recipe(SFTRecipe, None, overrides)
+            recipe = load_recipe(SFTRecipe, None, overrides)
             start = time.perf_counter()
             run(recipe, tmp / f"run-{packing}")
             elapsed = time.perf_counter() - start

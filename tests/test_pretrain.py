@@ -16,8 +16,10 @@ from qwenkit.cli import main
 from qwenkit.data.pack import Source, pack_documents
 from qwenkit.data.synthetic import write_corpus
 from qwenkit.tokenizer import Tokenizer
-from qwenkit.train.common import STAGING, learning_rate, load_recipe, make_optimizer, remove_stale_staging
+from qwenkit.train.checkpointing import STAGING, remove_stale_staging
+from qwenkit.train.optimizer import learning_rate, make_optimizer
 from qwenkit.train.pretrain import PretrainRecipe
+from qwenkit.train.settings import load_recipe
 from qwenkit.train.sft import SFTRecipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,7 +138,9 @@ def test_checkpoint_keep(tmp_path, packed):
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_gloo_processes_match_one(tmp_path, packed, strategy):
-    settings = ["--train.max_steps", "5", "--train.distributed", strategy, "--train.device", "cpu"]
+    # 3 held-out batches: one process evaluates one batch fewer than the other
+    settings = ["--train.max_steps", "5", "--train.distributed", strategy, "--train.device", "cpu",
+                "--eval.batches", "3"]  # fmt: skip
     single = tmp_path / "single"
     assert main(command(single, packed, *settings, "--train.grad_accum", "2")) == 0
     double = tmp_path / "double"
@@ -145,6 +149,11 @@ def test_two_gloo_processes_match_one(tmp_path, packed, strategy):
                     str(29500 + os.getpid() % 1000), "-m", "qwenkit", *command(double, packed, *settings)],
                    check=True, env=env, capture_output=True)  # fmt: skip
     assert losses(double) == pytest.approx(losses(single), abs=1e-5)
+    held_out = [
+        json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["val_loss"]
+        for run in (single, double)
+    ]
+    assert held_out[1] == pytest.approx(held_out[0], abs=1e-5)  # each process evaluated its share
     one, _ = qwenkit.load(single / "checkpoints" / "step-0000005")
     two, _ = qwenkit.load(double / "checkpoints" / "step-0000005")
     for (name, a), b in zip(one.state_dict().items(), two.state_dict().values(), strict=True):

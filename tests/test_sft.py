@@ -98,8 +98,8 @@ def test_malformed_samples_are_skipped_or_fail_with_strict(setup, tmp_path, caps
     "path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.parent.name + "/" + p.name
 )
 def test_every_shipped_recipe_parses(path):
-    from qwenkit.train.common import load_recipe
     from qwenkit.train.pretrain import PretrainRecipe
+    from qwenkit.train.settings import load_recipe
     from qwenkit.train.sft import SFTRecipe
 
     sft = "sft" in str(path.relative_to(ROOT / "configs"))
@@ -148,3 +148,36 @@ def test_qlora_trains_an_adapter_for_the_full_precision_base(setup, tmp_path, ca
     ids = torch.tensor([[72, 105, 33, 256]])
     with torch.no_grad():
         assert (adapted(ids) - base(ids)).abs().max() > 1e-4
+
+
+def test_sft_runs_the_shared_setup_compile_checkpointing_and_split_evaluation(setup, tmp_path, monkeypatch):
+    """The shared loop's settings reach fine-tuning too, LoRA's wrapped network included, and its
+    held-out evaluation is shared between processes (`Distributed.share`) and honours eval.batches."""
+    import peft
+    import torch.utils.checkpoint
+
+    from qwenkit.train.distributed import Distributed
+
+    compiled, recomputed, shared = [], [], []
+    monkeypatch.setattr(torch, "compile", lambda model, **options: compiled.append(model) or model)
+    checkpoint, share = torch.utils.checkpoint.checkpoint, Distributed.share
+
+    def counted(*args, **kwargs):
+        recomputed.append(args[0])
+        return checkpoint(*args, **kwargs)
+
+    def recorded(env, count):
+        shared.append(count)
+        return share(env, count)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counted)
+    monkeypatch.setattr(Distributed, "share", recorded)
+    settings = ["--train.max_steps", "1", "--train.compile", "true", "--train.activation_checkpointing", "true",
+                "--data.val_fraction", "0.25", "--eval.batches", "2"]  # fmt: skip
+    out = tmp_path / "lora"
+    assert main(sft(setup, out, "lora", *settings)) == 0
+    assert len(compiled) == 1 and isinstance(compiled[0], peft.PeftModel)
+    layers = qwenkit.load(setup / "base")[0].config.num_hidden_layers
+    assert len(recomputed) == layers  # each block of the one micro-batch, recomputed in backward
+    assert shared == [2]  # 2 of the 7 batches of 50 held-out conversations
+    assert "val_loss" in json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])

@@ -521,7 +521,8 @@ def build(work: Path, out: Path, settings: BuildSettings, overrides: Sequence[st
     from qwenkit.checkpoint import load, save
     from qwenkit.data.pack import Source, pack_documents
     from qwenkit.tokenizer_train import train_tokenizer
-    from qwenkit.train import common, pretrain, sft
+    from qwenkit.train import pretrain, sft
+    from qwenkit.train.settings import load_recipe
 
     started = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
@@ -552,7 +553,7 @@ def build(work: Path, out: Path, settings: BuildSettings, overrides: Sequence[st
 
     t0 = time.perf_counter()
     pack_dir = work / "packed"
-    seq_len = common.load_recipe(
+    seq_len = load_recipe(
         pretrain.PretrainRecipe, settings.pretrain_config, stage_overrides["pretrain"]
     ).data.seq_len
     pack_documents([Source([corpus], 1.0)], tokenizer, seq_len, pack_dir, seed=settings.seed,
@@ -561,15 +562,13 @@ def build(work: Path, out: Path, settings: BuildSettings, overrides: Sequence[st
 
     t0 = time.perf_counter()
     pre = ["--data.path", str(pack_dir), "--model.overrides.vocab_size", str(_round_up(tokenizer.vocab_size))]
-    recipe = common.load_recipe(
-        pretrain.PretrainRecipe, settings.pretrain_config, pre + stage_overrides["pretrain"]
-    )
+    recipe = load_recipe(pretrain.PretrainRecipe, settings.pretrain_config, pre + stage_overrides["pretrain"])
     base = pretrain.run(recipe, work / "pretrain")
     stage("pretraining", t0)
 
     t0 = time.perf_counter()
     given = ["--model.path", str(base), "--data.path", str(sft_path)]
-    recipe = common.load_recipe(sft.SFTRecipe, settings.sft_config, given + stage_overrides["sft"])
+    recipe = load_recipe(sft.SFTRecipe, settings.sft_config, given + stage_overrides["sft"])
     final = sft.run(recipe, work / "sft")
     stage("sft", t0)
 

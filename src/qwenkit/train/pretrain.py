@@ -9,21 +9,29 @@ GPUs and fp32 on CPUs, one process or many under torchrun (DDP or FSDP2), exact 
 from __future__ import annotations
 
 import json
-import math
 import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from qwenkit.config import QwenConfig
 from qwenkit.errors import QwenkitError
 from qwenkit.model import Qwen
 from qwenkit.tokenizer import Tokenizer
-from qwenkit.train import common
-from qwenkit.train.common import setting
+from qwenkit.train import loop
+from qwenkit.train.distributed import Distributed
+from qwenkit.train.settings import (
+    CheckpointSection,
+    EvalSection,
+    LogSection,
+    TrainSection,
+    check_setting,
+    check_type,
+    load_recipe,
+    setting,
+)
 
 
 @dataclass
@@ -41,9 +49,9 @@ class ModelSection:
             name = f"model.overrides.{key}"
             if key not in hints:
                 raise QwenkitError(f"unknown setting {name}; QwenConfig has {', '.join(hints)}")
-            checked[key] = common.check_type(value, hints[key], name)
+            checked[key] = check_type(value, hints[key], name)
             if type(checked[key]) is int:
-                common.check_setting(checked[key], {"min": 1}, name)
+                check_setting(checked[key], {"min": 1}, name)
         self.overrides = checked
         QwenConfig.from_preset(self.preset, **self.overrides)
 
@@ -56,46 +64,6 @@ class DataSection:
 
 
 @dataclass
-class TrainSection:
-    max_steps: int = setting(100, min=1)
-    micro_batch_size: int = setting(8, min=1)  # windows per process per forward/backward
-    grad_accum: int = setting(1, min=1)  # global batch = micro_batch_size * grad_accum * processes
-    lr: float = setting(3e-4, above=0)
-    warmup_steps: int = setting(10, min=0)
-    final_lr_ratio: float = setting(0.1, min=0, max=1)
-    decay: str = setting("cosine", choices=("cosine", "constant"))  # constant: the peak after warmup
-    weight_decay: float = setting(0.1, min=0)
-    beta1: float = setting(0.9, min=0, below=1)
-    beta2: float = setting(0.95, min=0, below=1)
-    eps: float = setting(1e-8, above=0)
-    grad_clip: float = setting(1.0, above=0)
-    seed: int = setting(0, min=0, below=2**63)
-    device: str | None = None  # cpu, cuda or cuda:N (default: cuda when there is one)
-    distributed: str = setting("ddp", choices=("ddp", "fsdp"))  # under torchrun
-    activation_checkpointing: bool = False
-    compile: bool = False
-
-
-@dataclass
-class EvalSection:
-    every: int = setting(0, min=0)  # steps between held-out evaluations (0 = only at the end)
-    batches: int = setting(8, min=1)
-
-
-@dataclass
-class CheckpointSection:
-    every: int = setting(0, min=0)  # steps between checkpoints (0 = only at the end)
-    keep: int = setting(2, min=0)  # the newest checkpoints kept (0 = all)
-
-
-@dataclass
-class LogSection:
-    every: int = setting(1, min=1)
-    tensorboard: bool = False
-    progress: bool = True
-
-
-@dataclass
 class PretrainRecipe:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -105,7 +73,7 @@ class PretrainRecipe:
     log: LogSection = field(default_factory=LogSection)
 
 
-def prepare_data(recipe: PretrainRecipe, out: Path, env: common.Distributed):
+def prepare_data(recipe: PretrainRecipe, out: Path, env: Distributed):
     """(train dataset, val dataset or None, tokenizer) from the packed directory."""
     from qwenkit.data.pack import PackedDataset
 
@@ -152,7 +120,7 @@ def build_model(recipe: PretrainRecipe, tokenizer: Tokenizer, device: torch.devi
         )
     model = Qwen(config)
     model.init_weights(seed=recipe.train.seed)
-    return model.train(), tokenizer
+    return model.to(device).train(), tokenizer
 
 
 def windows_to_batch(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,89 +129,18 @@ def windows_to_batch(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
     return windows[:, :-1], windows[:, 1:]
 
 
-@torch.no_grad()
-def evaluate(model, dataset, recipe: PretrainRecipe, env: common.Distributed, autocast) -> float:
-    """Mean next-token loss over the first `eval.batches` micro-batches of the held-out split
-    (rounded up to a multiple of the process count: every process must run the same number of
-    forward passes, which FSDP's collective weight gathering needs)."""
-    model.eval()
-    micro = recipe.train.micro_batch_size
-    count = min(recipe.eval.batches, math.ceil(len(dataset) / micro))
-    per_process = math.ceil(count / env.world_size)
-    total = 0.0
-    for k in range(per_process):
-        b = k * env.world_size + env.rank
-        inputs, labels = windows_to_batch(
-            [dataset[i % len(dataset)] for i in range(b * micro, (b + 1) * micro)]
-        )
-        total += common.next_token_loss(model, inputs.to(env.device), labels.to(env.device), autocast).item()
-    model.train()
-    return env.mean(total / per_process)
-
-
-def save_checkpoint(out: Path, step: int, model, optimizer, tokenizer, recipe, env) -> None:
-    """All processes gather the full state; the main one writes it and moves it into place."""
-    from qwenkit.checkpoint import save_state_dict
-
-    model_state, optimizer_state = common.full_state(model, optimizer)
-    if not env.main:
-        return
-    staging = common.staging_dir(out, step)
-    raw = common.unwrap(model)
-    save_state_dict(model_state, raw.config, None, tokenizer, staging, torch.float32)
-    samples = step * recipe.train.micro_batch_size * recipe.train.grad_accum * env.world_size
-    common.commit_trainer_state(out, staging, step, optimizer_state, recipe, samples_seen=samples)
-
-
-def resume(out: Path, model, optimizer) -> int:
-    """Restore the latest checkpoint (weights, optimizer, RNG); the step to continue from."""
-    from qwenkit.checkpoint import iter_tensors, weight_files
-
-    path = common.latest_checkpoint(out)
-    if path is None:
-        return 0
-    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-    model_state = dict(iter_tensors(weight_files(path)))
-    raw = common.unwrap(model)
-    if raw.config.tie_word_embeddings:
-        model_state["lm_head.weight"] = model_state["model.embed_tokens.weight"]
-    common.restore_state(model, optimizer, model_state, state["optimizer"])
-    common.set_rng_state(state["rng"])
-    return int(state["step"])
-
-
-def run(recipe: PretrainRecipe, out: Path) -> Path:
-    """Train; returns the directory of the last checkpoint (a model directory qwenkit and transformers load)."""
-    env = common.setup_distributed(recipe.train.device)
-    common.prepare_run_dir(out, env)
-    torch.manual_seed(recipe.train.seed)
+def run(recipe: PretrainRecipe, out: Path) -> Path | None:
+    """Train; returns the directory of the last checkpoint (a model directory qwenkit and transformers
+    load) on the main process."""
+    env = loop.start(recipe, out)
     train_data, val_data, tokenizer = prepare_data(recipe, out, env)
     model, tokenizer = build_model(recipe, tokenizer, env.device)
-    model.activation_checkpointing = recipe.train.activation_checkpointing
-    model.to(env.device)
-    model = common.wrap_model(model, recipe.train.distributed, env)
-    t = recipe.train
-    optimizer = common.make_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
-    start = resume(out, model, optimizer)
-    if recipe.train.compile:
-        model = torch.compile(model)
-    if env.main:
-        (out / "recipe.yaml").write_text(yaml.safe_dump(common.recipe_to_dict(recipe), sort_keys=False))
-    batches = common.StepBatches(train_data, t.micro_batch_size, t.grad_accum, env, t.seed, windows_to_batch)
-    flops = common.training_flops_per_token(model, train_data.seq_len)
-
-    def held_out(model, autocast):
-        return evaluate(model, val_data, recipe, env, autocast) if val_data is not None else None
-
-    def save(step):
-        save_checkpoint(out, step, model, optimizer, tokenizer, recipe, env)
-
-    common.fit(model, optimizer, batches, recipe, out, env, start, save, held_out, flops, "pretrain")
-    return common.finish(out, env)
+    task = loop.Task("pretrain", model, tokenizer, train_data, val_data, windows_to_batch, train_data.seq_len)
+    return loop.train(recipe, out, env, task)
 
 
 def main(config: str | None, out: str, overrides: list[str]) -> int:
-    recipe = common.load_recipe(PretrainRecipe, config, overrides)
+    recipe = load_recipe(PretrainRecipe, config, overrides)
     started = time.perf_counter()
     final = run(recipe, Path(out))
     if final is not None:

@@ -1,6 +1,6 @@
 """Supervised fine-tuning on ChatML conversations (report §3.1): the loss is taken on assistant
-turns only (`qwenkit.train.sft_data`), full fine-tuning or LoRA through peft, the pretraining
-loop's optimizer, schedule, distribution, checkpoints and exact resume.
+turns only (`qwenkit.train.sft_data`), full fine-tuning or LoRA through peft; the optimizer,
+schedule, distribution, checkpoints and exact resume are the shared loop's (`qwenkit.train.loop`).
 
     qwenkit sft --config configs/sft/qwen-chat.yaml --model ./Qwen-7B --data chat.jsonl --out runs/sft
     qwenkit sft --config configs/sft/qwen-chat.yaml --model ./Qwen-7B --data chat.jsonl --out runs/lora --method lora
@@ -13,14 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from qwenkit.errors import QwenkitError
-from qwenkit.train import common
-from qwenkit.train.common import setting
-from qwenkit.train.pretrain import CheckpointSection, EvalSection, LogSection, TrainSection
-from qwenkit.train.pretrain import resume as resume_full
-from qwenkit.train.pretrain import save_checkpoint as save_full
+from qwenkit.train import loop
+from qwenkit.train.distributed import Distributed
+from qwenkit.train.settings import (
+    CheckpointSection,
+    EvalSection,
+    LogSection,
+    TrainSection,
+    load_recipe,
+    setting,
+)
 from qwenkit.train.sft_data import IGNORE_INDEX, MASK_MODES, load_sft_samples
 
 
@@ -93,7 +97,7 @@ def pack_conversations(samples, pad_id: int, max_len: int) -> tuple[torch.Tensor
     return ids[:, :-1], labels[:, 1:], segments[:, :-1]
 
 
-def prepare_model(recipe: SFTRecipe, env: common.Distributed):
+def prepare_model(recipe: SFTRecipe, env: Distributed):
     from qwenkit.checkpoint import load
 
     if not recipe.model.path:
@@ -116,40 +120,10 @@ def prepare_model(recipe: SFTRecipe, env: common.Distributed):
     return model, tokenizer
 
 
-def save_adapter(out: Path, step: int, model, optimizer, recipe: SFTRecipe, env) -> None:
-    """A LoRA checkpoint: the adapter in peft's format plus the trainer state."""
-    _, optimizer_state = common.full_state(model, optimizer)
-    if not env.main:
-        return
-    staging = common.staging_dir(out, step)
-    staging.mkdir(parents=True, exist_ok=True)
-    peft_model = common.unwrap(model)
-    peft_model.save_pretrained(str(staging / "adapter"))
-    trainable = {n: p.detach().cpu() for n, p in peft_model.named_parameters() if p.requires_grad}
-    common.commit_trainer_state(out, staging, step, optimizer_state, recipe, trainable=trainable)
-
-
-def resume_adapter(out: Path, model, optimizer) -> int:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    path = common.latest_checkpoint(out)
-    if path is None:
-        return 0
-    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-    common.unwrap(model).load_state_dict(state["trainable"], strict=False)
-    set_optimizer_state_dict(
-        model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True)
-    )
-    common.set_rng_state(state["rng"])
-    return int(state["step"])
-
-
 def run(recipe: SFTRecipe, out: Path) -> Path | None:
     if recipe.data.mask not in MASK_MODES:
         raise QwenkitError(f"data.mask must be one of {', '.join(MASK_MODES)}, got {recipe.data.mask!r}")
-    env = common.setup_distributed(recipe.train.device)
-    common.prepare_run_dir(out, env)
-    torch.manual_seed(recipe.train.seed)
+    env = loop.start(recipe, out)
     model, tokenizer = prepare_model(recipe, env)
     d = recipe.data
     if not d.path:
@@ -164,53 +138,22 @@ def run(recipe: SFTRecipe, out: Path) -> Path | None:
     if not samples:
         raise QwenkitError(f"no usable samples in {d.path}")
     held = round(len(samples) * d.val_fraction)
-    val, train = samples[:held], samples[held:]
-    lora = recipe.model.method in ("lora", "qlora")
-    model.activation_checkpointing = recipe.train.activation_checkpointing
-    model = common.wrap_model(model, recipe.train.distributed, env)
-    t = recipe.train
-    optimizer = common.make_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
-    start = resume_adapter(out, model, optimizer) if lora else resume_full(out, model, optimizer)
-    if env.main:
-        (out / "recipe.yaml").write_text(yaml.safe_dump(common.recipe_to_dict(recipe), sort_keys=False))
+    if held == len(samples):
+        raise QwenkitError(f"data.val_fraction {d.val_fraction} holds out all {held} samples")
 
     def collate(rows):
         if d.packing:
             return pack_conversations(rows, tokenizer.pad_id, d.max_len)
         return pad_conversations(rows, tokenizer.pad_id)
 
-    batches = common.StepBatches(train, t.micro_batch_size, t.grad_accum, env, t.seed, collate)
-
-    @torch.no_grad()
-    def held_out(model, autocast):
-        if not val:
-            return None
-        model.eval()
-        losses = []
-        for i in range(0, len(val), t.micro_batch_size):
-            inputs, labels, *segments = collate(val[i : i + t.micro_batch_size])
-            segment_ids = segments[0].to(env.device) if segments else None
-            losses.append(
-                common.next_token_loss(
-                    model, inputs.to(env.device), labels.to(env.device), autocast, segment_ids
-                ).item()
-            )
-        model.train()
-        return env.mean(sum(losses) / len(losses))
-
-    def save(step):
-        if lora:
-            save_adapter(out, step, model, optimizer, recipe, env)
-        else:
-            save_full(out, step, model, optimizer, tokenizer, recipe, env)
-
-    flops = common.training_flops_per_token(model, d.max_len)
-    common.fit(model, optimizer, batches, recipe, out, env, start, save, held_out, flops, "sft")
-    return common.finish(out, env)
+    train, val = samples[held:], samples[:held]
+    lora = recipe.model.method in ("lora", "qlora")
+    task = loop.Task("sft", model, tokenizer, train, val, collate, d.max_len, adapter=lora)
+    return loop.train(recipe, out, env, task)
 
 
 def main(config: str | None, out: str, overrides: list[str]) -> int:
-    recipe = common.load_recipe(SFTRecipe, config, overrides)
+    recipe = load_recipe(SFTRecipe, config, overrides)
     started = time.perf_counter()
     final = run(recipe, Path(out))
     if final is not None:
