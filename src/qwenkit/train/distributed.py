@@ -4,12 +4,12 @@ GPUs, gloo on CPU), wrapping a model in DDP or FSDP2, and sharing work and resul
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from qwenkit.devices import check_device_name
 from qwenkit.errors import QwenkitError
 
 
@@ -52,10 +52,9 @@ def setup_distributed(device: str | None) -> Distributed:
     """Read torchrun's environment; start the process group (NCCL on GPUs, gloo on CPU)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
+    device = check_device_name("auto" if device is None else device, "train.device")
+    if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise QwenkitError(f"train.device must be cpu, cuda or cuda:N, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise QwenkitError(f"train.device is {device} but no CUDA GPU is available")
     if device == "cuda":

@@ -143,7 +143,7 @@ class TrainSection:
     eps: float = setting(1e-8, above=0)
     grad_clip: float = setting(1.0, above=0)
     seed: int = setting(0, min=0, below=2**63)
-    device: str | None = None  # cpu, cuda or cuda:N (default: cuda when there is one)
+    device: str | None = None  # cpu, cuda, cuda:N or auto (default: cuda when there is one)
     distributed: str = setting("ddp", choices=("ddp", "fsdp"))  # under torchrun
     activation_checkpointing: bool = False
     compile: bool = False
