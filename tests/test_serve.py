@@ -696,3 +696,28 @@ def test_serve_verb_rejects_a_bad_batch_size(capsys):
 
     assert main(["serve", "--max-batch", "0"]) == 1
     assert "--max-batch" in capsys.readouterr().err
+
+
+def test_serve_verb_takes_the_key_from_the_environment(monkeypatch, capsys):
+    from qwenkit.cli import main
+
+    monkeypatch.setenv("QWENKIT_API_KEY", "  ")
+    assert main(["serve"]) == 1
+    assert (
+        capsys.readouterr().err
+        == "qwenkit: error: --api-key (or QWENKIT_API_KEY) is empty; give a key or leave it unset\n"
+    )
+    monkeypatch.setenv("QWENKIT_API_KEY", "from-env")
+    served = {}
+    monkeypatch.setattr("uvicorn.run", lambda app, **options: served.update(app=app, **options))
+    assert main(["serve", "--port", "8123"]) == 0
+    capsys.readouterr()
+    live = LiveServer(served["app"])
+    try:
+        assert httpx.get(f"{live.url}/v1/models").status_code == 401
+        assert (
+            httpx.get(f"{live.url}/v1/models", headers={"Authorization": "Bearer from-env"}).status_code
+            == 200
+        )
+    finally:
+        live.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from qwenkit.cli.common import add_model_arguments, add_verb, load_model
@@ -23,7 +24,9 @@ def add_parsers(verbs) -> None:
     add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
-    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--api-key", metavar="KEY", default=os.environ.get("QWENKIT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $QWENKIT_API_KEY, "
+                        "which keeps the key out of the process list)")  # fmt: skip
     p.add_argument("--max-batch", type=int, default=16, metavar="N",
                    help="requests decoded together (KV-cache rows) (default: %(default)s)")  # fmt: skip
     p.add_argument("--max-seq-len", type=int, metavar="N",
@@ -44,6 +47,8 @@ def run_serve(args: argparse.Namespace) -> int:
         raise QwenkitError(f"--port must be between 1 and 65535, got {args.port}")
     if not 1 <= args.max_batch <= 1024:
         raise QwenkitError("--max-batch must be between 1 and 1024")
+    if args.api_key is not None and not args.api_key.strip():
+        raise QwenkitError("--api-key (or QWENKIT_API_KEY) is empty; give a key or leave it unset")
     import uvicorn
 
     from qwenkit.serve.api import create_app
