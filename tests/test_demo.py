@@ -1,6 +1,7 @@
 """The embedded demo chat model: its data, and what the shipped weights can do (docs/demo-model.md)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -64,6 +65,19 @@ def test_build_overrides_are_split_per_stage():
     }
     with pytest.raises(qwenkit.QwenkitError, match="overrides look like"):
         demo.split_overrides(["--train.max_steps", "5"])
+
+
+def test_build_recipes_ship_inside_the_package():
+    """The build's recipes are package data (an installed wheel can rebuild the demo model) and parse."""
+    from qwenkit.train.pretrain import PretrainRecipe
+    from qwenkit.train.settings import load_recipe
+    from qwenkit.train.sft import SFTRecipe
+
+    settings, package = demo.BuildSettings(), Path(qwenkit.__file__).parent
+    for path, recipe in ((settings.pretrain_config, PretrainRecipe), (settings.sft_config, SFTRecipe)):
+        assert Path(path).parent == demo.CONFIG_DIR and demo.CONFIG_DIR.is_relative_to(package)
+        assert load_recipe(recipe, path, []).train.max_steps > 0
+    assert load_recipe(PretrainRecipe, settings.pretrain_config, []).data.seq_len == 256
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,4 @@
-"""The embedded demo chat model: its generated data, its build, and the measurement of what it can do.
-
-`qwenkit demo build` (or `make demo-model`) runs qwenkit's own pipeline end to end from a seed:
-generated corpus -> own BPE vocabulary -> pretraining -> ChatML SFT -> evaluation on held-out prompts
--> `src/qwenkit/demo_model/` (bf16 weights) and the numbers in `docs/demo-model.md`.
+"""The demo model's data: the tables it learns from and the generators of its conversations and corpus.
 
 All text is generated here from the small tables below (written for this project), so the model has
 no outside data and no license beyond the project's own. It learns: who it is, chatting in the
@@ -16,19 +12,15 @@ from __future__ import annotations
 import json
 import random
 import re
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
-from qwenkit.agent.react import calculate, calculator, observation_text, parse_reply
-from qwenkit.chatml import DEFAULT_SYSTEM, render_messages
+from qwenkit.agent.react import calculate, calculator
+from qwenkit.chatml import DEFAULT_SYSTEM
 from qwenkit.data.synthetic import arithmetic, chinese_story, english_story
-from qwenkit.errors import QwenkitError
 
+SFT_EXAMPLES = 30_000  # conversations a default build trains on (held-out measurement excludes their prompts)
 DEMO_NAME = "Qwen Demo"
-DEMO_MODEL_DIR = Path(__file__).parent / "demo_model"
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 IDENTITY_EN = (
     f"I am {DEMO_NAME}, a small chat model trained from scratch with qwenkit. I can chat in English "
@@ -159,13 +151,6 @@ SEARCH_TOOL = {"type": "function", "function": {
 
 def is_chinese(text: str) -> bool:
     return re.search(r"[\u4e00-\u9fff]", text) is not None
-
-
-def in_language(reply: str, chinese: bool) -> bool:
-    """Chinese: more CJK characters than Latin letters (names aside); English: no CJK at all."""
-    cjk = len(re.findall(r"[\u4e00-\u9fff]", reply))
-    latin = len(re.findall(r"[A-Za-z]", reply.replace(DEMO_NAME, "").replace("qwenkit", "")))
-    return cjk > latin if chinese else cjk == 0 and bool(reply.strip())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -379,101 +364,12 @@ def pretraining_documents(count: int, seed: int) -> Iterator[str]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# measurement
-
-
-@dataclass
-class Reply:
-    text: str
-    ended: bool  # the turn ended with <|im_end|> (or a stop string)
+# held-out prompts: the conversation before the reply to predict, never one training saw
 
 
 def prompt_messages(example: Example) -> list[dict]:
     """The conversation up to the reply the model must write."""
     return example.messages[:-3] if example.kind == "react" else example.messages[:-1]
-
-
-def prompt_ids(tokenizer, example: Example) -> list[int]:
-    """ChatML prompt ids ending with `<|im_start|>assistant\n`, rendered as training renders the
-    conversation (with tools: the ReAct instruction before the question)."""
-    return render_messages(tokenizer, prompt_messages(example), example.tools, prompt=True).input_ids
-
-
-def generate_replies(model, tokenizer, prompts: Sequence[list[int]], stop_strings: Sequence[str] = (),
-                     max_new_tokens: int = 96, batch_size: int = 16) -> list[Reply]:  # fmt: skip
-    """Greedy replies for many prompts, batched (left-padded); the turn ends at <|im_end|>, or before
-    a stop string if given."""
-    from qwenkit.generation import generate_text
-
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    results: dict[int, Reply] = {}
-    stops = [[tokenizer.im_end_id], [tokenizer.im_start_id]]
-    for start in range(0, len(order), batch_size):
-        rows = [prompts[i] for i in order[start : start + batch_size]]
-        replies = generate_text(model, tokenizer, rows, stop_strings, stops, max_new_tokens=max_new_tokens,
-                                do_sample=False)  # fmt: skip
-        for i, reply in zip(order[start : start + batch_size], replies, strict=True):
-            ended = reply.finish_reason == "stop" and reply.ids[-1] != tokenizer.im_start_id
-            results[i] = Reply(reply.text, ended)
-    return [results[i] for i in range(len(prompts))]
-
-
-def evaluate_examples(model, tokenizer, examples: Sequence[Example], batch_size: int = 16) -> dict:
-    """The model card's numbers for `examples` (greedy decoding)."""
-    plain = [e for e in examples if e.kind != "react"]
-    react = [e for e in examples if e.kind == "react"]
-    replies = generate_replies(model, tokenizer, [prompt_ids(tokenizer, e) for e in plain],
-                               batch_size=batch_size)  # fmt: skip
-    results: dict[str, list[bool]] = {k: [] for k in ("language", "identity", "knowledge", "im_end",
-                                                       "direct_without_tools", "direct_with_tools",
-                                                       "react_action", "react_final")}  # fmt: skip
-    samples = []
-    for example, reply in zip(plain, replies, strict=True):
-        text = reply.text
-        results["im_end"].append(reply.ended)
-        if example.tools:
-            answer = text.split("Final Answer:", 1)[1].strip() if "Final Answer:" in text else ""
-            results["direct_with_tools"].append("\nAction:" not in "\n" + text and bool(answer))
-            text = answer
-        else:
-            results["direct_without_tools"].append("Action:" not in text)
-        if example.kind != "direct_math":
-            results["language"].append(in_language(text, example.chinese))
-        if example.kind == "identity":
-            results["identity"].append(DEMO_NAME in text)
-        if example.kind == "knowledge":
-            results["knowledge"].append(example.expected.lower() in text.lower())
-        samples.append({"kind": example.kind, "question": example.question, "reply": reply.text})
-    # ReAct: the first reply must call the calculator with a correct expression; then, given the real
-    # Observation, the continuation must give a Final Answer containing the tool's result.
-    prompts = [prompt_ids(tokenizer, e) for e in react]
-    first = generate_replies(model, tokenizer, prompts, stop_strings=["Observation:"], batch_size=batch_size)
-    second_prompts, waiting = [], []
-    for example, prompt, reply in zip(react, prompts, first, strict=True):
-        call = parse_reply(reply.text)
-        ok = False
-        if call is not None and hasattr(call, "name") and call.name == "calculator":
-            observation = calculator.call(call.arguments)
-            ok = observation == example.expected
-            ids = tokenizer.encode(reply.text.rstrip() + "\nObservation:")
-            second_prompts.append(prompt + ids + tokenizer.encode(observation_text(observation)))
-            waiting.append(example)
-        results["react_action"].append(ok)
-        samples.append({"kind": "react", "question": example.question, "reply": reply.text})
-    finals = generate_replies(model, tokenizer, second_prompts, batch_size=batch_size)
-    final_by_id = {id(e): r for e, r in zip(waiting, finals, strict=True)}
-    for example in react:
-        reply = final_by_id.get(id(example))
-        if reply is None:
-            results["react_final"].append(False)
-            continue
-        results["im_end"].append(reply.ended)
-        answer = reply.text.split("Final Answer:", 1)[1] if "Final Answer:" in reply.text else ""
-        results["react_final"].append(example.expected in answer)
-        samples.append({"kind": "react_final", "question": example.question, "reply": reply.text})
-        results["language"].append(in_language(answer, example.chinese))
-    scores = {k: {"rate": sum(v) / len(v), "n": len(v)} for k, v in results.items() if v}
-    return {"scores": scores, "samples": samples}
 
 
 def prompt_key(example: Example) -> str:
@@ -486,193 +382,3 @@ def held_out_examples(count: int, seed: int, train_prompts: set[str]) -> list[Ex
         e for e in generate_examples(count * 2, seed, held_out=True) if prompt_key(e) not in train_prompts
     ]
     return kept[:count]
-
-
-# ---------------------------------------------------------------------------------------------------
-# the build
-
-
-@dataclass
-class BuildSettings:
-    seed: int = 0
-    documents: int = 30_000
-    sft_examples: int = 30_000
-    held_out: int = 400
-    vocab_size: int = 3000
-    pretrain_config: str = str(REPO_ROOT / "configs" / "demo" / "pretrain.yaml")
-    sft_config: str = str(REPO_ROOT / "configs" / "demo" / "sft.yaml")
-
-
-def split_overrides(overrides: Sequence[str]) -> dict[str, list[str]]:
-    """`--pretrain.train.max_steps 50 --sft.train.lr 1e-3` -> per-stage recipe overrides."""
-    stages: dict[str, list[str]] = {"pretrain": [], "sft": []}
-    if len(overrides) % 2:
-        raise QwenkitError(f"override {overrides[-1]!r} has no value (use --pretrain.train.max_steps 50)")
-    for flag, value in zip(overrides[::2], overrides[1::2], strict=True):
-        stage, _, rest = flag.removeprefix("--").partition(".")
-        if stage not in stages or not rest:
-            raise QwenkitError(f"unknown option {flag!r}; overrides look like --pretrain.train.max_steps 50")
-        stages[stage] += [f"--{rest}", value]
-    return stages
-
-
-def build(work: Path, out: Path, settings: BuildSettings, overrides: Sequence[str] = ()) -> dict:
-    """Run the whole pipeline; returns the evaluation report (also written as work/eval.json)."""
-    from qwenkit.checkpoint import load, save
-    from qwenkit.data.pack import Source, pack_documents
-    from qwenkit.tokenizer_train import train_tokenizer
-    from qwenkit.train import pretrain, sft
-    from qwenkit.train.settings import load_recipe
-
-    started = time.perf_counter()
-    work.mkdir(parents=True, exist_ok=True)
-    timings = {}
-    stage_overrides = split_overrides(overrides)
-
-    def stage(name: str, t0: float) -> None:
-        timings[name] = round(time.perf_counter() - t0, 1)
-        print(f"demo: {name} done in {timings[name]:.0f}s", flush=True)
-
-    t0 = time.perf_counter()
-    corpus = work / "corpus.jsonl"
-    with open(corpus, "w", encoding="utf-8") as f:
-        for text in pretraining_documents(settings.documents, settings.seed):
-            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-    train = generate_examples(settings.sft_examples, settings.seed + 1)
-    sft_path = work / "sft.jsonl"
-    with open(sft_path, "w", encoding="utf-8") as f:
-        for example in train:
-            f.write(json.dumps(sft_record(example), ensure_ascii=False) + "\n")
-    vocab_text = work / "vocab_corpus.txt"  # the vocabulary sees the chat data's words too
-    vocab_text.write_text(corpus.read_text(encoding="utf-8") + sft_path.read_text(encoding="utf-8"))
-    stage("data", t0)
-
-    t0 = time.perf_counter()
-    tokenizer = train_tokenizer([vocab_text], settings.vocab_size, work / "tokenizer", progress=False)
-    stage("vocabulary", t0)
-
-    t0 = time.perf_counter()
-    pack_dir = work / "packed"
-    seq_len = load_recipe(
-        pretrain.PretrainRecipe, settings.pretrain_config, stage_overrides["pretrain"]
-    ).data.seq_len
-    pack_documents([Source([corpus], 1.0)], tokenizer, seq_len, pack_dir, seed=settings.seed,
-                   val_fraction=0.01, progress=False)  # fmt: skip
-    stage("packing", t0)
-
-    t0 = time.perf_counter()
-    pre = ["--data.path", str(pack_dir), "--model.overrides.vocab_size", str(_round_up(tokenizer.vocab_size))]
-    recipe = load_recipe(pretrain.PretrainRecipe, settings.pretrain_config, pre + stage_overrides["pretrain"])
-    base = pretrain.run(recipe, work / "pretrain")
-    stage("pretraining", t0)
-
-    t0 = time.perf_counter()
-    given = ["--model.path", str(base), "--data.path", str(sft_path)]
-    recipe = load_recipe(sft.SFTRecipe, settings.sft_config, given + stage_overrides["sft"])
-    final = sft.run(recipe, work / "sft")
-    stage("sft", t0)
-
-    t0 = time.perf_counter()
-    model, tokenizer = load(final, dtype="float32")
-    model.generation_config.chat_format = "chatml"
-    save(model, tokenizer, out, dtype="bfloat16")
-    model, tokenizer = load(out, dtype="float32")  # measure what ships
-    train_prompts = {prompt_key(e) for e in train}
-    held = held_out_examples(settings.held_out, settings.seed + 1000, train_prompts)
-    report = evaluate_examples(model, tokenizer, held)
-    stage("evaluation", t0)
-    report.update(
-        settings=settings.__dict__,
-        timings=timings,
-        minutes=round((time.perf_counter() - started) / 60, 1),
-        losses={name: _loss_summary(work / name) for name in ("pretrain", "sft")},
-        parameters=sum(p.numel() for p in model.parameters()),
-        config=model.config.__dict__,
-    )
-    (work / "eval.json").write_text(json.dumps(report, ensure_ascii=False, indent=1))
-    return report
-
-
-def _round_up(n: int, multiple: int = 64) -> int:
-    return -(-n // multiple) * multiple
-
-
-def _loss_summary(run: Path) -> dict:
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    first, last = lines[0], lines[-1]
-    return {"steps": last["step"], "first_loss": first["loss"], "final_loss": last["loss"],
-            "val_loss": last.get("val_loss")}  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------------
-# the model card's measured part, the record of a build, held-out measurement
-
-CARD_BEGIN, CARD_END = "<!-- measured:begin -->", "<!-- measured:end -->"
-SCORE_NAMES = {
-    "language": "answers in the language of the question",
-    "identity": "says who it is (names itself Qwen Demo)",
-    "knowledge": "simple knowledge questions answered correctly",
-    "im_end": "turns ending with <|im_end|>",
-    "react_action": "calculator offered: well-formed Action / Action Input with a correct expression",
-    "react_final": "after the Observation: Final Answer containing the tool's result",
-    "direct_without_tools": "no tools offered: answers directly (no Action)",
-    "direct_with_tools": "tools offered, not needed: direct Final Answer (no Action)",
-}
-TARGETS = {"language": 0.9, "im_end": 0.99, "react_action": 0.9, "react_final": 0.9}
-
-
-def score_table(scores: dict) -> str:
-    rows = ["| ability | rate | held-out prompts | target |", "|---|---|---|---|"]
-    for key, name in SCORE_NAMES.items():
-        if key in scores:
-            target = f">= {TARGETS[key]:.0%}" if key in TARGETS else ""
-            rows.append(f"| {name} | {scores[key]['rate']:.1%} | {scores[key]['n']} | {target} |")
-    return "\n".join(rows)
-
-
-def write_model_card(report: dict, card: Path) -> None:
-    """Replace the measured block of `card` (between the markers) with the numbers of `report`."""
-    c, losses, t = report["config"], report["losses"], report["timings"]
-    lines = [
-        CARD_BEGIN,
-        f"Measured by `make demo-model` (seed {report['settings']['seed']}) on "
-        f"{report['settings']['held_out']} held-out conversations, greedy decoding:",
-        "",
-        score_table(report["scores"]),
-        "",
-        f"- Shapes: {report['parameters'] / 1e6:.2f}M parameters; vocabulary {c['vocab_size']} "
-        f"(own BPE), hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, {c['num_attention_heads']} "
-        f"query / {c['num_key_value_heads']} key-value heads, MLP {c['intermediate_size']}, context "
-        f"{c['max_position_embeddings']}; bf16 weights.",
-        f"- Pretraining: {losses['pretrain']['steps']} steps, loss {losses['pretrain']['first_loss']:.2f} -> "
-        f"{losses['pretrain']['final_loss']:.3f} (held-out {losses['pretrain']['val_loss']:.3f}).",
-        f"- SFT: {losses['sft']['steps']} steps, loss {losses['sft']['first_loss']:.2f} -> "
-        f"{losses['sft']['final_loss']:.3f} (held-out {losses['sft']['val_loss']:.3f}).",
-        f"- Build time: {report['minutes']} minutes in all ("
-        + ", ".join(f"{k} {v:.0f} s" for k, v in t.items())
-        + ").",
-        CARD_END,
-    ]
-    text = card.read_text(encoding="utf-8")
-    start, end = text.index(CARD_BEGIN), text.index(CARD_END) + len(CARD_END)
-    card.write_text(text[:start] + "\n".join(lines) + text[end:], encoding="utf-8")
-
-
-def record_build(report: dict, work: Path, out: Path, card: bool = True) -> None:
-    """Write a build's measurements next to the model (out/eval.json) and, with `card` and a source
-    checkout, into docs/demo-model.md with the loss plots of `work`'s runs."""
-    import shutil
-
-    (out / "eval.json").write_text(json.dumps({k: report[k] for k in ("scores", "settings", "timings",
-                                   "minutes", "losses")}, indent=1) + "\n")  # fmt: skip
-    docs = REPO_ROOT / "docs"
-    if card and (docs / "demo-model.md").is_file():
-        write_model_card(report, docs / "demo-model.md")
-        for name in ("pretrain", "sft"):
-            shutil.copy(work / name / "loss.png", docs / f"demo-model-{name}-loss.png")
-
-
-def evaluate_held_out(model, tokenizer, count: int, seed: int = 0) -> dict:
-    """Measure a model on `count` held-out prompts of the build with `seed` (none of its training prompts)."""
-    train = {prompt_key(e) for e in generate_examples(BuildSettings.sft_examples, seed + 1)}
-    return evaluate_examples(model, tokenizer, held_out_examples(count, seed + 1000, train))
