@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from qwenkit import GenerationConfig, Qwen, QwenConfig, save
 from qwenkit.tokenizer import Tokenizer
 
 
@@ -30,6 +32,81 @@ def official_tokenizer() -> Tokenizer:
     if path is None:
         pytest.skip("the official qwen.tiktoken (from the dashscope package) is not installed")
     return Tokenizer.from_file(path)
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer(tmp_path_factory) -> Tokenizer:
+    """A byte-level vocabulary (256 tokens plus the special ones), read back from its file."""
+    path = tmp_path_factory.mktemp("bytes") / "qwen.tiktoken"
+    Tokenizer({bytes([b]): b for b in range(256)}).save(path)
+    return Tokenizer.from_file(path)
+
+
+# --- tiny random models: the same arguments give the same weights -------------------------------------
+# Session-scoped models are shared by every test that asks for them: a test that changes one restores
+# it (try/finally), and a test that trains or adapts a model builds its own with make_tiny_model.
+
+
+def make_tiny_model(preset: str = "tiny", seed: int = 0, **overrides) -> Qwen:
+    """A freshly built random model of a tiny preset (config fields overridden), in eval mode."""
+    model = Qwen(QwenConfig.from_preset(preset, **overrides))
+    model.init_weights(seed=seed)
+    return model.eval()
+
+
+def randomize_biases(model: Qwen) -> Qwen:
+    """Non-zero Q/K/V biases (zero at init), so their wiring and the original layout's split are checked."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    return model
+
+
+def sharpen(model: Qwen) -> Qwen:
+    """Output head x40: a sharper random model, so greedy choices are far from ties."""
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)
+    return model
+
+
+def as_loaded(model: Qwen, tokenizer: Tokenizer) -> Qwen:
+    """The generation settings `qwenkit.load` gives: never sample the embedding's padding rows."""
+    model.generation_config = GenerationConfig(vocab_size=tokenizer.vocab_size)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Qwen:
+    """The tiny preset (seed 0) with random biases: the model the checkpoint and CLI tests save and load."""
+    return randomize_biases(make_tiny_model())
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_model, official_tokenizer) -> Path:
+    """`tiny_model` saved once with the official vocabulary."""
+    return save(tiny_model, official_tokenizer, tmp_path_factory.mktemp("checkpoints") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory, byte_tokenizer) -> Path:
+    """One layer, a byte-level vocabulary: quick to write, load and serve. Tests that damage it copy it."""
+    model = make_tiny_model(vocab_size=512, num_hidden_layers=1)
+    return save(model, byte_tokenizer, tmp_path_factory.mktemp("small") / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def chat_model() -> Qwen:
+    """The tiny preset (seed 1) that the chat and web-page tests talk to."""
+    return make_tiny_model(seed=1)
+
+
+@pytest.fixture(scope="session")
+def served_model(official_tokenizer) -> Qwen:
+    """The sharpened tiny-gqa model with a 1024-token window, as `qwenkit.load` sets it up: the model
+    the decoding core, the serving engine and the server are compared on."""
+    model = sharpen(make_tiny_model("tiny-gqa", max_position_embeddings=1024))
+    return as_loaded(model, official_tokenizer)
 
 
 def to_transformers(model):

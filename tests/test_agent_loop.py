@@ -9,8 +9,9 @@ import sys
 
 import pytest
 import torch
+from conftest import as_loaded, make_tiny_model
 
-from qwenkit import GenerationConfig, Qwen, QwenConfig, QwenkitError, save
+from qwenkit import QwenkitError, save
 from qwenkit.agent import loop
 from qwenkit.agent.interpreter import bwrap_path
 from qwenkit.agent.loop import (
@@ -199,11 +200,8 @@ def test_python_tool_in_the_loop_keeps_state_and_returns_figures():
 
 @pytest.fixture(scope="module")
 def tiny(official_tokenizer):
-    model = Qwen(QwenConfig.from_preset("tiny", max_position_embeddings=1024))
-    model.init_weights(seed=0)
-    # as qwenkit.load sets it: never sample the embedding's padding rows
-    model.generation_config = GenerationConfig(vocab_size=official_tokenizer.vocab_size)
-    return model.eval(), official_tokenizer
+    model = as_loaded(make_tiny_model(max_position_embeddings=1024), official_tokenizer)
+    return model, official_tokenizer
 
 
 def greedy_text(model, tokenizer, ids: list[int], n: int) -> str:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qwenkit import Qwen, QwenConfig, QwenkitError
+from qwenkit import QwenkitError
 from qwenkit.chat import make_context
 
 IM_START, IM_END, NL, SYSTEM, USER, ASSISTANT = 151644, 151645, 198, 8948, 872, 77091
@@ -61,47 +61,44 @@ def test_raw_format_and_unknown_format(official_tokenizer):
         make_context(official_tokenizer, "x", chat_format="alpaca")
 
 
-@pytest.fixture(scope="module")
-def model() -> Qwen:
-    model = Qwen(QwenConfig.from_preset("tiny"))
-    model.init_weights(seed=1)
-    return model.eval()
-
-
-def test_chat_and_chat_stream(model, official_tokenizer):
+def test_chat_and_chat_stream(chat_model, official_tokenizer):
     tok = official_tokenizer
     settings = dict(max_new_tokens=12, do_sample=False)
-    response, history = model.chat(tok, "你好", history=None, **settings)
+    response, history = chat_model.chat(tok, "你好", history=None, **settings)
     assert history == [("你好", response)]
-    partials = list(model.chat_stream(tok, "你好", history=None, **settings))
+    partials = list(chat_model.chat_stream(tok, "你好", history=None, **settings))
     assert partials[-1].strip() == response
     assert all(b.startswith(a) for a, b in zip(partials, partials[1:], strict=False))
     # the reply is the greedy continuation of the official context, cut at <|im_end|>/<|im_start|>
     _, ids = make_context(tok, "你好", system="You are a helpful assistant.")
-    out = model.generate([ids], stop=[[IM_END], [IM_START]], **settings)[0, len(ids) :].tolist()
+    out = chat_model.generate([ids], stop=[[IM_END], [IM_START]], **settings)[0, len(ids) :].tolist()
     assert tok.decode(out, skip_special_tokens=True).strip() == response
     # history feeds the next turn
-    second, history = model.chat(tok, "再见", history=history, **settings)
+    second, history = chat_model.chat(tok, "再见", history=history, **settings)
     assert [q for q, _ in history] == ["你好", "再见"]
     with pytest.raises(QwenkitError, match="history must be a list"):
-        model.chat(tok, "x", history=[("only one",)])
+        chat_model.chat(tok, "x", history=[("only one",)])
 
 
-def test_chat_respects_seed(model, official_tokenizer):
-    a, _ = model.chat(official_tokenizer, "hello", max_new_tokens=8, seed=11, temperature=1.5, top_p=0.99)
-    b, _ = model.chat(official_tokenizer, "hello", max_new_tokens=8, seed=11, temperature=1.5, top_p=0.99)
+def test_chat_respects_seed(chat_model, official_tokenizer):
+    a, _ = chat_model.chat(
+        official_tokenizer, "hello", max_new_tokens=8, seed=11, temperature=1.5, top_p=0.99
+    )
+    b, _ = chat_model.chat(
+        official_tokenizer, "hello", max_new_tokens=8, seed=11, temperature=1.5, top_p=0.99
+    )
     assert a == b
 
 
-def test_chat_prompt_longer_than_context(model, official_tokenizer):
+def test_chat_prompt_longer_than_context(chat_model, official_tokenizer):
     with pytest.raises(QwenkitError, match="context window is 256"):
-        model.chat(official_tokenizer, "word " * 400, max_new_tokens=4)
+        chat_model.chat(official_tokenizer, "word " * 400, max_new_tokens=4)
     assert torch.is_inference_mode_enabled() is False
 
 
-def test_history_longer_than_the_context_is_trimmed(model, official_tokenizer):
+def test_history_longer_than_the_context_is_trimmed(chat_model, official_tokenizer):
     history = [("word " * 60, "reply " * 60)] * 5  # ~600 tokens of history, the context is 256
-    response, history = model.chat(
+    response, history = chat_model.chat(
         official_tokenizer, "hello", history=history, max_new_tokens=4, do_sample=False
     )
     assert len(history) == 6

@@ -9,24 +9,14 @@ import textwrap
 import pytest
 import torch
 import transformers
+from conftest import make_tiny_model, randomize_biases
 from safetensors.torch import save_file
 
 import qwenkit
 from qwenkit import Qwen, QwenConfig, QwenkitError
 from qwenkit.checkpoint import describe
-from qwenkit.tokenizer import Tokenizer
 
 IDS = torch.tensor([[151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 108386, 12345]])
-
-
-def make_model(**overrides) -> Qwen:
-    model = Qwen(QwenConfig.from_preset("tiny", **overrides))
-    model.init_weights(seed=0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
-    return model.eval()
 
 
 def logits(model, ids=IDS):
@@ -104,10 +94,9 @@ def write_original_layout(model: Qwen, directory, vocab_path, shards: int = 2) -
 
 
 @pytest.fixture
-def original_checkpoint(tmp_path, official_tokenizer):
-    model = make_model()
-    write_original_layout(model, tmp_path / "qwen-original", official_tokenizer.path)
-    return model, tmp_path / "qwen-original"
+def original_checkpoint(tmp_path, tiny_model, official_tokenizer):
+    write_original_layout(tiny_model, tmp_path / "qwen-original", official_tokenizer.path)
+    return tiny_model, tmp_path / "qwen-original"
 
 
 def test_original_layout_loads_with_the_same_logits(original_checkpoint):
@@ -135,7 +124,7 @@ def test_original_layout_converts_to_qwen2_that_transformers_loads(original_chec
 
 @pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 2, "tie_word_embeddings": True}])
 def test_saved_checkpoint_loads_in_transformers(tmp_path, official_tokenizer, overrides):
-    model = make_model(**overrides)
+    model = randomize_biases(make_tiny_model(**overrides))
     qwenkit.save(model, official_tokenizer, tmp_path / "out", max_shard_bytes=8_000_000)
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()  # sharded
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
@@ -169,18 +158,16 @@ def test_qwen2_checkpoint_written_by_transformers_loads(tmp_path, official_token
         torch.testing.assert_close(logits(model), hf(IDS).logits, atol=1e-4, rtol=0)
 
 
-def test_pytorch_bin_checkpoints_load(tmp_path, official_tokenizer):
-    model = make_model()
-    qwenkit.save(model, official_tokenizer, tmp_path / "ckpt")
-    (tmp_path / "ckpt" / "model.safetensors").unlink()
-    torch.save(model.state_dict(), tmp_path / "ckpt" / "pytorch_model.bin")
-    loaded, _ = qwenkit.load(tmp_path / "ckpt")
-    torch.testing.assert_close(logits(loaded), logits(model), atol=0, rtol=0)
+def test_pytorch_bin_checkpoints_load(tmp_path, tiny_model, tiny_checkpoint):
+    directory = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    (directory / "model.safetensors").unlink()
+    torch.save(tiny_model.state_dict(), directory / "pytorch_model.bin")
+    loaded, _ = qwenkit.load(directory)
+    torch.testing.assert_close(logits(loaded), logits(tiny_model), atol=0, rtol=0)
 
 
-def test_dtypes(tmp_path, official_tokenizer):
-    model = make_model()
-    qwenkit.save(model, official_tokenizer, tmp_path / "bf16", dtype="bfloat16")
+def test_dtypes(tmp_path, tiny_model, official_tokenizer):
+    qwenkit.save(tiny_model, official_tokenizer, tmp_path / "bf16", dtype="bfloat16")
     info = describe(tmp_path / "bf16")
     assert info["stored_dtypes"] == ["bfloat16"]
     loaded, _ = qwenkit.load(tmp_path / "bf16")  # float32 on CPU by default
@@ -217,11 +204,11 @@ def corrupt(directory, change):
         ),
     ],
 )
-def test_mismatched_tensors_are_named(tmp_path, official_tokenizer, change, message):
-    qwenkit.save(make_model(), official_tokenizer, tmp_path / "ckpt")
-    corrupt(tmp_path / "ckpt", change)
+def test_mismatched_tensors_are_named(tmp_path, tiny_checkpoint, change, message):
+    directory = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    corrupt(directory, change)
     with pytest.raises(QwenkitError, match=message):
-        qwenkit.load(tmp_path / "ckpt")
+        qwenkit.load(directory)
 
 
 def test_bad_directories(tmp_path):
@@ -240,10 +227,9 @@ def test_bad_directories(tmp_path):
         qwenkit.load(tmp_path / "broken")
 
 
-def test_save_replaces_atomically(tmp_path, official_tokenizer):
-    model = make_model()
-    qwenkit.save(model, official_tokenizer, tmp_path / "ckpt")
-    qwenkit.save(model, official_tokenizer, tmp_path / "ckpt")
+def test_save_replaces_atomically(tmp_path, tiny_model, official_tokenizer):
+    qwenkit.save(tiny_model, official_tokenizer, tmp_path / "ckpt")
+    qwenkit.save(tiny_model, official_tokenizer, tmp_path / "ckpt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging directories left behind
 
 
@@ -272,26 +258,16 @@ def test_loading_is_lazy(tmp_path, official_tokenizer):
     assert 0.8 * size_mb < growth_mb < 1.15 * (size_mb + largest_mb) < 2 * size_mb, (growth_mb, size_mb)
 
 
-def test_saved_checkpoint_has_tokenizer_files_transformers_reads(tmp_path, official_tokenizer):
-    qwenkit.save(make_model(), official_tokenizer, tmp_path / "ckpt")
-    assert (tmp_path / "ckpt" / "qwen.tiktoken").read_bytes() == official_tokenizer.path.read_bytes()
-    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "ckpt")
+def test_saved_checkpoint_has_tokenizer_files_transformers_reads(tiny_checkpoint, official_tokenizer):
+    assert (tiny_checkpoint / "qwen.tiktoken").read_bytes() == official_tokenizer.path.read_bytes()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_checkpoint)
     text = "你好，Qwen! def f(x):\n    return 12345"
     assert hf_tokenizer.encode(text) == official_tokenizer.encode(text)
     assert hf_tokenizer.eos_token == "<|im_end|>"
-    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "ckpt")
+    generation = transformers.GenerationConfig.from_pretrained(tiny_checkpoint)
     assert generation.eos_token_id == [151643, 151645]  # chat turns end at <|im_end|> elsewhere too
-    loaded, _ = qwenkit.load(tmp_path / "ckpt")
+    loaded, _ = qwenkit.load(tiny_checkpoint)
     assert loaded.generation_config.stop_sequences()[:2] == [[151643], [151645]]
-
-
-@pytest.fixture(scope="module")
-def small_checkpoint(tmp_path_factory):
-    """A small checkpoint with a byte-level vocabulary, copied by the tests that damage it."""
-    directory = tmp_path_factory.mktemp("small")
-    Tokenizer({bytes([b]): b for b in range(256)}).save(directory / "vocab.tiktoken")
-    tokenizer = Tokenizer.from_file(directory / "vocab.tiktoken")
-    return qwenkit.save(make_model(vocab_size=512, num_hidden_layers=1), tokenizer, directory / "ckpt")
 
 
 def rewrite_header(file, change) -> None:

@@ -16,31 +16,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from qwenkit import Qwen, QwenConfig, load, save
+from qwenkit import Qwen, QwenConfig, load
 from qwenkit.cli import build_parser, main
-from qwenkit.tokenizer import Tokenizer
 
 
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path, monkeypatch):
     """Never build or read the default model in the user's real cache."""
     monkeypatch.setenv("QWENKIT_HOME", str(tmp_path / "qwenkit-home"))
-
-
-@pytest.fixture(scope="module")
-def tiny_model(official_tokenizer):
-    model = Qwen(QwenConfig.from_preset("tiny"))
-    model.init_weights(seed=0)
-    with torch.no_grad():  # non-zero biases, so the Q/K/V split of the original layout is checked
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(len(name)))
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_model, official_tokenizer) -> str:
-    return str(save(tiny_model, official_tokenizer, tmp_path_factory.mktemp("ckpt") / "tiny"))
 
 
 def run_chat(monkeypatch, capsys, args: list[str], lines: list[str]) -> tuple[int, str, str]:
@@ -67,12 +50,12 @@ def test_every_verb_has_help_with_examples(capsys):
         assert "examples:\n  qwenkit " + verb in capsys.readouterr().out
 
 
-def test_chat_repl_commands(checkpoint, tmp_path, monkeypatch, capsys):
+def test_chat_repl_commands(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     marker = tmp_path / "pwned"
     code, out, err = run_chat(
         monkeypatch,
         capsys,
-        ["--model", checkpoint],
+        ["--model", str(tiny_checkpoint)],
         [
             ":seed 7",
             ":conf max_new_tokens=8",
@@ -109,51 +92,54 @@ def test_chat_repl_commands(checkpoint, tmp_path, monkeypatch, capsys):
     assert "never read" not in out
 
 
-def test_chat_same_seed_same_reply(checkpoint, monkeypatch, capsys):
+def test_chat_same_seed_same_reply(tiny_checkpoint, monkeypatch, capsys):
     lines = [":seed 7", ":conf max_new_tokens=8", "Hi!", ":clear-history", "Hi!", ":exit"]
-    code, out, _ = run_chat(monkeypatch, capsys, ["--model", checkpoint], lines)
+    code, out, _ = run_chat(monkeypatch, capsys, ["--model", str(tiny_checkpoint)], lines)
     assert code == 0
-    model, tokenizer = load(checkpoint)
+    model, tokenizer = load(tiny_checkpoint)
     reply = list(model.chat_stream(tokenizer, "Hi!", [], seed=7, max_new_tokens=8))[-1]
     assert reply and out.count(f"Assistant> {reply}\n") == 2
     # --seed on the command line gives the same replies in a new session.
-    code, again, _ = run_chat(monkeypatch, capsys, ["--model", checkpoint, "--seed", "7"], lines[1:])
+    code, again, _ = run_chat(
+        monkeypatch, capsys, ["--model", str(tiny_checkpoint), "--seed", "7"], lines[1:]
+    )
     assert again.count(f"Assistant> {reply}\n") == 2
 
 
-def test_chat_turn_error_keeps_repl_going(checkpoint, monkeypatch, capsys):
+def test_chat_turn_error_keeps_repl_going(tiny_checkpoint, monkeypatch, capsys):
     long_question = "word " * 300  # the tiny preset's context is 256 tokens
     lines = [":conf max_new_tokens=4", long_question, ":history"]  # then EOF, no :exit
-    code, out, err = run_chat(monkeypatch, capsys, ["--model", checkpoint], lines)
+    code, out, err = run_chat(monkeypatch, capsys, ["--model", str(tiny_checkpoint)], lines)
     assert code == 0
     assert err.startswith("error: the prompt has ") and err.count("\n") == 1
     assert "(no history)" in out and "Traceback" not in err
 
 
-def test_ctrl_c_at_the_prompt_exits_130(checkpoint, monkeypatch, capsys):
+def test_ctrl_c_at_the_prompt_exits_130(tiny_checkpoint, monkeypatch, capsys):
     def interrupted(prompt=""):
         raise KeyboardInterrupt
 
     monkeypatch.setattr("builtins.input", interrupted)
-    assert main(["chat", "--model", checkpoint]) == 130
+    assert main(["chat", "--model", str(tiny_checkpoint)]) == 130
     assert "Traceback" not in capsys.readouterr().err
 
 
-def test_generate_greedy_matches_model_generate(checkpoint, capsys):
-    args = ["generate", "--model", checkpoint, "--prompt", "The capital of France is"]
+def test_generate_greedy_matches_model_generate(tiny_checkpoint, capsys):
+    args = ["generate", "--model", str(tiny_checkpoint), "--prompt", "The capital of France is"]
     args += ["--greedy", "--max-new-tokens", "12"]
     assert main(args) == 0
     first = capsys.readouterr().out
     assert main(args) == 0
     assert capsys.readouterr().out == first
-    model, tokenizer = load(checkpoint)
+    model, tokenizer = load(tiny_checkpoint)
     ids = tokenizer.encode("The capital of France is")
     out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
     assert first == tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True) + "\n"
 
 
-def test_generate_sampling_reproducible_with_seed(checkpoint, capsys):
-    args = ["generate", "--model", checkpoint, "--prompt", "Once", "--max-new-tokens", "6", "--top-k", "50"]
+def test_generate_sampling_reproducible_with_seed(tiny_checkpoint, capsys):
+    args = ["generate", "--model", str(tiny_checkpoint), "--prompt", "Once", "--max-new-tokens", "6",
+            "--top-k", "50"]  # fmt: skip
     outs = []
     for seed in ("3", "3", "4"):
         assert main([*args, "--seed", seed]) == 0
@@ -255,24 +241,14 @@ def test_bad_checkpoints_give_one_line_errors(bad_dirs, args, expected, capsys):
     assert_one_line_error(code, capsys.readouterr().err, expected)
 
 
-def test_bad_settings_give_one_line_errors(checkpoint, capsys):
+def test_bad_settings_give_one_line_errors(tiny_checkpoint, capsys):
     long_prompt = "word " * 300
-    code = main(["generate", "--model", checkpoint, "--prompt", long_prompt])
+    code = main(["generate", "--model", str(tiny_checkpoint), "--prompt", long_prompt])
     assert_one_line_error(code, capsys.readouterr().err, "context window is 256")
-    code = main(["generate", "--model", checkpoint, "--prompt", "x", "--top-p", "1.5"])
+    code = main(["generate", "--model", str(tiny_checkpoint), "--prompt", "x", "--top-p", "1.5"])
     assert_one_line_error(code, capsys.readouterr().err, "top_p must be in (0, 1]")
-    assert main(["chat", "--model", checkpoint, "--dtype", "int8"]) == 2  # argparse's usage error
+    assert main(["chat", "--model", str(tiny_checkpoint), "--dtype", "int8"]) == 2  # argparse's usage error
     assert "invalid choice: 'int8'" in capsys.readouterr().err
-
-
-@pytest.fixture(scope="module")
-def small_checkpoint(tmp_path_factory) -> Path:
-    """A one-layer model with a byte-level vocabulary: quick to write, load and serve."""
-    directory = tmp_path_factory.mktemp("small")
-    Tokenizer({bytes([b]): b for b in range(256)}).save(directory / "vocab.tiktoken")
-    model = Qwen(QwenConfig.from_preset("tiny", vocab_size=512, num_hidden_layers=1))
-    model.init_weights(seed=0)
-    return save(model, Tokenizer.from_file(directory / "vocab.tiktoken"), directory / "ckpt")
 
 
 @pytest.fixture
@@ -388,7 +364,7 @@ def test_served_api_schema_says_what_the_server_answers(small_checkpoint):
         assert client.get("/health").status_code == 200
 
 
-def test_python_m_qwenkit_entry_point(checkpoint, tmp_path):
+def test_python_m_qwenkit_entry_point(tiny_checkpoint, tmp_path):
     env = {"QWENKIT_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
     failed = subprocess.run(
         [sys.executable, "-m", "qwenkit", "info", str(tmp_path / "nowhere")],
@@ -400,7 +376,7 @@ def test_python_m_qwenkit_entry_point(checkpoint, tmp_path):
     assert failed.stderr == f"qwenkit: error: checkpoint not found: {tmp_path / 'nowhere'}\n"
 
     chat = subprocess.run(
-        [sys.executable, "-m", "qwenkit", "chat", "--model", checkpoint, "--seed", "1"],
+        [sys.executable, "-m", "qwenkit", "chat", "--model", str(tiny_checkpoint), "--seed", "1"],
         input=":conf max_new_tokens=4\nhello\n:q\n",
         capture_output=True,
         text=True,

@@ -2,19 +2,17 @@
 
 import pytest
 import torch
+from conftest import make_tiny_model
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from qwenkit import Qwen, QwenConfig
+from qwenkit import Qwen
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def build(dtype: torch.dtype) -> Qwen:
-    model = Qwen(
-        QwenConfig.from_preset("tiny-gqa", hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
-    )
-    model.init_weights(seed=0)
-    return model.eval().to("cuda", dtype)
+    model = make_tiny_model("tiny-gqa", hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
+    return model.to("cuda", dtype)
 
 
 def test_bf16_flash_prefill_matches_fp32():
@@ -30,10 +28,8 @@ def test_bf16_flash_prefill_matches_fp32():
 
 
 def test_cuda_generation_matches_cpu():
-    cpu = Qwen(QwenConfig.from_preset("tiny-gqa"))
-    cpu.init_weights(seed=1)
-    cpu.eval()
-    gpu = Qwen(QwenConfig.from_preset("tiny-gqa")).eval()
+    cpu = make_tiny_model("tiny-gqa", seed=1)
+    gpu = Qwen(cpu.config).eval()
     gpu.load_state_dict(cpu.state_dict())
     gpu.to("cuda")
     prompts = [[1, 2, 3, 4, 5, 6], [7, 8, 9]]

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from conftest import make_tiny_model
 
-from qwenkit import Qwen, QwenConfig, load, save
+from qwenkit import load, save
 from qwenkit.devices import check_device_name, pick_device
 from qwenkit.errors import QwenkitError
-from qwenkit.tokenizer import Tokenizer
 
 
 def test_device_names():
@@ -37,12 +37,10 @@ def test_auto_picks_cuda_when_there_is_one(monkeypatch):
         pick_device("gpu")
 
 
-def test_load_auto_on_a_machine_without_gpu(tmp_path, monkeypatch):
+def test_load_auto_on_a_machine_without_gpu(tmp_path, byte_tokenizer, monkeypatch):
     """ "auto" is what the CLI always chose: cpu without a GPU, and there float32 whatever is stored."""
-    Tokenizer({bytes([b]): b for b in range(256)}).save(tmp_path / "vocab.tiktoken")
-    model = Qwen(QwenConfig.from_preset("tiny", vocab_size=512, num_hidden_layers=1))
-    model.init_weights(seed=0)
-    path = save(model, Tokenizer.from_file(tmp_path / "vocab.tiktoken"), tmp_path / "ckpt", dtype="bfloat16")
+    model = make_tiny_model(vocab_size=512, num_hidden_layers=1)
+    path = save(model, byte_tokenizer, tmp_path / "ckpt", dtype="bfloat16")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     loaded, _ = load(path, device="auto", dtype="auto")
     assert loaded.device == torch.device("cpu") and loaded.dtype == torch.float32

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import to_transformers
+from conftest import make_tiny_model, sharpen, to_transformers
 from transformers.generation.logits_process import (
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
@@ -10,17 +10,13 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from qwenkit import GenerationConfig, Qwen, QwenConfig, QwenkitError
+from qwenkit import GenerationConfig, Qwen, QwenkitError
 from qwenkit.generation import generate_tokens, held_back_length, left_pad, pick_tokens, warp_logits
 
 
 @pytest.fixture(scope="module")
 def model() -> Qwen:
-    model = Qwen(QwenConfig.from_preset("tiny-gqa"))
-    model.init_weights(seed=0)
-    with torch.no_grad():  # a sharper random model, so greedy choices are far from ties
-        model.lm_head.weight.mul_(40)
-    return model.eval()
+    return sharpen(make_tiny_model("tiny-gqa"))
 
 
 def prompt(n: int, seed: int = 0) -> torch.Tensor:
@@ -319,17 +315,12 @@ PARITY_AGENT = [56008, 35758, 150720, 9052, 64392, 115160, 15511, 72418, 123979,
 
 
 @pytest.fixture(scope="module")
-def served(official_tokenizer):
+def served(served_model, official_tokenizer):
     """The sharpened tiny model as `qwenkit.load` would set it up, and a serving engine of 2 rows."""
     from qwenkit.serve.engine import Engine
 
-    model = Qwen(QwenConfig.from_preset("tiny-gqa", max_position_embeddings=1024))
-    model.init_weights(seed=0)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(40)
-    model.generation_config = GenerationConfig(vocab_size=official_tokenizer.vocab_size)
-    engine = Engine(model.eval(), official_tokenizer, max_batch=2)
-    yield model, official_tokenizer, engine
+    engine = Engine(served_model, official_tokenizer, max_batch=2)
+    yield served_model, official_tokenizer, engine
     engine.close()
 
 

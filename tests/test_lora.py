@@ -2,26 +2,20 @@
 
 import pytest
 import torch
-from conftest import to_transformers
+from conftest import make_tiny_model, to_transformers
 
 import qwenkit
-from qwenkit import Qwen, QwenConfig, QwenkitError
+from qwenkit import Qwen, QwenkitError
 from qwenkit.cli import main
 from qwenkit.lora import add_lora, load_adapter, merge_adapter
 
 IDS = torch.tensor([[151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 108386]])
 
 
-def base_model() -> Qwen:
-    model = Qwen(QwenConfig.from_preset("tiny-gqa"))
-    model.init_weights(seed=0)
-    return model.eval()
-
-
 @pytest.fixture
 def adapter(tmp_path):
     """A trained-looking adapter: LoRA B matrices (zero at init) and the embedding copies set randomly."""
-    model = add_lora(base_model(), r=8, alpha=16, dropout=0.0, train_embeddings=True)
+    model = add_lora(make_tiny_model("tiny-gqa"), r=8, alpha=16, dropout=0.0, train_embeddings=True)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
@@ -34,7 +28,7 @@ def adapter(tmp_path):
 
 
 def test_only_lora_weights_train_by_default():
-    model = add_lora(base_model(), r=64, alpha=16, dropout=0.05)
+    model = add_lora(make_tiny_model("tiny-gqa"), r=64, alpha=16, dropout=0.05)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert {n.split(".")[-4] for n in trainable} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
@@ -46,21 +40,23 @@ def test_adapter_loads_with_peft_onto_transformers_qwen2(adapter):
     import peft
 
     path, reference = adapter
-    hf = peft.PeftModel.from_pretrained(to_transformers(base_model()), str(path)).eval()
+    hf = peft.PeftModel.from_pretrained(to_transformers(make_tiny_model("tiny-gqa")), str(path)).eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(IDS).logits, reference, atol=1e-4, rtol=0)
 
 
 def test_merged_weights_give_the_adapted_logits(adapter, tmp_path, official_tokenizer):
     path, reference = adapter
-    merged = merge_adapter(base_model(), path)
+    merged = merge_adapter(make_tiny_model("tiny-gqa"), path)
     assert isinstance(merged, Qwen)
     with torch.no_grad():
         torch.testing.assert_close(merged(IDS), reference, atol=1e-5, rtol=0)
     with torch.no_grad():
-        torch.testing.assert_close(load_adapter(base_model(), path)(IDS), reference, atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            load_adapter(make_tiny_model("tiny-gqa"), path)(IDS), reference, atol=1e-6, rtol=0
+        )
 
-    qwenkit.save(base_model(), official_tokenizer, tmp_path / "base")
+    qwenkit.save(make_tiny_model("tiny-gqa"), official_tokenizer, tmp_path / "base")
     loaded, _ = qwenkit.load(tmp_path / "base", adapter=path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(IDS), reference, atol=1e-5, rtol=0)
@@ -71,7 +67,7 @@ def test_merged_weights_give_the_adapted_logits(adapter, tmp_path, official_toke
 
 
 def test_bad_adapters(tmp_path, official_tokenizer, capsys):
-    qwenkit.save(base_model(), official_tokenizer, tmp_path / "base")
+    qwenkit.save(make_tiny_model("tiny-gqa"), official_tokenizer, tmp_path / "base")
     with pytest.raises(QwenkitError, match="adapter not found"):
         qwenkit.load(tmp_path / "base", adapter=tmp_path / "missing")
     (tmp_path / "empty").mkdir()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_until_killed
+from conftest import make_tiny_model, run_until_killed
 
 import qwenkit
 from qwenkit.cli import main
@@ -171,7 +171,7 @@ def test_schedule_values():
 
 
 def test_weight_decay_on_matrices_only():
-    model = qwenkit.Qwen(qwenkit.QwenConfig.from_preset("tiny", vocab_size=512))
+    model = make_tiny_model(vocab_size=512)
     optimizer = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 1e-8)
     decayed, plain = optimizer.param_groups
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0

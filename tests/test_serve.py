@@ -23,8 +23,6 @@ import pytest
 import torch
 from conftest import LiveServer
 
-from qwenkit import Qwen, QwenConfig
-from qwenkit.generation import GenerationConfig
 from qwenkit.model import KVCache
 from qwenkit.serve.api import ChatRequest, ReactOutput, create_app, plan_chat
 from qwenkit.serve.engine import Engine, SamplingParams
@@ -41,13 +39,8 @@ def tokenizer(official_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def model(tokenizer) -> Qwen:
-    model = Qwen(QwenConfig.from_preset("tiny-gqa", max_position_embeddings=1024))
-    model.init_weights(seed=0)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(40)
-    model.generation_config = GenerationConfig(vocab_size=tokenizer.vocab_size)
-    return model.eval()
+def model(served_model):
+    return served_model
 
 
 def random_prompt(n: int, seed: int) -> list[int]:

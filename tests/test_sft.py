@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_until_killed, to_transformers
+from conftest import make_tiny_model, run_until_killed, to_transformers
 
 import qwenkit
-from qwenkit import Qwen, QwenConfig, Tokenizer
 from qwenkit.cli import main
 from qwenkit.data.synthetic import chat_samples
 
@@ -19,13 +18,10 @@ SETTINGS = ["--train.micro_batch_size", "8", "--train.lr", "3e-3", "--train.warm
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> Path:
+def setup(tmp_path_factory, byte_tokenizer) -> Path:
     """A tiny base model with a byte-level vocabulary, and generated chat data."""
     directory = tmp_path_factory.mktemp("sft")
-    Tokenizer({bytes([b]): b for b in range(256)}).save(directory / "qwen.tiktoken")
-    model = Qwen(QwenConfig.from_preset("tiny", vocab_size=512))
-    model.init_weights(seed=0)
-    qwenkit.save(model, Tokenizer.from_file(directory / "qwen.tiktoken"), directory / "base")
+    qwenkit.save(make_tiny_model(vocab_size=512), byte_tokenizer, directory / "base")
     with open(directory / "chat.jsonl", "w") as f:
         for sample in chat_samples(200):
             f.write(json.dumps(sample, ensure_ascii=False) + "\n")

@@ -12,8 +12,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from qwenkit import Qwen, QwenConfig
-
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
@@ -33,15 +31,8 @@ from qwenkit.serve.api import create_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def model() -> Qwen:
-    model = Qwen(QwenConfig.from_preset("tiny"))
-    model.init_weights(seed=1)
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def server(model, official_tokenizer) -> Iterator[LiveServer]:
-    live = LiveServer(create_app(model, official_tokenizer, "tiny-web"))
+def server(chat_model, official_tokenizer) -> Iterator[LiveServer]:
+    live = LiveServer(create_app(chat_model, official_tokenizer, "tiny-web"))
     yield live
     live.stop()
 
@@ -317,8 +308,8 @@ def test_agent_endpoint_rejects_bad_requests(server):
     assert httpx.delete(f"{url}/sessions/nosuchsession", timeout=30).status_code == 404
 
 
-def test_api_key_is_asked_for_and_used(model, official_tokenizer, browser):
-    live = LiveServer(create_app(model, official_tokenizer, "tiny-key", api_key="sesame"))
+def test_api_key_is_asked_for_and_used(chat_model, official_tokenizer, browser):
+    live = LiveServer(create_app(chat_model, official_tokenizer, "tiny-key", api_key="sesame"))
     context = browser.new_context()
     try:
         page = context.new_page()
