@@ -60,7 +60,7 @@ def run_transformers(args, data: Path, out: Path) -> dict:
     import torch
     import transformers
 
-    from qwenkit.data.pack import PackedDataset
+    from qwenkit.data.packed import PackedDataset
 
     shape = SHAPES[args.shape]
     config = transformers.Qwen2Config(

@@ -144,7 +144,7 @@ def test_train_tokenizer_writes_vocab_file(corpus, tmp_path):
     assert tokenizer.path == tmp_path / "tok" / "qwen.tiktoken"
     assert tokenizer.n_bpe == 300 and tokenizer.eod_id == 300  # special tokens follow the ranks
     assert Tokenizer.from_file(tmp_path / "tok").encode("Kalo mi") == tokenizer.encode("Kalo mi")
-    assert counts.bad_lines == 1 and counts.documents > 300
+    assert counts.skipped == {"invalid_json": 1} and counts.documents > 300
 
 
 def test_extension_keeps_base_and_shortens_new_language(corpus, tmp_path):
@@ -246,7 +246,7 @@ def test_cli_train_and_stats(corpus, tmp_path, capsys):
     ]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "trained 320 BPE ranks from scratch" in out and "1 bad JSONL lines skipped" in out
+    assert "trained 320 BPE ranks from scratch" in out and "skipped invalid_json 1" in out
     assert (tmp_path / "t" / "qwen.tiktoken").is_file()
 
     twice = ["tokenizer", "stats", "--tokenizer", str(tmp_path / "t"), "--tokenizer", str(tmp_path / "t")]
@@ -260,3 +260,26 @@ def test_cli_train_and_stats(corpus, tmp_path, capsys):
     rows = json.loads((tmp_path / "stats" / "stats.json").read_text())
     assert {row["tokenizer"] for row in rows} == {"mine", "t"} and len(rows) == 4
     assert (tmp_path / "stats" / "stats.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_vocabulary_training_reads_every_format_packing_reads(corpus, tmp_path):
+    """One document reader (qwenkit.data.readers): Parquet, NDJSON and directories train the same
+    vocabulary as the JSONL they hold; before, a .parquet file was read as plain text."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    chinese = corpus[1]
+    texts = [json.loads(line)["text"] for line in chinese.read_text().splitlines() if line.startswith('{"')]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "zh.parquet")
+    (tmp_path / "dir" / "nested").mkdir(parents=True)
+    (tmp_path / "dir" / "nested" / "zh.ndjson").write_bytes(chinese.read_bytes())
+    (tmp_path / "dir" / "notes.csv").write_text("not read: not a supported format")
+    expected = train_vocab([chinese], 400, progress=False)
+    for source in (tmp_path / "zh.parquet", tmp_path / "dir"):
+        counts = CorpusCounts()
+        assert train_vocab([source], 400, progress=False, counts=counts) == expected, source
+        assert counts.documents == len(texts)
+    rows = compression_stats({"bytes": Tokenizer(byte_ranks())}, [tmp_path / "dir"])
+    assert [row["file"] for row in rows] == ["zh"]
+    with pytest.raises(QwenkitError, match="unsupported format"):
+        train_vocab([tmp_path / "dir" / "notes.csv"], 300, progress=False)

@@ -16,7 +16,7 @@ import os
 import unicodedata
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 
@@ -26,11 +26,11 @@ from tokenizers import Regex, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 from tqdm import tqdm
 
+from qwenkit.data.readers import expand_paths, read_documents
 from qwenkit.errors import QwenkitError
 from qwenkit.hf_tokenizer import bytes_to_unicode
 from qwenkit.tokenizer import PAT_STR, VOCAB_FILENAME, Tokenizer
 
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
 BLOCK_BYTES = 1 << 20  # plain text is read in blocks of whole lines of about this size
 
 _PRETOKENIZE = regex.compile(PAT_STR)
@@ -39,11 +39,12 @@ _NOT_A_TOKEN = 1 << 62
 
 @dataclass
 class CorpusCounts:
-    """What reading the input found: text pieces, UTF-8 bytes of text, and skipped JSONL lines."""
+    """What reading the input found: text pieces, UTF-8 bytes of text, and skipped documents by reason
+    (`qwenkit.data.readers.SKIP_REASONS`)."""
 
     documents: int = 0
     bytes: int = 0
-    bad_lines: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
 
 
 def check_output_dir(path: str | Path) -> Path:
@@ -55,71 +56,29 @@ def check_output_dir(path: str | Path) -> Path:
 
 
 def check_inputs(files: Sequence[str | Path]) -> list[Path]:
-    """The input paths, or QwenkitError naming the first one that is not a file."""
+    """The input files (a directory stands for its supported files), or QwenkitError naming the first
+    path that is missing or of an unsupported format."""
     if not files:
         raise QwenkitError("no input files given")
-    paths = [Path(f) for f in files]
-    for path in paths:
-        if not path.is_file():
-            raise QwenkitError(f"input file {path} not found")
-    return paths
+    return expand_paths(files)
 
 
-def read_documents(
-    files: Sequence[Path], counts: CorpusCounts | None = None, progress: bool = True
+def read_corpus(
+    files: Sequence[str | Path], counts: CorpusCounts | None = None, progress: bool = True
 ) -> Iterator[str]:
-    """Stream the NFC-normalized text of `files`, piece by piece.
-
-    A `.jsonl` file yields the `text` field of each line (lines that are not a JSON object with a
-    string `text` are skipped and counted in `counts.bad_lines`); any other file is UTF-8 plain
-    text, yielded in blocks of whole lines of about 1 MB.
-    """
+    """Stream the NFC-normalized text of `files` through the one document reader (any format
+    `qwenkit data pack` reads); plain text comes in blocks of whole lines of about 1 MB, since
+    vocabulary training needs no document boundaries."""
     counts = counts if counts is not None else CorpusCounts()
     paths = check_inputs(files)
-    total = sum(path.stat().st_size for path in paths)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="reading", disable=not progress) as bar:
-        for path in paths:
-            with open(path, "rb") as f:
-                if path.suffix.lower() in JSONL_SUFFIXES:
-                    pieces = _jsonl_texts(f, counts, bar)
-                else:
-                    pieces = _text_blocks(f, bar)
-                for text in pieces:
-                    if text:
-                        text = unicodedata.normalize("NFC", text)
-                        counts.documents += 1
-                        counts.bytes += len(text.encode("utf-8"))
-                        yield text
-
-
-def _jsonl_texts(f, counts: CorpusCounts, bar: tqdm) -> Iterator[str]:
-    for line in f:
-        bar.update(len(line))
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        text = record.get("text") if isinstance(record, dict) else None
-        if isinstance(text, str):
-            yield text
-        else:
-            counts.bad_lines += 1
-
-
-def _text_blocks(f, bar: tqdm) -> Iterator[str]:
-    block: list[bytes] = []
-    size = 0
-    for line in f:
-        block.append(line)
-        size += len(line)
-        if size >= BLOCK_BYTES:
+    with tqdm(unit="B", unit_scale=True, desc="reading", disable=not progress) as bar:
+        for text in read_documents(paths, counts.skipped, text_block_bytes=BLOCK_BYTES):
+            text = unicodedata.normalize("NFC", text)
+            size = len(text.encode("utf-8"))
+            counts.documents += 1
+            counts.bytes += size
             bar.update(size)
-            yield b"".join(block).decode("utf-8", errors="replace")
-            block, size = [], 0
-    bar.update(size)
-    yield b"".join(block).decode("utf-8", errors="replace")
+            yield text
 
 
 def byte_ranks() -> dict[bytes, int]:
@@ -167,7 +126,7 @@ def learn_merges(
             "extension keeps every base token, so pass a larger --vocab-size"
         )
     counts = counts if counts is not None else CorpusCounts()
-    documents = read_documents(paths, counts, progress)
+    documents = read_corpus(paths, counts, progress)
     if base is None:
         merges = _train_from_bytes(documents, vocab_size, min_frequency)
     else:
@@ -395,7 +354,7 @@ def compression_stats(tokenizers: dict[str, Tokenizer], files: Sequence[str | Pa
         n_bytes = n_chars = 0
         n_tokens = dict.fromkeys(tokenizers, 0)
         batch: list[str] = []
-        for text in read_documents([path], progress=False):
+        for text in read_corpus([path], progress=False):
             n_bytes += len(text.encode("utf-8"))
             n_chars += len(text)
             batch.append(text)

@@ -75,7 +75,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         required=True,
         metavar="FILE",
-        help="training text: plain text or .jsonl ('text')",
+        help="training text: .jsonl/.ndjson ('text' field), .parquet ('text' column) or .txt file, "
+        "or a directory of them",
     )
     parser.add_argument(
         "--vocab-size",
@@ -103,7 +104,8 @@ def run_tokenizer_train(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     how = f"extending {args.base}" if args.base else "from scratch"
     short = f" (text ran out of pairs before {args.vocab_size})" if tokenizer.n_bpe < args.vocab_size else ""
-    skipped = f", {counts.bad_lines} bad JSONL lines skipped" if counts.bad_lines else ""
+    skipped = ", ".join(f"{reason} {n:,}" for reason, n in sorted(counts.skipped.items()))
+    skipped = f", skipped {skipped}" if skipped else ""
     print(
         f"trained {tokenizer.n_bpe} BPE ranks {how}{short} on {counts.bytes / 1e6:.1f} MB of text"
         f"{skipped} in {seconds:.1f} s -> {tokenizer.path}"

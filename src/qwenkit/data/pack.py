@@ -1,24 +1,17 @@
-"""Pack documents into fixed-length training windows (report §2.1).
+"""Pack documents into fixed-length training windows (report §2.1): the sampling plan and the writer.
 
-Documents are read from JSONL, Parquet or plain-text files, tokenized, each followed by one
-`<|endoftext|>`, shuffled, concatenated and cut into non-overlapping windows of `seq_len + 1`
-tokens (input = w[:-1], labels = w[1:]); the last partial window is dropped.
+Documents are read from JSONL, Parquet or plain-text files (`qwenkit.data.readers`), tokenized,
+each followed by one `<|endoftext|>`, shuffled, concatenated and cut into non-overlapping windows
+of `seq_len + 1` tokens (input = w[:-1], labels = w[1:]); the last partial window is dropped.
 
 Documents and their numbering: sources in the order given; within a source its files in order
 (a directory stands for the supported files under it, sorted by path); within a file, reading
 order. Skipped documents get no number. `plan_documents` maps these numbers to the output order.
+Malformed input never stops packing: a document is skipped and counted under its reason.
 
-Input formats, chosen by file suffix:
-- `.jsonl` / `.ndjson`: one JSON object per line, the document is its `text` string;
-  blank lines are ignored.
-- `.parquet`: the `text` column (string), read in record batches; null cells are skipped.
-- `.txt`: the whole file is one document (use JSONL for many documents per file).
-
-Malformed input never stops packing: a document is skipped and counted under one reason of
-SKIP_REASONS. Missing files, unsupported suffixes and unreadable Parquet files are QwenkitError.
-
-Output directory: `train.bin` (and `val.bin`), flat little-endian token arrays (uint16 when the
-vocabulary fits, else uint32) holding whole windows only, and `index.json` describing them.
+Output directory (`qwenkit.data.packed` reads it): `train.bin` (and `val.bin`), flat little-endian
+token arrays (uint16 when the vocabulary fits, else uint32) holding whole windows only, and
+`index.json` describing them.
 """
 
 from __future__ import annotations
@@ -26,7 +19,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import operator
 import os
 import time
 from collections import Counter
@@ -38,26 +30,13 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 from tqdm import tqdm
 
+from qwenkit.data.packed import FORMAT, FORMAT_VERSION, INDEX_FILENAME, SPLITS
+from qwenkit.data.readers import SKIP_REASONS, expand_paths, iter_documents
 from qwenkit.errors import QwenkitError
 
 if TYPE_CHECKING:
-    import torch
-
     from qwenkit.tokenizer import Tokenizer
 
-FORMAT = "qwenkit-packed-tokens"
-FORMAT_VERSION = 1
-INDEX_FILENAME = "index.json"
-SPLITS = ("train", "val")
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
-SUFFIXES = (*JSONL_SUFFIXES, ".parquet", ".txt")
-SKIP_REASONS = (
-    "invalid_json",  # a JSONL line that does not parse
-    "missing_text",  # no `text` field / null cell, or a JSON value that is not an object
-    "non_string_text",  # `text` is a number, list, object, ...
-    "invalid_utf8",  # bytes that are not UTF-8, or a lone surrogate escape such as "\ud800"
-    "empty",  # empty or whitespace-only text
-)
 
 # Tokenize in batches of this many documents or characters, whichever comes first.
 BATCH_DOCUMENTS = 1024
@@ -164,105 +143,6 @@ def plan_documents(
 
 def _round_half_up(x: float) -> int:
     return math.floor(x + 0.5)
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading documents
-
-
-def expand_paths(paths: Iterable[Path]) -> list[Path]:
-    """Input paths with each directory replaced by its supported files (recursively, sorted)."""
-    files = []
-    for path in paths:
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(SUFFIXES))
-            if not found:
-                raise QwenkitError(f"input directory {path} holds no {', '.join(SUFFIXES)} files")
-            files += found
-        elif path.is_file():
-            if not path.name.endswith(SUFFIXES):
-                raise QwenkitError(f"input file {path}: unsupported format; use {', '.join(SUFFIXES)}")
-            files.append(path)
-        else:
-            raise QwenkitError(f"input file {path} not found")
-    return files
-
-
-def iter_documents(path: Path, skipped: Counter[str]) -> Iterator[str]:
-    """The documents of one file, in order; skipped ones are counted in `skipped` by reason."""
-    if path.name.endswith(JSONL_SUFFIXES):
-        yield from _iter_jsonl(path, skipped)
-    elif path.name.endswith(".parquet"):
-        yield from _iter_parquet(path, skipped)
-    else:
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError:
-            skipped["invalid_utf8"] += 1
-            return
-        if text.strip():
-            yield text
-        else:
-            skipped["empty"] += 1
-
-
-def _iter_jsonl(path: Path, skipped: Counter[str]) -> Iterator[str]:
-    with open(path, "rb") as f:
-        for raw in f:
-            if not raw.strip():
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                skipped["invalid_utf8"] += 1
-                continue
-            try:
-                record = json.loads(line)
-            except (ValueError, RecursionError):
-                skipped["invalid_json"] += 1
-                continue
-            text = record.get("text") if isinstance(record, dict) else None
-            if text is None:
-                skipped["missing_text"] += 1
-            elif not isinstance(text, str):
-                skipped["non_string_text"] += 1
-            elif "\\u" in line and not _encodes_as_utf8(text):
-                skipped["invalid_utf8"] += 1
-            elif not text.strip():
-                skipped["empty"] += 1
-            else:
-                yield text
-
-
-def _encodes_as_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate from a JSON escape
-        return False
-    return True
-
-
-def _iter_parquet(path: Path, skipped: Counter[str]) -> Iterator[str]:
-    import pyarrow as pa  # imported here so `qwenkit --help` stays fast
-    import pyarrow.parquet as pq
-
-    try:
-        parquet = pq.ParquetFile(path)
-        column = parquet.schema_arrow.field("text") if "text" in parquet.schema_arrow.names else None
-        if column is None:
-            raise QwenkitError(f"{path}: no 'text' column (columns: {', '.join(parquet.schema_arrow.names)})")
-        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-            raise QwenkitError(f"{path}: the 'text' column holds {column.type}, expected strings")
-        for batch in parquet.iter_batches(batch_size=BATCH_DOCUMENTS, columns=["text"]):
-            for text in batch.column(0).to_pylist():
-                if text is None:
-                    skipped["missing_text"] += 1
-                elif not text.strip():
-                    skipped["empty"] += 1
-                else:
-                    yield text
-    except (pa.ArrowException, OSError) as e:
-        raise QwenkitError(f"{path}: cannot read as Parquet ({e})") from None
 
 
 def _batches(texts: Iterable[str]) -> Iterator[list[str]]:
@@ -486,78 +366,3 @@ def _index(
         ],
         "skipped": stats.skipped,
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading packed windows
-
-
-def read_index(out_dir: str | Path) -> dict:
-    """The parsed `index.json` of a packed directory; QwenkitError when missing or malformed."""
-    path = Path(out_dir) / INDEX_FILENAME
-    try:
-        index = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise QwenkitError(f"{path} not found: pack data first with `qwenkit data pack`") from None
-    except (OSError, ValueError) as e:
-        raise QwenkitError(f"{path}: unreadable index ({e}); pack the data again") from None
-    required = ("version", "seq_len", "dtype", "vocab_size", "eod_id", "splits")
-    if not isinstance(index, dict) or index.get("format") != FORMAT or any(k not in index for k in required):
-        raise QwenkitError(f"{path}: not a qwenkit packed-data index; pack the data again")
-    if index["version"] != FORMAT_VERSION:
-        raise QwenkitError(f"{path}: format version {index['version']}, this qwenkit reads {FORMAT_VERSION}")
-    if index["dtype"] not in ("uint16", "uint32"):
-        raise QwenkitError(f"{path}: unknown dtype {index['dtype']!r}")
-    return index
-
-
-class PackedDataset:
-    """Windows of one split of a packed directory: item i is a LongTensor of seq_len + 1 tokens.
-
-    The file is memory-mapped on first access, so the dataset pickles cheaply into DataLoader
-    workers and each worker maps the file itself.
-    """
-
-    def __init__(self, out_dir: str | Path, split: str = "train") -> None:
-        self.index = read_index(out_dir)
-        if split not in self.index["splits"]:
-            names = ", ".join(self.index["splits"])
-            raise QwenkitError(f"{out_dir} has no {split!r} split (it has: {names})")
-        info = self.index["splits"][split]
-        self.path = Path(out_dir) / info["file"]
-        self.split = split
-        self.seq_len: int = self.index["seq_len"]
-        self.vocab_size: int = self.index["vocab_size"]
-        self.eod_id: int = self.index["eod_id"]
-        self.num_windows: int = info["windows"]
-        self.dtype = np.dtype(self.index["dtype"]).newbyteorder("<")
-        expected = self.num_windows * (self.seq_len + 1) * self.dtype.itemsize
-        try:
-            size = self.path.stat().st_size
-        except FileNotFoundError:
-            raise QwenkitError(f"{self.path} not found; pack the data again") from None
-        if size != expected:
-            raise QwenkitError(
-                f"{self.path} holds {size} bytes, the index says {expected}; the files do not match, pack again"
-            )
-        self._windows: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return self.num_windows
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        import torch  # here, not at module level, so the CLI's parser does not load torch
-
-        i = operator.index(i)
-        if i < 0:
-            i += self.num_windows
-        if not 0 <= i < self.num_windows:
-            raise IndexError(f"window {i} out of range for {self.num_windows} windows")
-        if self._windows is None:
-            self._windows = np.memmap(
-                self.path, dtype=self.dtype, mode="r", shape=(self.num_windows, self.seq_len + 1)
-            )
-        return torch.from_numpy(self._windows[i].astype(np.int64))
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_windows": None}

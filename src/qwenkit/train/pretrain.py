@@ -75,7 +75,7 @@ class PretrainRecipe:
 
 def prepare_data(recipe: PretrainRecipe, out: Path, env: Distributed):
     """(train dataset, val dataset or None, tokenizer) from the packed directory."""
-    from qwenkit.data.pack import PackedDataset
+    from qwenkit.data.packed import PackedDataset
 
     directory = Path(recipe.data.path) if recipe.data.path else out / "data"
     if not (directory / "index.json").is_file():
