@@ -46,3 +46,10 @@ def test_plain_text_in_blocks_of_whole_lines(tmp_path):
     assert "".join(blocks) == "".join(lines) and len(blocks) > 10
     assert all(block.endswith("\n") and 100 <= len(block.encode()) < 100 + 20 for block in blocks[:-1])
     assert list(read_documents([tmp_path / "t.txt"])) == ["".join(lines)]
+
+
+def test_a_bad_line_in_a_text_block_is_skipped_alone(tmp_path):
+    (tmp_path / "t.txt").write_bytes(b"first line\n\xff\xfe not utf-8\nthird line\n")
+    skipped = Counter()
+    blocks = list(read_documents([tmp_path / "t.txt"], skipped, text_block_bytes=2**20))
+    assert blocks == ["first line\nthird line\n"] and skipped == {"invalid_utf8": 1}

@@ -283,11 +283,11 @@ class CodeInterpreter:
         if Path("/var/cache/fontconfig").is_dir():  # else every session's first figure rebuilds it (~10 s)
             command += _parent_dirs(Path("/var/cache/fontconfig"))
             command += ["--ro-bind", "/var/cache/fontconfig", "/var/cache/fontconfig"]
-        mb = str(2**20)
+        mb = 2**20
         command += ["--proc", "/proc", "--remount-ro", "/proc", "--dev", "/dev",
-                    "--perms", "1777", "--size", str(self.shm_mb * int(mb)), "--tmpfs", "/dev/shm",
+                    "--perms", "1777", "--size", str(self.shm_mb * mb), "--tmpfs", "/dev/shm",
                     "--remount-ro", "/dev",
-                    "--perms", "1777", "--size", str(self.disk_mb * int(mb)), "--tmpfs", "/tmp",
+                    "--perms", "1777", "--size", str(self.disk_mb * mb), "--tmpfs", "/tmp",
                     "--perms", "0777", "--dir", str(self.work_dir)]  # fmt: skip
         for root in _python_roots():  # after the private /tmp, which would hide a venv under /tmp
             command += _parent_dirs(root) + ["--ro-bind", str(root), str(root)]

@@ -74,7 +74,7 @@ def iter_documents(path: Path, skipped: Counter[str], text_block_bytes: int | No
     elif text_block_bytes is None:
         yield from _checked([path.read_bytes()], skipped)
     else:
-        yield from _checked(_line_blocks(path, text_block_bytes), skipped)
+        yield from _line_blocks(path, text_block_bytes, skipped)
 
 
 def _checked(pieces: Iterable[bytes], skipped: Counter[str]) -> Iterator[str]:
@@ -90,18 +90,30 @@ def _checked(pieces: Iterable[bytes], skipped: Counter[str]) -> Iterator[str]:
             skipped["empty"] += 1
 
 
-def _line_blocks(path: Path, block_bytes: int) -> Iterator[bytes]:
-    block: list[bytes] = []
+def _line_blocks(path: Path, block_bytes: int, skipped: Counter[str]) -> Iterator[str]:
+    """Whole lines in blocks of about `block_bytes`; a line that is not UTF-8 is skipped alone."""
+    block: list[str] = []
     size = 0
     with open(path, "rb") as f:
-        for line in f:
-            block.append(line)
-            size += len(line)
+        for raw in f:
+            try:
+                block.append(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                skipped["invalid_utf8"] += 1
+                continue
+            size += len(raw)
             if size >= block_bytes:
-                yield b"".join(block)
+                yield from _checked_text(block, skipped)
                 block, size = [], 0
-    if block:
-        yield b"".join(block)
+    yield from _checked_text(block, skipped)
+
+
+def _checked_text(lines: list[str], skipped: Counter[str]) -> Iterator[str]:
+    text = "".join(lines)
+    if text.strip():
+        yield text
+    elif lines:
+        skipped["empty"] += 1
 
 
 def _iter_jsonl(path: Path, skipped: Counter[str]) -> Iterator[str]:

@@ -703,10 +703,9 @@ def create_app(
             prompts = _completion_prompts(tokenizer, body.prompt)
             jobs = []
             for prompt in prompts:
-                for i in range(body.n):
-                    params = _params(body, max_tokens, [], [], i)
-                    _check(engine, prompt, params)
-                    jobs.append((prompt, params))
+                choices = [(prompt, _params(body, max_tokens, [], [], i)) for i in range(body.n)]
+                _check(engine, prompt, choices[0][1])  # the choices differ only in their seeds
+                jobs += choices
             return prompts, jobs, [tokenizer.decode(p) if body.echo else "" for p in prompts]
 
         prompts, jobs, echoes = await run_in_threadpool(prepare)

@@ -38,7 +38,7 @@ from sse_starlette.sse import EventSourceResponse
 from qwenkit.agent.interpreter import PythonTool
 from qwenkit.agent.loop import Complete, Message, ToolRegistry, chatml_complete, event_dict, run_agent
 from qwenkit.agent.react import calculator
-from qwenkit.chat import DEFAULT_SYSTEM
+from qwenkit.chatml import DEFAULT_SYSTEM
 from qwenkit.errors import QwenkitError
 from qwenkit.serve.engine import Engine, SamplingParams
 from qwenkit.tokenizer import Tokenizer

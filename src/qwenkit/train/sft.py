@@ -123,11 +123,11 @@ def prepare_model(recipe: SFTRecipe, env: Distributed):
 def run(recipe: SFTRecipe, out: Path) -> Path | None:
     if recipe.data.mask not in MASK_MODES:
         raise QwenkitError(f"data.mask must be one of {', '.join(MASK_MODES)}, got {recipe.data.mask!r}")
+    d = recipe.data
+    if not d.path:  # before the model loads: it may be large
+        raise QwenkitError("no training data: pass --data FILE")
     env = loop.start(recipe, out)
     model, tokenizer = prepare_model(recipe, env)
-    d = recipe.data
-    if not d.path:
-        raise QwenkitError("no training data: pass --data FILE")
     samples, report = load_sft_samples(d.path, tokenizer, d.max_len, d.mask, d.strict)
     if env.main:
         weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])

@@ -22,9 +22,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from qwenkit.agent.react import (  # noqa: F401 - re-exported: SFT data's ReAct rendering lives there
-    DEFAULT_THOUGHT,
-    REACT_INSTRUCTION,
-    TOOL_DESC,
     ReactStep,
     react_instruction,
     render_react_turn,
