@@ -145,8 +145,8 @@ class HermesOutput:
             rest = self._close(self.block + self.pending, closed=False)
         else:
             rest = self.held_space + self.pending
-        if self.after_call:
-            rest = rest.lstrip()
+        if self.after_call and not rest.strip():
+            rest = ""
         self.pending = self.held_space = ""
         return rest, self.calls
 
