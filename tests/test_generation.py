@@ -371,3 +371,65 @@ def test_generate_engine_and_agent_adapters_give_the_pinned_greedy_output(served
     local = local_complete(model, tok, max_new_tokens=16, do_sample=False)
     served_agent = engine_complete(engine, tok, SamplingParams(max_tokens=16, temperature=0))
     assert "".join(local(begun, [])) == "".join(served_agent(begun, [])) == tok.decode(PARITY_AGENT)
+
+
+def test_score_prompts_equals_log_softmax_of_one_forward_pass_per_prompt():
+    """Prompt log-probabilities from a padded batch run in chunks equal log_softmax of each prompt's
+    own full forward pass (dynamic NTK and LogN on, prompts past the training length)."""
+    from qwenkit.generation import score_prompts
+
+    model = make_tiny_model(
+        vocab_size=512, max_position_embeddings=16, use_dynamic_ntk=True, use_logn_attn=True
+    )
+    prompts = [prompt(n, seed).remainder(512)[0].tolist() for n, seed in ((40, 1), (7, 2), (1, 3), (25, 4), (23, 5), (22, 6))]
+    for budget in (2**25, 3 * 512 * 4):  # one pass; padded passes in chunks of 4 positions
+        scored = score_prompts(model, prompts, top=3, logits_budget=budget)
+        for p, entries in zip(prompts, scored, strict=True):
+            logprobs = torch.log_softmax(model(torch.tensor([p]))[0].float(), dim=-1)
+            assert len(entries) == len(p) and entries[0] is None
+            expected = logprobs[torch.arange(len(p) - 1), torch.tensor(p[1:], dtype=torch.long)]
+            torch.testing.assert_close(
+                torch.tensor([e.logprob for e in entries[1:]]), expected, atol=1e-4, rtol=0
+            )
+            for k, e in enumerate(entries[1:]):
+                values, ids = logprobs[k].topk(3)
+                assert [i for i, _ in e.top] == ids.tolist() and e.token == p[k + 1]
+                torch.testing.assert_close(torch.tensor([v for _, v in e.top]), values, atol=1e-4, rtol=0)
+
+
+def test_rows_asking_for_logprobs_get_the_raw_distribution_of_their_tokens(model):
+    """Sampled rows report log_softmax of the model's raw logits (not of the warped distribution);
+    a greedy row's token is the top alternative; a stop token carries none."""
+    from qwenkit.generation import BatchDecoder, RowSettings
+
+    p = prompt(6, 5)[0].tolist()
+    decoder = BatchDecoder(model, 2, 64)
+    sampled = RowSettings.create(
+        GenerationConfig(max_new_tokens=5, temperature=0.5, top_p=0.5), "cpu", seed=1, logprobs=2
+    )
+    greedy = RowSettings.create(
+        GenerationConfig(max_new_tokens=5, do_sample=False), "cpu", stop=[], logprobs=0
+    )
+    steps = decoder.prefill([0, 1], [p, p], [sampled, greedy])
+    tokens = {0: [], 1: []}
+    entries = {0: [], 1: []}
+    while True:
+        for s in steps:
+            tokens[s.row].append(s.token)
+            entries[s.row].append(s.logprob)
+        if not decoder.running:
+            break
+        steps = decoder.decode()
+    for row in (0, 1):
+        ids = torch.tensor([p + tokens[row]])
+        logprobs = torch.log_softmax(model(ids)[0, len(p) - 1 : -1].float(), dim=-1)
+        got = torch.tensor([e.logprob for e in entries[row]])
+        torch.testing.assert_close(
+            got, logprobs[torch.arange(5), torch.tensor(tokens[row])], atol=1e-4, rtol=0
+        )
+    assert all(len(e.top) == 2 and e.top[0][1] >= e.top[1][1] for e in entries[0])
+    assert all(e.top == [] for e in entries[1])
+    eos = GenerationConfig(max_new_tokens=5, do_sample=False)
+    stop_at_first = RowSettings.create(eos, "cpu", stop=[tokens[1][0]], logprobs=1)
+    (step,) = decoder.prefill([0], [p], [stop_at_first])
+    assert step.finish_reason == "stop" and step.logprob is None

@@ -28,12 +28,17 @@ import torch
 
 from qwenkit.config import QwenConfig
 from qwenkit.errors import QwenkitError
-from qwenkit.model import KVCache, Qwen
+from qwenkit.model import KVCache, Qwen, ntk_alpha, rotary_inv_freq
 from qwenkit.tokenizer import StreamDecoder, Tokenizer
 
 EOD_ID = 151643  # <|endoftext|> of the official vocabulary
 GREEDY_BELOW = 1e-5  # temperatures below this pick the most likely token (vLLM's _SAMPLING_EPS)
 REPETITION_PENALTY_RANGE = (0.01, 100.0)  # beyond it, penalized fp32 logits can overflow to inf
+KV_LENGTH_STEP = 256  # a budgeted KV cache grows its slots in these steps: few reshapes
+HF_GENERATION_FILE, QWENKIT_GENERATION_FILE = "generation_config.json", "qwenkit_generation.json"
+HF_GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id",
+                      "pad_token_id")  # fmt: skip
+QWENKIT_GENERATION_KEYS = ("max_new_tokens", "stop_words_ids", "chat_format", "max_window_size")
 
 
 @dataclass
@@ -55,20 +60,30 @@ class GenerationConfig:
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path) -> GenerationConfig:
-        file = Path(directory) / "generation_config.json"
-        if not file.is_file():
-            return cls()
-        try:
-            values = json.loads(file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise QwenkitError(f"{file} is not valid JSON: {e}") from None
-        known = {f.name for f in dataclasses.fields(cls)}
+        """Settings from `generation_config.json`, then qwenkit's own extras from
+        `qwenkit_generation.json` (older checkpoints kept the extras in the first file: read there too)."""
+        values: dict = {}
+        for name in (HF_GENERATION_FILE, QWENKIT_GENERATION_FILE):
+            file = Path(directory) / name
+            if not file.is_file():
+                continue
+            try:
+                values.update(json.loads(file.read_text()))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise QwenkitError(f"{file} is not valid JSON: {e}") from None
+        known = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
         config = cls(**{k: v for k, v in values.items() if k in known and v is not None})
         config.validate()
         return config
 
     def to_hf(self) -> dict:
-        return dataclasses.asdict(self)
+        """`generation_config.json` contents: only keys transformers' GenerationConfig knows. No
+        max_new_tokens: transformers would apply it over a caller's own length limit."""
+        return {key: getattr(self, key) for key in HF_GENERATION_KEYS}
+
+    def to_qwenkit(self) -> dict:
+        """`qwenkit_generation.json` contents: qwenkit's own settings that transformers does not read."""
+        return {key: getattr(self, key) for key in QWENKIT_GENERATION_KEYS}
 
     def updated(self, **settings) -> GenerationConfig:
         """A copy with the given settings (None values keep the default), validated."""
@@ -199,6 +214,105 @@ def pick_tokens(
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+# ---- log-probabilities ---------------------------------------------------------------------------
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model's own next-token distribution (log-softmax of the
+    raw logits: before repetition penalty, temperature, top-k and top-p, as OpenAI and vLLM report
+    it), and the `top` most likely tokens there as (id, logprob), most likely first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, top: int = 0, vocab_size: int | None = None
+) -> list[TokenLogprob]:
+    """Log-probabilities of `tokens` [N] under `logits` [N, V], with the `top` most likely ids each.
+    The softmax runs over every logit, as the model defines it; top candidates are taken among the
+    first `vocab_size` ids only (beyond it are the embedding's padding rows, which have no text)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, tokens.to(logprobs.device)[:, None])[:, 0].tolist()
+    tops: list[list[tuple[int, float]]] = [[] for _ in chosen]
+    if top > 0:
+        candidates = logprobs if vocab_size is None else logprobs[:, :vocab_size]
+        values, ids = candidates.topk(min(top, candidates.shape[-1]), dim=-1)
+        tops = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+    return [TokenLogprob(t, lp, tp) for t, lp, tp in zip(tokens.tolist(), chosen, tops, strict=True)]
+
+
+@torch.inference_mode()
+def score_prompts(
+    model: Qwen,
+    prompts: Sequence[Sequence[int]],
+    top: int = 0,
+    vocab_size: int | None = None,
+    logits_budget: int = 2**25,
+) -> list[list[TokenLogprob | None]]:
+    """Each prompt token's log-probability given the tokens before it (the first has none: None),
+    with the `top` most likely tokens at each position, from left-padded forward passes over the
+    batch (never token by token). Each pass runs in chunks of positions through a KV cache, so that
+    about `logits_budget` logits exist at once (a 32K-token prompt over a 151K vocabulary would need
+    20 GB of them in one piece); the first chunk holds all the padding, so prompts of very different
+    lengths go in separate passes. Chunks see the dynamic-NTK factor of the whole prompt, so the
+    numbers are those of one pass over each prompt alone."""
+    rows = [list(p) for p in prompts]
+    if not rows or any(not r for r in rows):
+        raise QwenkitError("every prompt needs at least one token")
+    vocab = model.lm_head.weight.shape[0]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    results: list[list[TokenLogprob | None]] = [[] for _ in rows]
+    group: list[int] = []
+    for i in [*order, None]:  # None: the end, run the last group
+        if i is not None:
+            shortest = len(rows[group[0]]) if group else len(rows[i])
+            if not group or (len(group) + 1) * (len(rows[i]) - shortest) * vocab <= logits_budget:
+                group.append(i)
+                continue
+        scored = _score_batch(model, [rows[k] for k in group], top, vocab_size, logits_budget)
+        for k, entries in zip(group, scored, strict=True):
+            results[k] = entries
+        group = [i]
+    return results
+
+
+def _score_batch(
+    model: Qwen, rows: list[list[int]], top: int, vocab_size: int | None, logits_budget: int
+) -> list[list[TokenLogprob | None]]:
+    """score_prompts for one left-padded batch."""
+    ids, mask = left_pad(rows, 0)  # padding is masked: any id in the vocabulary does
+    batch, width = ids.shape
+    device, config = model.device, model.config
+    ids = ids.to(device)
+    cache = KVCache(config, batch, width, device, model.dtype)
+    if config.use_dynamic_ntk:  # fixed from each row's full length, as one pass over it would
+        alphas = [ntk_alpha(len(r), config.max_position_embeddings) for r in rows]
+        cache.inv_freq = rotary_inv_freq(config.head_dim, config.rope_theta, alphas, device)
+    starts = [width - len(r) for r in rows]  # column of each row's first real token
+    results: list[list[TokenLogprob | None]] = [[None] for _ in rows]
+    step = max(1, logits_budget // (batch * model.lm_head.weight.shape[0]))
+    begin = 0
+    while begin < width - 1:
+        # logits at column j predict the token at j + 1; later calls on the cache take no padding
+        end = min(max(begin + step, max(starts) + 1 if begin == 0 else 0), width - 1)
+        attention_mask = mask[:, :end].to(device) if begin == 0 and batch > 1 else None
+        logits = model(ids[:, begin:end], attention_mask=attention_mask, cache=cache)
+        wanted = [(i, j) for i in range(batch) for j in range(max(begin, starts[i]), end)]
+        if wanted:
+            row_index = torch.tensor([i for i, _ in wanted], device=device)
+            col_index = torch.tensor([j for _, j in wanted], device=device)
+            picked = token_logprobs(
+                logits[row_index, col_index - begin], ids[row_index, col_index + 1], top, vocab_size
+            )
+            for (i, _), entry in zip(wanted, picked, strict=True):
+                results[i].append(entry)
+        begin = end
+    return results
+
+
 def find_stop(text: str, stop_strings: Sequence[str]) -> int | None:
     """Index of the earliest stop string in `text`, or None."""
     hits = [i for i in (text.find(s) for s in stop_strings if s) if i >= 0]
@@ -239,12 +353,14 @@ class RowSettings:
     token sequences that end it (`stops`, one or more ids each; not shown as text), the strings that
     end it (cut from the text) and its random stream (None: torch's global one). Rows that share one
     RowSettings object are sampled together, one draw from its generator, as `generate` samples a
-    batch."""
+    batch. With `logprobs` (a number of top alternatives, 0 or more) each RowStep carries its
+    token's TokenLogprob."""
 
     config: GenerationConfig
     stops: list[list[int]]
     stop_strings: list[str] = field(default_factory=list)
     generator: torch.Generator | None = None
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         self.stop_ids = {s[0] for s in self.stops if len(s) == 1}
@@ -259,11 +375,12 @@ class RowSettings:
         stop: Sequence[int | Sequence[int]] | None = None,
         stop_strings: Sequence[str] = (),
         seed: int | None = None,
+        logprobs: int | None = None,
     ) -> RowSettings:
         """Settings from a validated config: its end-of-text ids and `stop_words_ids`, plus `stop`;
         a generator on `device` seeded with `seed`, if given."""
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        return cls(config, config.stop_sequences(stop), list(stop_strings), generator)
+        return cls(config, config.stop_sequences(stop), list(stop_strings), generator, logprobs)
 
     @property
     def argmax_only(self) -> bool:
@@ -276,7 +393,9 @@ class RowStep:
     """What one step gave a row. `text` is the text the token releases (with a tokenizer only):
     special tokens and stop sequences are never shown, and text is held back while it could still
     become a stop string. `finish_reason` is "stop" or "length" once the row has ended. `error` is
-    set instead when picking or decoding this row's token failed; the row has ended too."""
+    set instead when picking or decoding this row's token failed; the row has ended too. `logprob`
+    is the token's TokenLogprob when the row's settings ask for it, except for a token that
+    completes a stop sequence (it is no part of the output)."""
 
     row: int
     token: int  # -1 when picking the token failed
@@ -284,6 +403,7 @@ class RowStep:
     text: str = ""
     finish_reason: str | None = None
     error: Exception | None = None
+    logprob: TokenLogprob | None = None
 
 
 @dataclass
@@ -314,7 +434,15 @@ class BatchDecoder:
     its own sampling or text fails (its RowStep carries the error; the other rows go on). A failure
     of the shared forward pass raises; the caller then releases the rows. Prompts are checked by
     the caller (`check_prompt`). With `cuda_graph` on a CUDA device, each step decodes all
-    `max_batch` rows by replaying one captured graph.
+    rows of the cache by replaying one captured graph.
+
+    Without `kv_budget` the cache holds `max_batch` rows x `max_length` slots from the start. With
+    a budget (bytes) it starts empty and `prefill` reshapes it to what the running rows and the new
+    ones can fill (prompt + max_new_tokens each; rows to a power of two, slots to a multiple of
+    KV_LENGTH_STEP where the budget allows), never letting the cache, a reshape in progress or the
+    prefill's own cache exceed the budget (`can_prefill` says whether rows fit now, `fits_alone`
+    whether a request ever can); it frees the cache when no row is running. A new shape means new
+    tensors, so a captured CUDA graph is dropped and captured again at the next step.
     """
 
     def __init__(
@@ -324,12 +452,16 @@ class BatchDecoder:
         max_length: int,
         tokenizer: Tokenizer | None = None,
         cuda_graph: bool = False,
+        kv_budget: int | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.pad_id = (model.generation_config or GenerationConfig()).pad_token_id
-        self.cache = KVCache(model.config, max_batch, max_length, model.device, model.dtype)
+        self.kv_budget = kv_budget
+        shape = (max_batch, max_length) if kv_budget is None else (0, 0)
+        self.cache = KVCache(model.config, *shape, model.device, model.dtype)
+        self.needs = [0] * max_batch  # slots each running row may fill: prompt + max_new_tokens
         self.rows: list[_Row | None] = [None] * max_batch
         self.lengths = [0] * max_batch  # tokens in each row's cache (its next write slot), on the host
         self.seen: torch.Tensor | None = None  # [max_batch, vocab]: tokens each row has seen
@@ -349,6 +481,56 @@ class BatchDecoder:
     def release(self, row: int) -> None:
         """End a row now (e.g. a cancelled request); it is free for the next prefill."""
         self.rows[row] = None
+        self._free_cache_if_idle()
+
+    def kv_bytes(self, rows: int, length: int) -> int:
+        """Bytes of a cache of `rows` x `length` slots for this model (KVCache.size_in_bytes)."""
+        return KVCache.size_in_bytes(self.model.config, rows, length, self.model.dtype)
+
+    def fits_alone(self, prompt_length: int, max_new_tokens: int) -> bool:
+        """Whether one request of this size fits the KV budget when no other row runs."""
+        return self._cache_shape((0, 0), {0: prompt_length + max_new_tokens}, [prompt_length]) is not None
+
+    def can_prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], settings) -> bool:
+        """Whether these free rows can start these prompts now, next to the running rows."""
+        return self._planned_shape(rows, prompts, settings) is not None
+
+    def _planned_shape(self, rows, prompts, settings) -> tuple[int, int] | None:
+        needs = {row: self.needs[row] for row in self.running}
+        for row, prompt, s in zip(rows, prompts, settings, strict=True):
+            needs[row] = len(prompt) + s.config.max_new_tokens
+        current = (self.cache.batch_size, self.cache.max_length)
+        return self._cache_shape(current, needs, [len(p) for p in prompts])
+
+    def _cache_shape(
+        self, current: tuple[int, int], needs: dict[int, int], prompt_lengths: Sequence[int]
+    ) -> tuple[int, int] | None:
+        """The cache shape (rows, slots) for rows that each fill `needs[row]` slots at most: the
+        current one when it holds them, else a new one; None when none fits the budget. While the
+        cache is reshaped, one old layer's keys coexist with the new cache; while prompts are
+        prefilled, their own left-padded cache does."""
+        if self.kv_budget is None:
+            return current
+        rows, length = max(needs) + 1, max(needs.values())
+        prefill = self.kv_bytes(len(prompt_lengths), max(prompt_lengths))
+        old_layer = self.kv_bytes(*current) // (2 * self.model.config.num_hidden_layers)  # >= a layer's keys
+        candidates = [
+            (min(2 ** math.ceil(math.log2(rows)), len(self.rows)),
+             min(-(-length // KV_LENGTH_STEP) * KV_LENGTH_STEP, self.max_length)),
+            (rows, length),
+        ]  # fmt: skip
+        if current[0] >= rows and current[1] >= length:
+            candidates.insert(0, current)
+        for shape in candidates:
+            reshaping = old_layer if shape != current else 0
+            if self.kv_bytes(*shape) + max(prefill, reshaping) <= self.kv_budget:
+                return shape
+        return None
+
+    def _free_cache_if_idle(self) -> None:
+        if self.kv_budget is not None and self.cache.batch_size and not self.running:
+            self.graph = None
+            self.cache.resize(0, 0)
 
     @torch.inference_mode()
     def prefill(
@@ -364,6 +546,12 @@ class BatchDecoder:
                                  f"{s.config.max_new_tokens}")  # fmt: skip
             if s.stop_strings and self.tokenizer is None:
                 raise ValueError("stop strings need a BatchDecoder with a tokenizer")
+        shape = self._planned_shape(rows, prompts, settings)
+        if shape is None:
+            raise ValueError(f"no room in the KV budget of {self.kv_budget} bytes for these rows now")
+        if shape != (self.cache.batch_size, self.cache.max_length):
+            self.graph = None  # captured on the old tensors (and its memory pool goes first)
+            self.cache.resize(*shape)
         device = self.model.device
         ids, mask = left_pad(prompts, self.pad_id)
         prefilled = KVCache(self.model.config, len(rows), ids.shape[1], device, self.model.dtype)
@@ -374,6 +562,7 @@ class BatchDecoder:
             text = StreamDecoder(self.tokenizer, skip_special_tokens=True) if self.tokenizer else None
             self.rows[row] = _Row(s, list(prompt[-s.longest_stop :]), text)
             self.lengths[row] = len(prompt)
+            self.needs[row] = len(prompt) + s.config.max_new_tokens
             if s.config.repetition_penalty != 1.0:
                 if self.seen is None:
                     shape = (len(self.rows), self.model.config.vocab_size)
@@ -391,7 +580,7 @@ class BatchDecoder:
         # A graph decodes every row at fixed shapes; eager decoding, the rows up to the last running
         # one, attending only the slots in use. Rows in between that are not running decode a
         # dummy token at slot 0.
-        decoded = len(self.rows) if self.cuda_graph else running[-1] + 1
+        decoded = self.cache.batch_size if self.cuda_graph else running[-1] + 1
         holes = [row for row in range(decoded) if self.rows[row] is None]
         if holes:
             self.cache.park(holes)
@@ -411,6 +600,7 @@ class BatchDecoder:
     def _advance(self, rows: list[int], logits: torch.Tensor) -> list[RowStep]:
         """Pick each row's next token from its row of `logits` [len(rows), V] and take it."""
         tokens, errors = self._pick(rows, logits)
+        logprobs = self._logprobs(rows, logits, tokens, errors)
         penalized = [(row, token) for row, token in zip(rows, tokens, strict=True)
                      if row not in errors and self.rows[row].settings.config.repetition_penalty != 1.0]  # fmt: skip
         if penalized:
@@ -421,12 +611,13 @@ class BatchDecoder:
                 step = RowStep(row, -1, self.rows[row].generated, error=errors[row])
             else:
                 try:
-                    step = self._take(row, token)
+                    step = self._take(row, token, logprobs.get(row))
                 except Exception as e:  # this row's text failed: it ends alone
                     step = RowStep(row, token, self.rows[row].generated, error=e)
             if step.finish_reason is not None or step.error is not None:
                 self.rows[row] = None
             steps.append(step)
+        self._free_cache_if_idle()
         return steps
 
     def _pick(self, rows: list[int], logits: torch.Tensor) -> tuple[list[int], dict[int, Exception]]:
@@ -455,7 +646,23 @@ class BatchDecoder:
                 errors.update((rows[i], e) for i in members)
         return tokens, errors
 
-    def _take(self, row: int, token: int) -> RowStep:
+    def _logprobs(
+        self, rows: list[int], logits: torch.Tensor, tokens: list[int], errors: dict[int, Exception]
+    ) -> dict[int, TokenLogprob]:
+        """The TokenLogprob of each new token whose row asks for it, from the raw logits."""
+        wanted = [i for i, row in enumerate(rows)
+                  if row not in errors and self.rows[row].settings.logprobs is not None]  # fmt: skip
+        if not wanted:
+            return {}
+        top = max(self.rows[rows[i]].settings.logprobs for i in wanted)
+        vocab = self.tokenizer.vocab_size if self.tokenizer is not None else None
+        chosen = torch.tensor([tokens[i] for i in wanted], device=logits.device)
+        entries = token_logprobs(logits[wanted], chosen, top, vocab)
+        for i, entry in zip(wanted, entries, strict=True):
+            entry.top = entry.top[: self.rows[rows[i]].settings.logprobs]
+        return {rows[i]: entry for i, entry in zip(wanted, entries, strict=True)}
+
+    def _take(self, row: int, token: int, logprob: TokenLogprob | None = None) -> RowStep:
         """A row's new token: has it stopped, or spent its budget? What text does it release?"""
         state = self.rows[row]
         s = state.settings
@@ -469,7 +676,7 @@ class BatchDecoder:
         text = ""
         if state.text is not None:
             text, finish = self._text(state, token, matched, finish)
-        return RowStep(row, token, state.generated, text, finish)
+        return RowStep(row, token, state.generated, text, finish, logprob=None if matched else logprob)
 
     def _text(self, state: _Row, token: int, matched: int, finish: str | None) -> tuple[str, str | None]:
         """The text a row's new token releases, and its finish reason (a stop string ends it too).
