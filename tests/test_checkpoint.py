@@ -1,7 +1,9 @@
 """Checkpoint directories: the original Qwen layout, the Qwen2 layout, transformers round trips, errors."""
 
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 import textwrap
@@ -322,3 +324,83 @@ def test_truncated_pytorch_bin_is_named(small_checkpoint, tmp_path):
     for read in (qwenkit.load, describe):
         with pytest.raises(QwenkitError, match="cannot read .*pytorch_model.bin: "):
             read(directory)
+
+
+@pytest.fixture
+def transformers_log():
+    """What transformers logs (warnings included) while the test runs."""
+    import io
+    import logging
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    transformers.logging.add_handler(handler)
+    before = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_warning()
+    try:
+        yield stream
+    finally:
+        transformers.logging.set_verbosity(before)
+        transformers.logging.remove_handler(handler)
+
+
+def test_saved_files_are_what_transformers_expects(small_checkpoint, byte_tokenizer, transformers_log):
+    """Token ids from the checkpoint's own (byte-level) vocabulary, no key transformers does not know,
+    no length limit that overrides the caller's, no warnings on load."""
+    config = json.loads((small_checkpoint / "config.json").read_text())
+    assert config["bos_token_id"] == config["eos_token_id"] == byte_tokenizer.eod_id < config["vocab_size"]
+    assert config["transformers_version"] == transformers.__version__
+    saved = json.loads((small_checkpoint / "generation_config.json").read_text())
+    assert not set(saved) - set(transformers.GenerationConfig().to_dict())  # keys transformers reads
+    assert "max_new_tokens" not in saved
+    assert saved["eos_token_id"] == [byte_tokenizer.eod_id, byte_tokenizer.im_end_id]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(small_checkpoint, dtype=torch.float32).eval()
+    transformers.AutoTokenizer.from_pretrained(small_checkpoint)
+    generation = transformers.GenerationConfig.from_pretrained(small_checkpoint)
+    assert generation.pad_token_id == byte_tokenizer.pad_id and generation.top_p == 0.8
+    prompt = torch.tensor([[72, 105, 33]])
+    for limit in ({"max_new_tokens": 5}, {"max_length": 8}):  # lm-eval passes max_length
+        out = hf.generate(prompt, do_sample=False, **limit)
+        assert out.shape[1] == 8, limit
+    log = transformers_log.getvalue()
+    assert not any(word in log for word in ("bos_token_id", "eos_token_id", "regex")), log
+
+
+def test_saved_directories_are_readable_as_the_umask_allows(tmp_path, byte_tokenizer):
+    model = make_tiny_model(vocab_size=512, num_hidden_layers=1)
+    for umask, directory_mode, file_mode in [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)]:
+        before = os.umask(umask)
+        try:
+            out = qwenkit.save(model, byte_tokenizer, tmp_path / f"ckpt-{umask:o}")
+        finally:
+            os.umask(before)
+        assert stat.S_IMODE(out.stat().st_mode) == directory_mode
+        assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == dict.fromkeys(
+            [p.name for p in out.iterdir()], file_mode
+        )
+
+
+def test_qwenkit_generation_settings_survive_a_save(tmp_path, small_checkpoint, byte_tokenizer):
+    model, _ = qwenkit.load(small_checkpoint)
+    model.generation_config = model.generation_config.updated(
+        max_new_tokens=77, chat_format="raw", stop_words_ids=[[5, 6]], max_window_size=999, top_k=3
+    )
+    qwenkit.save(model, byte_tokenizer, tmp_path / "out")
+    expected = model.generation_config.updated(eos_token_id=256)  # a raw model ends at <|endoftext|> only
+    assert qwenkit.load(tmp_path / "out")[0].generation_config == expected
+    # a checkpoint from before qwenkit_generation.json: the extras in generation_config.json still count
+    old = shutil.copytree(tmp_path / "out", tmp_path / "old")
+    extras = json.loads((old / "qwenkit_generation.json").read_text())
+    (old / "qwenkit_generation.json").unlink()
+    settings = json.loads((old / "generation_config.json").read_text())
+    (old / "generation_config.json").write_text(json.dumps({**settings, **extras, "vocab_size": None}))
+    assert qwenkit.load(old)[0].generation_config == expected
+
+
+def test_without_a_tokenizer_no_token_id_is_guessed(tmp_path):
+    model = make_tiny_model(vocab_size=512, num_hidden_layers=1)
+    out = qwenkit.save(model, None, tmp_path / "weights-only")
+    config = json.loads((out / "config.json").read_text())
+    assert "bos_token_id" not in config and "eos_token_id" not in config
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert "eos_token_id" not in generation and "pad_token_id" not in generation  # 151643 > 512

@@ -6,6 +6,7 @@ device), so peak memory stays near the size of the model itself.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -124,9 +125,13 @@ def config_from_hf(hf: dict) -> tuple[QwenConfig, str]:
     return config, layout
 
 
-def config_to_hf(config: QwenConfig, dtype: torch.dtype) -> dict:
-    """config.json contents in the Qwen2 layout, plus qwenkit's own switches (ignored by others)."""
-    return {
+def config_to_hf(config: QwenConfig, dtype: torch.dtype, tokenizer: Tokenizer | None = None) -> dict:
+    """config.json contents in the Qwen2 layout, plus qwenkit's own switches (ignored by others).
+
+    bos/eos are the tokenizer's <|endoftext|> (as in Qwen2's own config.json); without a tokenizer
+    they are left out rather than guessed (an id outside the vocabulary makes transformers warn).
+    """
+    hf = {
         "architectures": ["Qwen2ForCausalLM"],
         "model_type": "qwen2",
         "vocab_size": config.vocab_size,
@@ -148,11 +153,22 @@ def config_to_hf(config: QwenConfig, dtype: torch.dtype) -> dict:
         "sliding_window": None,
         "max_window_layers": config.num_hidden_layers,
         "use_cache": True,
-        "bos_token_id": 151643,
-        "eos_token_id": 151643,
         "torch_dtype": str(dtype).removeprefix("torch."),
+        "transformers_version": transformers_version(),
         "qwenkit": {k: getattr(config, k) for k in QWENKIT_KEYS},
     }
+    if tokenizer is not None:
+        hf["bos_token_id"] = hf["eos_token_id"] = tokenizer.eod_id
+    return hf
+
+
+def transformers_version() -> str:
+    """The installed transformers' version (without importing it), else a recent one: transformers
+    reads the key to decide how to treat older files (4.57 warns of a wrong regex without it)."""
+    try:
+        return importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return "4.57.1"
 
 
 def weight_files(directory: Path) -> list[Path]:
@@ -434,21 +450,28 @@ def save_state_dict(
             total = sum(t.numel() * t.element_size() for t in state.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        (staging / "config.json").write_text(json.dumps(config_to_hf(config, dtype), indent=2))
-        from qwenkit.generation import GenerationConfig, context_length
+        (staging / "config.json").write_text(json.dumps(config_to_hf(config, dtype, tokenizer), indent=2))
+        from qwenkit.generation import QWENKIT_GENERATION_FILE, GenerationConfig, context_length
         from qwenkit.hf_tokenizer import write_hf_tokenizer
 
-        generation = (generation_config or GenerationConfig()).to_hf()
+        settings = generation_config or GenerationConfig()
+        generation = settings.to_hf()
         if tokenizer is not None:
             tokenizer.save(staging / "qwen.tiktoken")
             # Hugging Face tokenizer files too, so transformers' AutoTokenizer and vLLM load the directory;
             # chat models end turns at <|im_end|>, which other libraries only know through eos_token_id.
-            chat = generation["chat_format"] == "chatml"
+            chat = settings.chat_format == "chatml"
+            generation["bos_token_id"] = tokenizer.eod_id  # as Qwen2's own generation_config.json
             generation["eos_token_id"] = [tokenizer.eod_id, tokenizer.im_end_id] if chat else tokenizer.eod_id
             generation["pad_token_id"] = tokenizer.pad_id  # the tokenizer's own ids, whatever its vocabulary
             eos = "<|im_end|>" if chat else "<|endoftext|>"
             write_hf_tokenizer(tokenizer, staging, eos_token=eos, model_max_length=context_length(config))
+        else:  # keep only ids this model has (qwenkit's defaults are the official vocabulary's)
+            generation = {k: v for k, v in generation.items() if _ids_within(v, config.vocab_size)}
+        generation["transformers_version"] = transformers_version()
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        (staging / QWENKIT_GENERATION_FILE).write_text(json.dumps(settings.to_qwenkit(), indent=2))
+        _make_readable(staging)
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
@@ -456,6 +479,24 @@ def save_state_dict(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def _ids_within(value, vocab_size: int) -> bool:
+    """False for a token id setting (an int or list of ints) naming an id outside [0, vocab_size)."""
+    ids = value if isinstance(value, list) else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        return True  # not a token id setting
+    return all(0 <= i < vocab_size for i in ids)
+
+
+def _make_readable(directory: Path) -> None:
+    """Modes as transformers leaves them: 0o777 and 0o666 less the umask (the staging directory from
+    tempfile is 0o700 and safetensors' files may be 0o600), so other users and services can read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for file in directory.iterdir():
+        file.chmod(0o666 & ~umask)
 
 
 def describe(path: str | os.PathLike) -> dict:
