@@ -20,14 +20,21 @@ def add_parsers(verbs) -> None:
         "  qwenkit chat\n"
         "  qwenkit chat --model ./Qwen-7B-Chat --device cuda --dtype bfloat16\n"
         "  qwenkit chat --model ./ckpt --system 'You are a terse assistant.' --seed 42\n"
+        "  qwenkit chat --model ./Qwen2.5-0.5B-Instruct --chat-format chatml\n"
         "in the chat, type :help for commands (:conf top_p=0.5, :seed 7, :history, :exit, ...)",
     )
     add_model_arguments(p)
     p.add_argument(
         "--system",
         metavar="TEXT",
-        default=DEFAULT_SYSTEM,
-        help="system prompt (default: %(default)s)",
+        help=f"system prompt (default: the chat template's own, in ChatML {DEFAULT_SYSTEM!r})",
+    )
+    p.add_argument(
+        "--chat-format",
+        choices=("auto", "chatml", "template"),
+        default="auto",
+        help="prompt layout: the checkpoint's chat template, qwenkit's ChatML, or auto (the template "
+        "when the tokenizer has one; default)",
     )
     p.add_argument(
         "--seed", type=seed_value, metavar="N", help="sampling seed for every reply (default: none)"
@@ -114,15 +121,21 @@ def parse_setting(item: str) -> tuple[str, object]:
 class ChatSession:
     """One terminal conversation: history, generation settings and seed. `handle` takes one line."""
 
-    def __init__(self, model, tokenizer, system: str, seed: int | None) -> None:
+    def __init__(
+        self, model, tokenizer, system: str | None, seed: int | None, chat_format: str = "auto"
+    ) -> None:
+        from qwenkit.chat import resolve_chat_format
         from qwenkit.generation import GenerationConfig
 
         self.model = model
         self.tokenizer = tokenizer
         self.system = system
+        self.defaults = model.generation_config or GenerationConfig()
+        if chat_format == "auto" and self.defaults.chat_format == "raw":  # a base model's raw prompts
+            chat_format = "raw"
+        self.chat_format = resolve_chat_format(tokenizer, chat_format)
         self.seed = seed
         self.history: list[tuple[str, str]] = []
-        self.defaults = model.generation_config or GenerationConfig()
         self.settings = self.defaults
         self.commands = {
             "help": self.show_help,
@@ -163,7 +176,13 @@ class ChatSession:
         write("Assistant> ")
         try:
             for response_so_far in self.model.chat_stream(
-                self.tokenizer, query, self.history, self.system, seed=self.seed, **settings
+                self.tokenizer,
+                query,
+                self.history,
+                self.system,
+                seed=self.seed,
+                chat_format=self.chat_format,
+                **settings,
             ):
                 write(response_so_far[len(response) :])
                 response = response_so_far
@@ -225,10 +244,11 @@ def run_chat(args: argparse.Namespace) -> int:
     if sys.stdin.isatty():
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401 - gives input() line editing and history
-    session = ChatSession(model, tokenizer, args.system, args.seed)
+    session = ChatSession(model, tokenizer, args.system, args.seed, args.chat_format)
     params = format_count(sum(p.numel() for p in model.parameters()))
     dtype = str(model.dtype).removeprefix("torch.")
-    print(f"qwenkit chat: {path} ({params} parameters, {model.device}, {dtype})")
+    layout = "its chat template" if session.chat_format == "template" else "ChatML"
+    print(f"qwenkit chat: {path} ({params} parameters, {model.device}, {dtype}; prompts in {layout})")
     if args.model is None:
         print(
             "This is the embedded demo model (docs/demo-model.md): a few million parameters that know only "
