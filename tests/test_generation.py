@@ -294,6 +294,79 @@ def test_fixed_shape_decoding_of_all_rows_equals_eager(model, monkeypatch):
     assert len(got[0]) == 3 and [r + [151643] * (10 - len(r)) for r in got] == expected
 
 
+@pytest.mark.parametrize("graph", [False, True])
+def test_budgeted_cache_grows_with_rows_within_budget_and_keeps_the_tokens(model, monkeypatch, graph):
+    """With a KV budget the cache starts empty, is reshaped as rows join (a reshape drops the
+    captured graph; the fixed-shape path runs eagerly here, tests/test_cuda.py replays real graphs),
+    never holds more than the budget together with a prefill's own cache, and is freed when idle.
+    Every row still gets `generate`'s tokens."""
+    from qwenkit import generation
+
+    def addresses(cache):
+        return [t.data_ptr() for t in (*cache.keys, *cache.values, cache.positions, cache.slot)]
+
+    class EagerGraph:  # like a captured graph, it only works on the tensors it was captured on
+        def __init__(self, model, cache):
+            self.model, self.cache, self.captured = model, cache, addresses(cache)
+
+        def __call__(self, tokens):
+            assert addresses(self.cache) == self.captured, "a graph replayed on reallocated tensors"
+            return self.model.decode_step(tokens[:, None], self.cache)
+
+    monkeypatch.setattr(generation, "CUDAGraphDecoder", EagerGraph)
+    rows = [prompt(n, n)[0].tolist() for n in (30, 9, 17)]
+    expected = [
+        model.generate([r], max_new_tokens=12, do_sample=False, stop=[])[0, len(r) :].tolist() for r in rows
+    ]
+    size = lambda b, t: generation.KVCache.size_in_bytes(model.config, b, t, model.dtype)  # noqa: E731
+    budget = size(2, 42) + size(1, 30)  # two rows at most: the third waits for a free row
+    decoder = generation.BatchDecoder(model, 3, 300, kv_budget=budget)
+    decoder.cuda_graph = graph
+    assert decoder.cache.nbytes == 0
+    peaks, forward = [], model.forward
+
+    def measured_forward(*args, cache=None, **kwargs):  # a prefill: its own cache next to the decoder's
+        peaks.append(decoder.cache.nbytes + cache.nbytes)
+        return forward(*args, cache=cache, **kwargs)
+
+    monkeypatch.setattr(model, "forward", measured_forward)
+    settings = generation.RowSettings.create(GenerationConfig(do_sample=False, max_new_tokens=12), "cpu", [])
+    got, request_at = {0: [], 1: [], 2: []}, {}  # tokens per request; the request in each row
+
+    def start(row: int, request: int):
+        request_at[row] = request
+        take(decoder.prefill([row], [rows[request]], [settings]))
+
+    def take(steps):
+        for step in steps:
+            got[request_at[step.row]].append(step.token)
+
+    start(0, 0)
+    assert decoder.can_prefill([1], [rows[1]], [settings])
+    assert not decoder.can_prefill([1, 2], rows[1:], [settings] * 2)
+    with pytest.raises(ValueError, match="KV budget"):
+        decoder.prefill([1, 2], rows[1:], [settings] * 2)
+    for _ in range(4):
+        take(decoder.decode())
+    graphs = [decoder.graph]
+    start(1, 1)  # joins mid-way: the cache is reshaped
+    waited = False
+    while decoder.running:
+        take(decoder.decode())
+        graphs.append(decoder.graph)
+        peaks.append(decoder.cache.nbytes)
+        if 2 not in request_at.values() and decoder.free_rows:
+            if decoder.can_prefill(decoder.free_rows[:1], [rows[2]], [settings]):
+                start(decoder.free_rows[0], 2)
+            else:
+                waited = True
+                assert len(decoder.running) == 2  # the third request waits while two rows run
+    assert [got[i] for i in range(3)] == expected
+    assert waited and max(peaks) <= budget and decoder.cache.nbytes == 0  # freed once idle
+    if graph:  # captured again after each reshape, never replayed on freed tensors
+        assert graphs[0] is not None and graphs[0] is not graphs[-1]
+
+
 # ---- one decoding core: generate, the serving engine and the agent adapters agree ----------------
 
 PARITY_TEXTS = ["The quick brown fox", "你好，世界！Hello there, how are you today?", "def f(x):\n    return"]

@@ -127,6 +127,30 @@ def test_static_decode_step_equals_full_forward(switches):
     torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 70:], atol=1e-4, rtol=0)
 
 
+def test_kv_cache_resize_keeps_what_rows_hold_and_counts_its_bytes():
+    """A cache reshaped between decoding steps (more rows and slots, then fewer slots) decodes on as
+    if it had been that shape from the start; `nbytes` is what `size_in_bytes` predicts."""
+    model, _ = build_pair(num_key_value_heads=2, use_dynamic_ntk=True)
+    ids = torch.randint(0, VOCAB, (2, 80), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        full = model(ids[:, :76])
+        prefilled = KVCache(model.config, 2, 70, model.device, model.dtype)
+        model(ids[:, :70], cache=prefilled)
+        cache = KVCache(model.config, 2, 72, model.device, model.dtype)
+        cache.insert([0, 1], prefilled)
+        steps = [model.decode_step(ids[:, i : i + 1], cache) for i in range(70, 72)]
+        cache.resize(3, 90)  # a third row joins; room for more slots
+        assert cache.nbytes == KVCache.size_in_bytes(model.config, 3, 90, model.dtype)
+        view = cache.first_rows(2)
+        steps += [model.decode_step(ids[:, i : i + 1], view, width=i + 1) for i in range(72, 74)]
+        cache.resize(2, 76)  # the rows' slots stay; the unused row and slots go
+        steps += [model.decode_step(ids[:, i : i + 1], cache) for i in range(74, 76)]
+    torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 70:], atol=1e-4, rtol=0)
+    assert cache.nbytes == KVCache.size_in_bytes(model.config, 2, 76, model.dtype) > 0
+    cache.resize(0, 0)
+    assert cache.nbytes == 0
+
+
 def test_ntk_alpha_at_and_around_power_of_two_boundaries():
     s = 2048
     for length, alpha in [(1, 1), (s - 1, 1), (s, 1), (s + 1, 3), (2 * s, 3), (2 * s + 1, 7), (4 * s, 7)]:

@@ -78,20 +78,15 @@ class KVCache:
     lengths decode together (CUDA graphs; the rows of `qwenkit.generation.BatchDecoder`): `insert`
     moves prefilled prompts into such rows. `positions` holds each slot's real position (-1 for
     padding) and `inv_freq` the rotary frequencies with the dynamic-NTK factor fixed at prefill, as
-    the original does.
+    the original does. Each layer's keys and values are tensors of their own, so `resize` can
+    reallocate one at a time (a budgeted server grows its cache while rows run).
     """
 
     def __init__(self, config: QwenConfig, batch_size: int, max_length: int, device, dtype):
-        shape = (
-            2,
-            config.num_hidden_layers,
-            batch_size,
-            config.num_key_value_heads,
-            max_length,
-            config.head_dim,
-        )
-        self.storage = torch.zeros(shape, device=device, dtype=dtype)  # one allocation, viewed per layer
-        self.keys, self.values = list(self.storage[0]), list(self.storage[1])
+        shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
+        layers = range(config.num_hidden_layers)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in layers]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in layers]
         self.positions = torch.full((batch_size, max_length), -1, dtype=torch.long, device=device)
         self.head_dim = config.head_dim
         self.inv_freq: torch.Tensor | None = None
@@ -99,6 +94,49 @@ class KVCache:
         self.next_position: torch.Tensor | None = None  # [B, 1] position of each row's next token
         self.padded = False
         self.length = 0
+        self.max_length = max_length
+
+    @staticmethod
+    def size_in_bytes(config: QwenConfig, batch_size: int, max_length: int, dtype: torch.dtype) -> int:
+        """Bytes a cache of `batch_size` rows x `max_length` slots holds once decoding (`nbytes`)."""
+        per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+        per_token = per_token * dtype.itemsize + 8  # keys and values of every layer, the int64 position
+        per_row = 8 + 8 + (config.head_dim // 2) * 4  # slot, next position, fp32 rotary frequencies
+        return batch_size * (max_length * per_token + per_row)
+
+    @property
+    def batch_size(self) -> int:
+        return self.positions.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by this cache's tensors (a view counts the whole of what it sees)."""
+        tensors = [*self.keys, *self.values, self.positions, self.inv_freq, self.slot, self.next_position]
+        return sum(t.nbytes for t in tensors if t is not None)
+
+    def resize(self, batch_size: int, max_length: int) -> None:
+        """Reallocate for `batch_size` rows x `max_length` slots, keeping the rows and slots both shapes
+        share (new ones are empty). One tensor at a time: while it runs, the old tensors not yet
+        replaced and the new ones together hold at most one old layer's keys (or values) more than
+        the new cache."""
+        rows, slots = min(self.batch_size, batch_size), min(self.max_length, max_length)
+
+        for tensors in (self.keys, self.values):
+            for i in range(len(tensors)):
+                old = tensors[i]
+                new = old.new_zeros((batch_size, old.shape[1], max_length, old.shape[3]))
+                new[:rows, :, :slots] = old[:rows, :, :slots]
+                tensors[i] = new
+                del old  # freed now, before the next layer's new tensor is made
+        positions = torch.full((batch_size, max_length), -1, dtype=torch.long, device=self.positions.device)
+        positions[:rows, :slots] = self.positions[:rows, :slots]
+        self.positions = positions
+        for name in ("inv_freq", "slot", "next_position"):
+            old = getattr(self, name)
+            if old is not None:
+                new = old.new_zeros((batch_size, *old.shape[1:]))
+                new[:rows] = old[:rows]
+                setattr(self, name, new)
         self.max_length = max_length
 
     def next_positions(self) -> torch.Tensor:
@@ -116,8 +154,10 @@ class KVCache:
             self.inv_freq = torch.zeros((batch, self.head_dim // 2), device=device)
         width = prefilled.length
         lengths = (prefilled.positions[:, :width] >= 0).sum(dim=1)
+        pairs = list(zip((*self.keys, *self.values), (*prefilled.keys, *prefilled.values), strict=True))
         for i, (row, n) in enumerate(zip(rows, lengths.tolist(), strict=True)):
-            self.storage[:, :, row, :, :n] = prefilled.storage[:, :, i, :, width - n : width]
+            for mine, theirs in pairs:
+                mine[row, :, :n] = theirs[i, :, width - n : width]
         index = torch.tensor(list(rows), device=device)
         slots = torch.arange(self.max_length, device=device)
         lengths = lengths.to(device)
@@ -146,8 +186,7 @@ class KVCache:
     def first_rows(self, n: int) -> KVCache:
         """A view of rows [0, n) sharing this cache's storage: decode only the rows in use."""
         view = copy.copy(self)
-        view.storage = self.storage[:, :, :n]
-        view.keys, view.values = list(view.storage[0]), list(view.storage[1])
+        view.keys, view.values = [k[:n] for k in self.keys], [v[:n] for v in self.values]
         view.positions = self.positions[:n]
         for name in ("inv_freq", "slot", "next_position"):
             if getattr(self, name) is not None:
