@@ -19,10 +19,12 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 import torch
 from conftest import LiveServer
 
+from qwenkit.errors import QwenkitError
 from qwenkit.model import KVCache
 from qwenkit.serve.api import ChatRequest, ReactOutput, create_app, plan_chat
 from qwenkit.serve.engine import Engine, SamplingParams
@@ -428,7 +430,7 @@ BAD_REQUESTS = [
     ("chat", {"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p"),
     ("chat", {"messages": [{"role": "user", "content": "hi"}], "stop": [""]}, "stop"),
     ("chat", {"messages": [{"role": "user", "content": "hi"}], "seed": -1}, "seed"),
-    ("chat", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ("chat", {"messages": [{"role": "tool", "content": "5"}]}, "tool result"),
     ("chat", {"messages": [{"role": "assistant", "content": "hi"}]}, "last message"),
     (
@@ -714,3 +716,108 @@ def test_serve_verb_takes_the_key_from_the_environment(monkeypatch, capsys):
         )
     finally:
         live.stop()
+
+
+# ---- KV memory budget -------------------------------------------------------------------------
+
+
+def test_kv_memory_settings_parse_or_fail_in_one_line(capsys):
+    from qwenkit.cli import main
+    from qwenkit.serve.engine import parse_kv_memory
+
+    assert parse_kv_memory("2GiB") == 2 * 2**30 and parse_kv_memory("512MB") == 512 * 10**6
+    assert parse_kv_memory("1.5 gib") == 3 * 2**29 and parse_kv_memory("0.3") == 0.3
+    for bad in ("abc", "0", "1.5", "-1GB", "0GB", "2 parsecs", ""):
+        with pytest.raises(QwenkitError, match="invalid KV memory"):
+            parse_kv_memory(bad)
+    assert main(["serve", "--kv-memory", "lots"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        "qwenkit serve: error: argument --kv-memory: invalid KV memory 'lots': use a size such as 2GiB "
+        "or 512MB, or a fraction such as 0.3"
+    )
+
+
+def test_engine_kv_budget_queues_what_does_not_fit_and_never_exceeds_it(model, tokenizer, monkeypatch):
+    """Requests that together need more KV memory than the budget all complete with their text alone
+    (the ones that do not fit wait); the decoder's cache, with a prefill's own, never holds more than
+    the budget; a request that could never fit is refused with what would fit."""
+    size = lambda rows, slots: KVCache.size_in_bytes(model.config, rows, slots, model.dtype)  # noqa: E731
+    budget = size(1, 256) + size(1, 64)  # about 3 requests of 76 tokens at once
+    prompts = [random_prompt(n, 40 + n) for n in (60, 41, 52, 33, 57)]
+    expected = [greedy_text(model, tokenizer, p, 16) for p in prompts]
+    engine = Engine(model, tokenizer, max_batch=4, kv_memory_bytes=budget)
+    peaks, running, forward, decode = [], [], model.forward, engine.decoder.decode
+
+    def measured_forward(*args, cache=None, **kwargs):  # a prefill: its cache beside the decoder's
+        peaks.append(engine.decoder.cache.nbytes + (cache.nbytes if cache is not None else 0))
+        return forward(*args, cache=cache, **kwargs)
+
+    def measured_decode():
+        running.append(len(engine.decoder.running))
+        peaks.append(engine.decoder.cache.nbytes)
+        return decode()
+
+    monkeypatch.setattr(model, "forward", measured_forward)
+    monkeypatch.setattr(engine.decoder, "decode", measured_decode)
+    try:
+        results = [None] * len(prompts)
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(
+            i, engine.generate(prompts[i], SamplingParams(max_tokens=16, temperature=0)))) for i in range(5)]  # fmt: skip
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert [r.text for r in results] == expected
+        assert max(peaks) <= budget and 1 < max(running) < 5  # batched, yet some waited
+        assert engine.decoder.cache.nbytes == 0  # freed when idle
+        with pytest.raises(QwenkitError, match=r"KV memory budget .*max_tokens can be at most \d+$"):
+            engine.generate(prompts[0], SamplingParams(max_tokens=600))
+        with pytest.raises(QwenkitError, match="KV memory budget .* shorten the prompt"):
+            engine.generate(random_prompt(300, 1), SamplingParams(max_tokens=1))
+        settings = engine.validate(prompts[0], SamplingParams())  # no max_tokens: as many as fit
+        most = settings.config.max_new_tokens
+        assert most > 16 and engine.decoder.fits_alone(60, most)
+        assert not engine.decoder.fits_alone(60, most + 1)
+    finally:
+        engine.close()
+
+
+def test_api_reports_context_length_and_kv_budget_and_refuses_what_never_fits(model, tokenizer):
+    from fastapi.testclient import TestClient
+
+    budget = KVCache.size_in_bytes(model.config, 1, 256, model.dtype) * 2
+    with TestClient(create_app(model, tokenizer, "tiny", max_batch=2, kv_memory=f"{budget}B")) as client:
+        (card,) = client.get("/v1/models").json()["data"]
+        assert card["id"] == "tiny" and card["max_model_len"] == 1024  # vLLM's name for the context
+        kv = client.get("/health").json()["kv_cache"]
+        assert kv["budget_bytes"] == budget and kv["tokens"] == budget // kv["bytes_per_token"]
+        c = model.config  # keys and values of every layer in fp32, and the int64 position
+        assert kv["bytes_per_token"] == 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4 + 8
+        refused = client.post("/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 900})
+        assert refused.status_code == 400
+        error = refused.json()["error"]
+        assert "KV memory budget" in error["message"] and error["param"] == "max_tokens"
+        fine = client.post("/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 3})
+        assert fine.status_code == 200 and fine.json()["usage"]["completion_tokens"] == 3
+    app = create_app(model, tokenizer, "tiny", max_batch=2, kv_memory=0.5)
+    try:
+        assert 0 < app.state.engine.kv_budget <= psutil.virtual_memory().total // 2
+    finally:
+        app.state.engine.close()
+
+
+def test_serve_verb_reports_the_kv_budget_at_start(monkeypatch, capsys):
+    from qwenkit.cli import main
+
+    served = {}
+    monkeypatch.setattr("uvicorn.run", lambda app, **options: served.update(app=app))
+    assert main(["serve", "--kv-memory", "64MiB", "--max-batch", "4"]) == 0
+    err = capsys.readouterr().err
+    engine = served["app"].state.engine
+    try:
+        assert engine.kv_budget == 64 * 2**20
+        report = engine.kv_report()
+        tokens, per_token = report["tokens"], report["bytes_per_token"]
+        assert f"KV cache budget 0.06 GiB ({tokens:,} tokens at {per_token:,} bytes per token" in err
+        assert "up to 4 rows" in err
+    finally:
+        engine.close()

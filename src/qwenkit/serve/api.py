@@ -38,14 +38,20 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from qwenkit.agent.hermes import OPEN as TOOL_CALL_OPEN
+from qwenkit.agent.hermes import HermesOutput
 from qwenkit.agent.react import Turn, parse_reply, react_question, react_turns, step_text
+from qwenkit.chat_template import encode_chat, supports_tools
 from qwenkit.chatml import DEFAULT_SYSTEM, render_turns
 from qwenkit.errors import QwenkitError
-from qwenkit.generation import REPETITION_PENALTY_RANGE
-from qwenkit.serve.engine import Chunk, Engine, GenerationFailed, SamplingParams
-from qwenkit.tokenizer import Tokenizer
+from qwenkit.generation import REPETITION_PENALTY_RANGE, TokenLogprob, check_prompt
+from qwenkit.serve.engine import Chunk, Completion, Engine, GenerationFailed, SamplingParams, kv_memory_bytes
+from qwenkit.tokenizer import StreamDecoder, Tokenizer
 
 MAX_N = 16  # choices per request
+MAX_PROMPTS = 1024  # prompts per completions request; the engine queues what does not fit in a batch
+MAX_LOGPROBS = 5  # top alternatives per token in /v1/completions, as OpenAI
+MAX_TOP_LOGPROBS = 20  # top alternatives per token in /v1/chat/completions, as OpenAI
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_STOP_LENGTH = 256  # characters per stop string
 MAX_BODY_BYTES = 8 * 2**20  # bodies beyond it get 413 before anything parses them (see README)
@@ -135,7 +141,6 @@ class Sampling(Body):
     stream_options: StreamOptions | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logprobs: bool | int | None = None
     user: str | None = None
 
 
@@ -146,6 +151,8 @@ class ChatRequest(Sampling):
     tool_choice: Literal["auto", "none", "required"] | NamedTool | None = None
     functions: list[FunctionSpec] | None = None
     function_call: Literal["auto", "none"] | NamedFunction | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
 
 class CompletionRequest(Sampling):
@@ -153,6 +160,7 @@ class CompletionRequest(Sampling):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
 
 
 # ---- prompts --------------------------------------------------------------------------------
@@ -205,29 +213,113 @@ class ChatPlan:
     prompt: list[int]
     react: bool  # parse the reply as ReAct
     allow_calls: bool
-    prefix: str  # reply text already written into the prompt (a forced Action)
+    prefix: str  # reply text already written into the prompt (a forced Action or <tool_call>)
     legacy: bool  # answer with function_call instead of tool_calls
+    hermes: bool = False  # rendered with the checkpoint's chat template; read <tool_call> blocks
+
+    def reader(self) -> ReactOutput | HermesOutput | None:
+        """A fresh reader of one reply (None: the reply is plain content)."""
+        if self.hermes:
+            return HermesOutput(self.prefix, self.allow_calls)
+        return ReactOutput(self.prefix, self.allow_calls) if self.react else None
 
 
-def plan_chat(tokenizer: Tokenizer, body: ChatRequest) -> ChatPlan:
-    """Build the prompt of a chat request: ChatML, plus the ReAct instruction when tools are given."""
+ToolFormat = Literal["auto", "react", "hermes"]
+
+
+def resolve_tool_format(tokenizer: Tokenizer, tool_format: ToolFormat = "auto") -> Literal["react", "hermes"]:
+    """How a server talks tools with this checkpoint: "hermes" (its chat template, <tool_call> replies)
+    when the template reads `tools`, else the original Qwen's "react"; "auto" picks, the others force."""
+    if tool_format not in ("auto", "react", "hermes"):
+        raise QwenkitError(f"tool format must be auto, react or hermes, got {tool_format!r}")
+    template_tools = supports_tools(getattr(tokenizer, "chat_template", None))
+    if tool_format == "hermes" and not template_tools:
+        raise QwenkitError("tool format hermes needs a checkpoint whose chat template reads tools")
+    if tool_format == "auto":
+        return "hermes" if template_tools else "react"
+    return tool_format
+
+
+def _tool_choice(body: ChatRequest) -> tuple[bool, list[FunctionSpec], str, str | None]:
+    """(legacy, offered functions, choice "auto"/"none"/"required"/"named", forced name)."""
     if body.tools and body.functions:
         raise APIError("give either tools or functions, not both", param="functions")
     legacy = body.functions is not None or body.function_call is not None
     tools = [t.function for t in body.tools or []] or list(body.functions or [])
     choice = body.function_call if legacy else body.tool_choice
     choice = choice or ("auto" if tools else "none")
-    forced = choice if isinstance(choice, NamedTool | NamedFunction) else None
-    if forced is not None or choice == "required":
-        name = forced.function.name if isinstance(forced, NamedTool) else forced.name if forced else None
-        if not tools:
-            raise APIError("a tool choice other than 'auto' or 'none' needs tools", param="tool_choice")
-        if name is not None:
-            tools = [f for f in tools if f.name == name]
-            if not tools:
-                raise APIError(
-                    f"tool_choice names {name!r}, which is not among the tools", param="tool_choice"
-                )
+    name = None
+    if isinstance(choice, NamedTool | NamedFunction):
+        name = choice.function.name if isinstance(choice, NamedTool) else choice.name
+        choice = "named"
+    if choice in ("named", "required") and not tools:
+        raise APIError("a tool choice other than 'auto' or 'none' needs tools", param="tool_choice")
+    if name is not None and all(f.name != name for f in tools):
+        raise APIError(f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
+    return legacy, tools, choice, name
+
+
+def template_messages(messages: list[Message]) -> list[dict[str, Any]]:
+    """Request messages as a chat template reads them (OpenAI's current form): legacy function_call
+    becomes tool_calls, role "function" becomes "tool" (its name kept); calls keep their ids."""
+    out = []
+    for i, m in enumerate(messages):
+        entry: dict[str, Any] = {"role": "tool" if m.role == "function" else m.role, "content": _text(m)}
+        calls = m.tool_calls or ([ToolCallIn(function=m.function_call)] if m.function_call else [])
+        if calls and m.role != "assistant":
+            raise APIError(f"messages[{i}]: only assistant messages carry tool calls", param=f"messages.{i}")
+        if calls:
+            entry["tool_calls"] = [
+                {**({"id": c.id} if c.id else {}), "type": "function", "function": c.function.model_dump()}
+                for c in calls
+            ]
+            entry["content"] = _text(m) if m.content is not None else None
+        for key in ("name", "tool_call_id"):
+            if getattr(m, key) is not None:
+                entry[key] = getattr(m, key)
+        out.append(entry)
+    if out[-1]["role"] not in ("user", "tool"):
+        raise APIError("the last message must be from the user, or a tool result", param="messages")
+    return out
+
+
+def plan_hermes_chat(tokenizer: Tokenizer, body: ChatRequest) -> ChatPlan:
+    """The prompt of a chat request rendered with the checkpoint's chat template (tools as its
+    `tools`), read as Hermes <tool_call> blocks. tool_choice "none" keeps the tools in the prompt and
+    reads no calls (vLLM's default); "required" and a named function write the start of the call
+    into the prompt (`<tool_call>` + the JSON up to the name, or up to `"arguments":`, ending where
+    the model's own tokens would, so the model continues as if it had written it)."""
+    legacy, functions, choice, name = _tool_choice(body)
+    if body.functions is not None:
+        tools = [{"type": "function", "function": f.model_dump(exclude_unset=True)} for f in functions]
+    else:
+        tools = [{"type": "function", **t.model_dump(exclude_unset=True)} for t in body.tools or []]
+    prefix = ""
+    if choice == "required":
+        prefix = f'{TOOL_CALL_OPEN}\n{{"name": "'
+    elif choice == "named":
+        prefix = f'{TOOL_CALL_OPEN}\n{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments":'
+    try:
+        prompt = encode_chat(tokenizer, template_messages(body.messages), tools=tools or None)
+    except QwenkitError as e:
+        raise APIError(str(e), param="messages") from None
+    allowed = {TOOL_CALL_OPEN} & set(tokenizer.special_tokens)  # written as the model writes it
+    prompt += tokenizer.encode(prefix, allowed_special=allowed)
+    return ChatPlan(prompt, react=False, allow_calls=bool(tools) and choice != "none", prefix=prefix,
+                    legacy=legacy, hermes=True)  # fmt: skip
+
+
+def plan_chat(
+    tokenizer: Tokenizer, body: ChatRequest, tool_format: Literal["react", "hermes"] = "react"
+) -> ChatPlan:
+    """Build the prompt of a chat request. "react": ChatML, plus the ReAct instruction when tools are
+    given; "hermes": the checkpoint's chat template (plan_hermes_chat)."""
+    if tool_format == "hermes":
+        return plan_hermes_chat(tokenizer, body)
+    legacy, tools, choice, name = _tool_choice(body)
+    forced = name is not None
+    if forced:
+        tools = [f for f in tools if f.name == name]
     system, turns, is_open = chat_turns(_legacy_to_current(body.messages))
     specs = [f.model_dump() for f in tools]
     if specs and choice != "none":
@@ -238,8 +330,8 @@ def plan_chat(tokenizer: Tokenizer, body: ChatRequest) -> ChatPlan:
         question = turns[last_user][1][0][0]
         turns[last_user] = ("user", [(react_question(specs, question), False)])
     prefix = ""
-    if forced is not None or choice == "required":
-        prefix = step_text("", tools[0].name if forced is not None else None, first=not is_open)
+    if forced or choice == "required":
+        prefix = step_text("", tools[0].name if forced else None, first=not is_open)
     history_calls = any(
         role == "assistant" and any("\nAction:" in text for text, _ in pieces) for role, pieces in turns
     )
@@ -305,6 +397,14 @@ class ReactOutput:
         if call is not None and hasattr(call, "arguments"):
             return "", call
         return self.text[self.sent :].rstrip(), None
+
+
+def _finish(reader: ReactOutput | HermesOutput) -> tuple[str, list]:
+    """(content still to send, the reply's calls) from either reader."""
+    rest, calls = reader.finish()
+    if isinstance(calls, list):
+        return rest, calls
+    return rest, [] if calls is None else [calls]
 
 
 # ---- the app --------------------------------------------------------------------------------
@@ -454,10 +554,10 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 def _check_options(body: Sampling) -> None:
     if body.presence_penalty or body.frequency_penalty:
         raise APIError("presence_penalty and frequency_penalty are not supported; use repetition_penalty")
-    if body.logprobs:
-        raise APIError("logprobs are not supported", param="logprobs")
     if not 1 <= body.n <= MAX_N:
         raise APIError(f"n must be between 1 and {MAX_N}", param="n")
+    if getattr(body, "top_logprobs", None) is not None and not getattr(body, "logprobs", None):
+        raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
     stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
     if len(stop) > MAX_STOP_STRINGS:
         raise APIError(f"stop: at most {MAX_STOP_STRINGS} stop sequences, got {len(stop)}", param="stop")
@@ -478,7 +578,15 @@ def _params(body: Sampling, max_tokens: int | None, stop_ids: list[int], extra_s
         seed=None if body.seed is None else (body.seed + i) % 2**63,  # choices differ, reproducibly
         stop=stop + extra_stop,
         stop_token_ids=stop_ids,
+        logprobs=_asked_logprobs(body),
     )
+
+
+def _asked_logprobs(body: Sampling) -> int | None:
+    """Top alternatives a request wants per token, or None for no log-probabilities."""
+    if isinstance(body, ChatRequest):
+        return (body.top_logprobs or 0) if body.logprobs else None
+    return getattr(body, "logprobs", None)
 
 
 def _check(engine: Engine, prompt: list[int], params: SamplingParams) -> None:
@@ -542,12 +650,21 @@ async def _all_unless_disconnected(
 
 def create_app(
     model, tokenizer: Tokenizer, model_name: str, api_key: str | None = None, max_batch: int = 16,
-    max_seq_len: int | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+    max_seq_len: int | None = None, max_body_bytes: int = MAX_BODY_BYTES, tool_format: ToolFormat = "auto",
+    kv_memory: str | int | float | None = None,
 ) -> FastAPI:  # fmt: skip
     """The FastAPI app serving `model` under `model_name`; its Engine starts now and stops on shutdown.
-    Prompts are rendered and tokenized in worker threads, so a long one never stalls the event loop."""
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len)
+    Prompts are rendered and tokenized in worker threads, so a long one never stalls the event loop.
+    `tool_format` (resolve_tool_format): how chat requests are rendered and their tool calls read.
+    `kv_memory` bounds the KV cache: bytes, a size ("2GiB") or a fraction of the memory available now
+    (0.3 or "0.3"); None: the engine's default (Engine, kv_memory_bytes)."""
+    chat_format = resolve_tool_format(tokenizer, tool_format)
+    budget = kv_memory_bytes(kv_memory, model.device) if kv_memory is not None else None
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, kv_memory_bytes=budget)
     chat_stops = [tokenizer.im_end_id, tokenizer.im_start_id]
+    if chat_format == "hermes":  # a template checkpoint's turn also ends at its eos and <|endoftext|>
+        eos = tokenizer.special_tokens.get(getattr(tokenizer, "eos_token", None) or "")
+        chat_stops += [t for t in (tokenizer.eod_id, eos) if t is not None and t not in chat_stops]
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -559,6 +676,7 @@ def create_app(
     docs = {"docs_url": None, "redoc_url": None} if api_key is not None else {}
     app = FastAPI(title="qwenkit", lifespan=lifespan, **docs)
     app.openapi = lambda: _openapi_schema(app, keyed=api_key is not None)
+    app.state.tool_format = chat_format
     app.state.engine, app.state.tokenizer, app.state.model_name, app.state.model = (
         engine,
         tokenizer,
@@ -593,17 +711,20 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": model_name, "running": engine.active, "max_batch": engine.max_batch}
+        return {"status": "ok", "model": model_name, "running": engine.active, "max_batch": engine.max_batch,
+                "max_model_len": engine.max_seq_len, "kv_cache": engine.kv_report()}  # fmt: skip
 
     @app.get("/v1/models")
     async def models() -> dict:
-        card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "qwenkit"}
+        # max_model_len: the context length (prompt + reply tokens) under vLLM's name for it
+        card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "qwenkit",
+                "max_model_len": engine.max_seq_len}  # fmt: skip
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         _check_options(body)
-        plan = await run_in_threadpool(plan_chat, tokenizer, body)
+        plan = await run_in_threadpool(plan_chat, tokenizer, body, chat_format)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         extra = ["Observation:"] if plan.react else []
         jobs = [(plan.prompt, _params(body, max_tokens, chat_stops, extra, i)) for i in range(body.n)]
@@ -611,12 +732,17 @@ def create_app(
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         call_reason = "function_call" if plan.legacy else "tool_calls"
 
-        def call_fields(call) -> dict:
-            function = {"name": call.name, "arguments": call.arguments}
+        def call_fields(calls: list, first: int = 0, streamed: bool = False) -> dict:
+            """The message (or delta) fields of `calls`, numbered from `first`; the legacy form holds
+            the first call only (function_call has room for one)."""
+            functions = [{"name": c.name, "arguments": c.arguments} for c in calls]
             if plan.legacy:
-                return {"function_call": function}
-            return {"tool_calls": [{"index": 0, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                                    "function": function}]}  # fmt: skip
+                return {"function_call": functions[0]} if first == 0 and functions else {}
+            entries = [{"id": getattr(c, "id", None) or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                        "function": f} for c, f in zip(calls, functions, strict=True)]  # fmt: skip
+            if streamed:
+                entries = [{"index": first + k, **entry} for k, entry in enumerate(entries)]
+            return {"tool_calls": entries} if entries else {}
 
         if not body.stream:
             choices, completion_tokens = [], 0
@@ -624,19 +750,19 @@ def create_app(
             for i, result in enumerate(results):
                 message: dict[str, Any] = {"role": "assistant", "content": result.text}
                 reason = result.finish_reason
-                if plan.react:
-                    reader = ReactOutput(plan.prefix, plan.allow_calls)
+                reader = plan.reader()
+                if reader is not None:
                     content = reader.feed(result.text)
-                    rest, call = reader.finish()
+                    rest, calls = _finish(reader)
                     message["content"] = content + rest
-                    if call is not None:
-                        fields = call_fields(call)
-                        for entry in fields.get("tool_calls", []):
-                            del entry["index"]
-                        message.update(fields)
+                    if calls:
+                        message.update(call_fields(calls))
                         message["content"] = message["content"] or None
                         reason = call_reason
-                choices.append({"index": i, "message": message, "finish_reason": reason, "logprobs": None})
+                logprobs = {"content": chat_logprobs(tokenizer, result.logprobs)} if body.logprobs else None
+                choices.append(
+                    {"index": i, "message": message, "finish_reason": reason, "logprobs": logprobs}
+                )
                 completion_tokens += result.completion_tokens
             return {
                 "id": reply_id,
@@ -649,33 +775,47 @@ def create_app(
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
+        unsent = [[] for _ in jobs]  # log-probabilities of each choice's tokens not sent yet
+
         def chunk(index: int, delta: dict, reason: str | None = None) -> dict:
+            logprobs = None
+            if body.logprobs and (delta.get("content") or reason is not None):
+                logprobs, unsent[index] = {"content": chat_logprobs(tokenizer, unsent[index])}, []
             data = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                    "choices": [{"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}]}  # fmt: skip
+                    "choices": [{"index": index, "delta": delta, "finish_reason": reason, "logprobs": logprobs}]}  # fmt: skip
             if include_usage:
                 data["usage"] = None
             return {"data": json.dumps(data, ensure_ascii=False)}
 
         async def events():
-            readers = [ReactOutput(plan.prefix, plan.allow_calls) if plan.react else None for _ in jobs]
+            readers = [plan.reader() for _ in jobs]
+            sent_calls = [0] * len(jobs)  # calls already streamed, per choice
             for i in range(len(jobs)):
                 yield chunk(i, {"role": "assistant", "content": ""})
             completion_tokens = 0
             try:
                 async for i, piece in _merged(engine, jobs):
                     reader, reason = readers[i], piece.finish_reason
+                    unsent[i] += piece.logprobs
                     text = reader.feed(piece.text) if reader else piece.text
                     if text:
                         yield chunk(i, {"content": text})
+                    done = getattr(reader, "calls", [])  # Hermes calls are known as each one closes
+                    if len(done) > sent_calls[i]:
+                        if fields := call_fields(done[sent_calls[i] :], sent_calls[i], streamed=True):
+                            yield chunk(i, fields)
+                        sent_calls[i] = len(done)
                     if reason is None:
                         continue
                     completion_tokens += piece.completion_tokens
                     if reader is not None:
-                        rest, call = reader.finish()
+                        rest, calls = _finish(reader)
                         if rest:
                             yield chunk(i, {"content": rest})
-                        if call is not None:
-                            yield chunk(i, call_fields(call))
+                        new = calls[sent_calls[i] :]
+                        if new and (fields := call_fields(new, sent_calls[i], streamed=True)):
+                            yield chunk(i, fields)
+                        if calls:
                             reason = call_reason
                     yield chunk(i, {}, reason)
             except QwenkitError as e:  # failed inside the engine: this request ends, with the error
@@ -697,12 +837,18 @@ def create_app(
         if body.best_of not in (None, 1, body.n):
             raise APIError("best_of is not supported", param="best_of")
         max_tokens = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's default here
+        scoring_only = max_tokens == 0  # with echo: the prompt and its log-probabilities, nothing new
+        if scoring_only and not body.echo:
+            raise APIError("max_tokens 0 needs echo (it returns the prompt alone)", param="max_tokens")
 
         def prepare() -> tuple[list[list[int]], list[tuple[list[int], SamplingParams]], list[str]]:
             """(prompts, jobs, echoed prompt texts); run in a worker thread, off the event loop."""
             prompts = _completion_prompts(tokenizer, body.prompt)
             jobs = []
             for prompt in prompts:
+                if scoring_only:
+                    _check_scoring(engine, prompt)
+                    continue
                 choices = [(prompt, _params(body, max_tokens, [], [], i)) for i in range(body.n)]
                 _check(engine, prompt, choices[0][1])  # the choices differ only in their seeds
                 jobs += choices
@@ -711,37 +857,64 @@ def create_app(
         prompts, jobs, echoes = await run_in_threadpool(prepare)
         reply_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         prompt_tokens = sum(len(p) for p in prompts)
+        scored: list = [None] * len(prompts)  # each prompt's TokenLogprobs, when echoed with logprobs
+        if body.echo and body.logprobs is not None:
+            try:
+                scored = await engine.ascore(prompts, body.logprobs)
+            except GenerationFailed as e:
+                raise APIError(str(e), status=500) from None
+        choices_count = len(prompts) * body.n
+        builders = [CompletionLogprobs(tokenizer) if body.logprobs is not None else None
+                    for _ in range(choices_count)]  # fmt: skip
+
+        def prompt_logprobs(index: int) -> dict | None:
+            """The logprobs of choice `index`'s echoed prompt (empty lists without echo)."""
+            builder, k = builders[index], index // body.n
+            if builder is None:
+                return None
+            return builder.prompt(prompts[k], scored[k], echoes[k]) if body.echo else builder.part([])
 
         if not body.stream:
-            results = await _all_unless_disconnected(request, jobs, engine)
-            choices = [
-                {"index": i, "text": echoes[i // body.n] + r.text, "finish_reason": r.finish_reason, "logprobs": None}
-                for i, r in enumerate(results)
-            ]  # fmt: skip
+            if scoring_only:
+                results = [
+                    Completion("", "length", len(prompts[i // body.n]), 0) for i in range(choices_count)
+                ]
+            else:
+                results = await _all_unless_disconnected(request, jobs, engine)
+            choices = []
+            for i, r in enumerate(results):
+                logprobs = prompt_logprobs(i)
+                if logprobs is not None:
+                    _extend(logprobs, builders[i].part(r.logprobs))
+                choices.append({"index": i, "text": echoes[i // body.n] + r.text, "finish_reason": r.finish_reason,
+                                "logprobs": logprobs})  # fmt: skip
             usage = _usage(prompt_tokens, sum(r.completion_tokens for r in results))
             return {"id": reply_id, "object": "text_completion", "created": created, "model": model_name,
                     "choices": choices, "usage": usage}  # fmt: skip
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        def chunk(index: int, text: str, reason: str | None) -> dict:
+        def chunk(index: int, text: str, reason: str | None, logprobs: dict | None = None) -> dict:
             data = {"id": reply_id, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": [{"index": index, "text": text, "finish_reason": reason, "logprobs": None}]}  # fmt: skip
+                    "choices": [{"index": index, "text": text, "finish_reason": reason, "logprobs": logprobs}]}  # fmt: skip
             if include_usage:
                 data["usage"] = None
             return {"data": json.dumps(data, ensure_ascii=False)}
 
         async def events():
             if body.echo:
-                for i in range(len(jobs)):
-                    yield chunk(i, echoes[i // body.n], None)
+                for i in range(choices_count):
+                    yield chunk(
+                        i, echoes[i // body.n], "length" if scoring_only else None, prompt_logprobs(i)
+                    )
             completion_tokens = 0
             try:
                 async for i, piece in _merged(engine, jobs):
                     if piece.finish_reason is not None:
                         completion_tokens += piece.completion_tokens
                     if piece.text or piece.finish_reason:
-                        yield chunk(i, piece.text, piece.finish_reason)
+                        logprobs = builders[i].part(piece.logprobs) if builders[i] is not None else None
+                        yield chunk(i, piece.text, piece.finish_reason, logprobs)
             except QwenkitError as e:  # failed inside the engine: this request ends, with the error
                 yield _error_event(e)
             else:
@@ -767,6 +940,80 @@ def create_app(
     return app
 
 
+def _check_scoring(engine: Engine, prompt: list[int]) -> None:
+    """APIError unless `prompt` can be scored (non-empty, known ids, within the context window)."""
+    try:
+        check_prompt(prompt, engine.model.config.vocab_size, engine.max_seq_len, owner="this server's")
+    except QwenkitError as e:
+        code = "context_length_exceeded" if "context window" in str(e) else None
+        raise APIError(str(e), code=code, param="prompt") from None
+
+
+def token_piece(tokenizer: Tokenizer, token: int) -> str:
+    """A token as OpenAI's legacy logprobs name it: its text, or `bytes:\\xNN...` when its bytes are
+    not whole UTF-8 characters (part of a multi-byte character)."""
+    data = tokenizer.token_bytes(token)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+
+
+class CompletionLogprobs:
+    """OpenAI's legacy `logprobs` object of one completion choice, built piece by piece as its text
+    is: `tokens` (token_piece), `token_logprobs` (None for the first prompt token), `top_logprobs`
+    ({piece: logprob} of the most likely tokens, plus the chosen one, as vLLM; None where the token
+    has none) and `text_offset`, in characters from the start of the choice's text (the echoed
+    prompt included; special tokens of the reply count as no text, as the reply shows them)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.offset = tokenizer, 0
+        self.reply = StreamDecoder(tokenizer, skip_special_tokens=True)
+
+    def prompt(self, tokens: list[int], scored: list[TokenLogprob | None] | None, echo: str) -> dict:
+        """The lists for the echoed prompt `tokens` (whose text is `echo`) and their log-probabilities."""
+        out = self._lists(tokens, scored or [None] * len(tokens), StreamDecoder(self.tokenizer))
+        self.offset = len(echo)
+        return out
+
+    def part(self, entries: list[TokenLogprob]) -> dict:
+        """The lists for the next generated tokens."""
+        return self._lists([e.token for e in entries], entries, self.reply)
+
+    def _lists(self, tokens: list[int], entries: list[TokenLogprob | None], text: StreamDecoder) -> dict:
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token, entry in zip(tokens, entries, strict=True):
+            piece = token_piece(self.tokenizer, token)
+            out["tokens"].append(piece)
+            out["text_offset"].append(self.offset)
+            self.offset += len(text.push(token))
+            if entry is None:
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+                continue
+            top = {token_piece(self.tokenizer, t): lp for t, lp in entry.top}
+            top.setdefault(piece, entry.logprob)
+            out["token_logprobs"].append(entry.logprob)
+            out["top_logprobs"].append(top)
+        return out
+
+
+def _extend(logprobs: dict, more: dict) -> None:
+    for key, values in more.items():
+        logprobs[key] += values
+
+
+def chat_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprob]) -> list[dict]:
+    """OpenAI's chat `logprobs.content` entries: each token's text (incomplete UTF-8 as U+FFFD), its
+    exact bytes, its log-probability and the most likely tokens at its position."""
+
+    def entry(token: int, logprob: float) -> dict:
+        data = tokenizer.token_bytes(token)
+        return {"token": data.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(data)}
+
+    return [{**entry(e.token, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top]} for e in entries]
+
+
 def _completion_prompts(tokenizer: Tokenizer, prompt) -> list[list[int]]:
     """The prompt field (text, texts, ids or lists of ids) as token id lists; base-model text is
     encoded as plain text too."""
@@ -780,6 +1027,6 @@ def _completion_prompts(tokenizer: Tokenizer, prompt) -> list[list[int]]:
         prompts = [list(p) for p in prompt]
     if not prompts or any(not p for p in prompts):
         raise APIError("the prompt is empty", param="prompt")
-    if len(prompts) > MAX_N:
-        raise APIError(f"at most {MAX_N} prompts per request", param="prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise APIError(f"at most {MAX_PROMPTS} prompts per request", param="prompt")
     return prompts
