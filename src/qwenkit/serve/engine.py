@@ -217,8 +217,12 @@ class Engine:
         self.defaults = model.generation_config or GenerationConfig()
         self.decoder = BatchDecoder(model, max_batch, self.max_seq_len, tokenizer, kv_budget=0)  # set below
         self.kv_full = self._kv_full_need()
+        self.kv_choice = "as set"
         if kv_memory_bytes is None:
-            kv_memory_bytes = min(self.kv_full, int(DEFAULT_KV_FRACTION * available_memory(model.device)))
+            available = available_memory(model.device)
+            kv_memory_bytes = min(self.kv_full, int(DEFAULT_KV_FRACTION * available))
+            self.kv_choice = (f"default: the full need or {DEFAULT_KV_FRACTION:.0%} of the "
+                              f"{available / 2**30:.1f} GiB available, the smaller")  # fmt: skip
         self.kv_budget = self.decoder.kv_budget = kv_memory_bytes
         self.rows: list[_Request | None] = [None] * max_batch  # the request decoding in each row
         self.waiting: list[_Request] = []
@@ -290,8 +294,8 @@ class Engine:
         r = self.kv_report()
         return (
             f"KV cache budget {r['budget_bytes'] / 2**30:.2f} GiB ({r['tokens']:,} tokens at "
-            f"{r['bytes_per_token']:,} bytes per token; all {self.max_batch} rows at the full "
-            f"{self.max_seq_len:,}-token context need {self.kv_full / 2**30:.2f} GiB): up to "
+            f"{r['bytes_per_token']:,} bytes per token; {self.kv_choice}; the full need of {self.max_batch} "
+            f"rows at the {self.max_seq_len:,}-token context is {self.kv_full / 2**30:.2f} GiB): up to "
             f"{self.max_batch} rows, {r['rows_at_full_context']} of them at the full context"
         )
 
