@@ -7,7 +7,7 @@ and never imports this package). Run functions import torch and the model themse
 on one line and exits 1.
 
   chat.py        chat (the REPL), generate
-  checkpoint.py  convert, info, merge-lora
+  checkpoint.py  convert, info, merge-lora, export gguf
   serve.py       serve
   data.py        tokenizer train|stats, data pack
   train.py       pretrain, sft

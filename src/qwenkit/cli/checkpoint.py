@@ -1,4 +1,5 @@
-"""Verbs on checkpoint directories: `qwenkit convert`, `qwenkit info` and `qwenkit merge-lora`."""
+"""Verbs on checkpoint directories: `qwenkit convert`, `qwenkit info`, `qwenkit merge-lora` and
+`qwenkit export gguf`."""
 
 from __future__ import annotations
 
@@ -48,6 +49,31 @@ def add_parsers(verbs) -> None:
     p.add_argument("--dtype", choices=DTYPE_CHOICES, help="dtype to store (default: float32)")
     p.add_argument("--force", action="store_true", help="replace OUT when it already holds a checkpoint")
     p.set_defaults(run=run_merge_lora)
+
+    p = add_verb(
+        verbs,
+        "export",
+        "export a checkpoint to another format (GGUF for llama.cpp and Ollama)",
+        "  qwenkit export gguf ./qwen-1.8b-chat qwen-1.8b-chat-q8_0.gguf --type q8_0",
+    )
+    formats = p.add_subparsers(dest="export_format", metavar="FORMAT", required=True)
+    q = add_verb(
+        formats,
+        "gguf",
+        "write a checkpoint (either layout, any qwenkit vocabulary) as one GGUF file for llama.cpp",
+        "  qwenkit export gguf ./ckpt model-f16.gguf\n"
+        "  qwenkit export gguf ./Qwen-7B-Chat qwen-7b-chat-q8_0.gguf --type q8_0\n"
+        "  llama-cli -m model-f16.gguf -p 'Hello'   # then run it in llama.cpp",
+    )
+    q.add_argument("dir", metavar="DIR", help="checkpoint directory")
+    q.add_argument("out", metavar="OUT", help="GGUF file to write (replaced if it exists)")
+    q.add_argument(
+        "--type",
+        choices=["f32", "f16", "q8_0"],
+        default="f16",
+        help="weight type (default f16; norms stay f32)",
+    )
+    q.set_defaults(run=run_export_gguf)
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -111,6 +137,19 @@ def run_info(args: argparse.Namespace) -> int:
 
     info = describe(args.dir)
     print(json.dumps(info, indent=2) if args.json else info_table(info))
+    return 0
+
+
+def run_export_gguf(args: argparse.Namespace) -> int:
+    import sys
+
+    from qwenkit.gguf_export import export_gguf
+
+    try:
+        out = export_gguf(args.dir, args.out, args.type, progress=sys.stderr.isatty())
+    except OSError as e:
+        raise QwenkitError(f"cannot write {args.out}: {e.strerror or e}") from None
+    print(f"exported {args.dir} -> {out} ({args.type}, {out.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
 
