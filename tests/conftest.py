@@ -109,6 +109,90 @@ def served_model(official_tokenizer) -> Qwen:
     return as_loaded(model, official_tokenizer)
 
 
+# Qwen2.5's added tokens (QWEN_REFERENCE.md): ids 151643.. in this order; True = special (control).
+QWEN25_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
+    *((name, True) for name in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
+                                "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
+                                "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                                "<|image_pad|>", "<|video_pad|>")),
+    *((name, False) for name in ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+                                 "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")),
+)  # fmt: skip
+HERMES_TEMPLATE = Path(__file__).parent / "data" / "hermes_chat_template.jinja"
+
+
+@pytest.fixture(scope="session")
+def qwen25_dir(tmp_path_factory, official_tokenizer) -> Path:
+    """A Qwen2.5-style checkpoint as published, without qwen.tiktoken: a tiny random Qwen2ForCausalLM
+    (151,936 embedding rows) saved by transformers, tokenizer.json with the official BPE and Qwen2.5's
+    22 added tokens (built with `tokenizers`), tokenizer_config.json and generation_config.json as
+    Qwen2.5 ships them, and the Hermes-style tool template of tests/data."""
+    import json
+
+    import transformers
+    from tokenizers import AddedToken
+
+    from qwenkit.hf_tokenizer import build_hf_tokenizer
+
+    directory = tmp_path_factory.mktemp("qwen25") / "Qwen2.5-tiny"
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        bos_token_id=151643, eos_token_id=151645,
+    )  # fmt: skip
+    transformers.Qwen2ForCausalLM(config).eval().save_pretrained(directory, safe_serialization=True)
+
+    # The BPE part (with <|endoftext|>, <|im_start|>, <|im_end|>) from qwenkit's exporter, the rest
+    # added with the `tokenizers` library itself, each with Qwen2.5's special flag.
+    ranks = {official_tokenizer.token_bytes(r): r for r in range(official_tokenizer.n_bpe)}
+    base = Tokenizer(ranks, special_tokens=[name for name, _ in QWEN25_ADDED_TOKENS[:3]])
+    hf = build_hf_tokenizer(base, ranks)
+    for name, special in QWEN25_ADDED_TOKENS[3:]:
+        hf.add_tokens([AddedToken(name, special=special, normalized=False)])
+    hf.save(str(directory / "tokenizer.json"))
+
+    added = {
+        str(151643 + i): {"content": name, "lstrip": False, "normalized": False, "rstrip": False,
+                          "single_word": False, "special": special}
+        for i, (name, special) in enumerate(QWEN25_ADDED_TOKENS)
+    }  # fmt: skip
+    tokenizer_config = {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": added,
+        "additional_special_tokens": [name for name, special in QWEN25_ADDED_TOKENS[1:] if special],
+        "bos_token": None,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": 131072,
+        "pad_token": "<|endoftext|>",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+    if HERMES_TEMPLATE.is_file():
+        tokenizer_config["chat_template"] = HERMES_TEMPLATE.read_text(encoding="utf-8")
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(tokenizer_config, indent=2, ensure_ascii=False)
+    )
+    generation = {
+        "bos_token_id": 151643,
+        "pad_token_id": 151643,
+        "do_sample": True,
+        "eos_token_id": [151645, 151643],
+        "repetition_penalty": 1.05,
+        "temperature": 0.7,
+        "top_p": 0.8,
+        "top_k": 20,
+        "transformers_version": "4.37.0",
+    }
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    return directory
+
+
 def to_transformers(model):
     """transformers' Qwen2ForCausalLM holding the very same weights as a qwenkit model (the reference)."""
     import transformers

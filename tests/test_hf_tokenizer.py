@@ -234,3 +234,292 @@ def test_tiny_vocab_export(tmp_path):
         assert raw.encode(text, add_special_tokens=False).ids == ids
         assert hf.decode(ids) == tok.decode(ids)
     assert tok.encode("hello world") == [259, 264]
+
+
+# --- Reading tokenizer.json: Qwen2.5-style checkpoints (the qwen25_dir fixture) and malformed files.
+
+QWEN25_CONTROL = {
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+}  # fmt: skip
+QWEN25_PLAIN = [
+    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def qwen25_tokenizer(qwen25_dir):
+    return Tokenizer.from_file(qwen25_dir)
+
+
+@pytest.fixture(scope="module")
+def qwen25_auto(qwen25_dir):
+    return AutoTokenizer.from_pretrained(qwen25_dir)
+
+
+def mixed_corpus(tokenizer: Tokenizer, seed: int = 0) -> list[str]:
+    """Documents of English and code (qwenkit's own sources and docs), Chinese, emoji, numbers,
+    whitespace runs, odd Unicode (combining marks out of order, NFD, U+0338 after '>') and the
+    added tokens' text, glued to words and to each other."""
+    import random
+    from pathlib import Path
+
+    rng = random.Random(seed)
+    root = Path(__file__).parent.parent
+    docs = [p.read_text(encoding="utf-8") for p in sorted((root / "src" / "qwenkit").rglob("*.py"))[:40]]
+    docs += [
+        p.read_text(encoding="utf-8") for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    ]
+    chinese = []
+    for rank in range(tokenizer.n_bpe):
+        try:
+            piece = tokenizer.token_bytes(rank).decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if piece and all("\u4e00" <= ch <= "\u9fff" for ch in piece):
+            chinese.append(piece)
+    names = list(tokenizer.special_tokens)
+    odd = ["e\u0301", "a\u0323\u0302", "\u1e0b\u0323", "\u0338", "\u0301\u0301", "\ufeff", "\u200d",
+           "\U0001f469\u200d\U0001f469\u200d\U0001f467", "\U0001f1e8\U0001f1f3", "\u00a0", "\u3000",
+           "\r\n", "\t\t", "    ", "\n\n\n", "\u0e01\u0e34", "\u05e9\u05c1", "Å", "ﬁ", "①", "𝔘"]  # fmt: skip
+    pools = [
+        lambda: "".join(rng.choices(chinese, k=rng.randint(1, 12))) + rng.choice("，。！？；：、 \n"),
+        lambda: rng.choice(["The", "quick", "naïve", "café", "don't", "we'LL", "API", "x"]) + " ",
+        lambda: str(rng.randint(0, 10 ** rng.randint(1, 12))) + rng.choice([".", ",", " ", "e-9", "%"]),
+        lambda: rng.choice(odd),
+        lambda: rng.choice(["🦜", "🦩", "😀", "👍🏽", "🇺🇸"]) * rng.randint(1, 3),
+        lambda: " " * rng.randint(1, 9) + rng.choice(["", "\n", "x"]),
+        lambda: rng.choice(names) + rng.choice(["", "\u0338", " ", "\n", "a", ">"]),
+        lambda: rng.choice(["def f(x):\n", "    return x**2\n", '{"a": [1, 2]}', "</tool_call>>"]),
+    ]
+    for _ in range(400):
+        docs.append("".join(rng.choice(pools)() for _ in range(rng.randint(20, 200))))
+    docs += [unicodedata.normalize("NFD", d) for d in docs[-40:]]
+    return docs
+
+
+def test_qwen25_added_tokens(qwen25_dir, qwen25_tokenizer):
+    tok = qwen25_tokenizer
+    assert tok.kind == "tokenizer.json" and tok.path == qwen25_dir / "tokenizer.json"
+    assert tok.vocab_size == len(tok) == 151665 and tok.n_bpe == 151643
+    assert tok.special_tokens["<|im_start|>"] == tok.im_start_id == 151644
+    assert tok.special_tokens["<|video_pad|>"] == 151656
+    assert tok.special_tokens["<tool_call>"] == 151657 and tok.special_tokens["<|file_sep|>"] == 151664
+    assert tok.control_tokens == QWEN25_CONTROL
+    assert set(tok.special_tokens) == QWEN25_CONTROL | set(QWEN25_PLAIN)
+    assert (tok.eos_token, tok.bos_token, tok.pad_token) == ("<|im_end|>", None, "<|endoftext|>")
+    assert (tok.eod_id, tok.im_end_id, tok.pad_id) == (151643, 151645, 151643)
+    template = json.loads((qwen25_dir / "tokenizer_config.json").read_text()).get("chat_template")
+    assert tok.chat_template == template and (template is None or "<tool_call>" in template)
+    again = Tokenizer.from_file(qwen25_dir / "tokenizer.json")
+    assert again.special_tokens == tok.special_tokens and again.control_tokens == tok.control_tokens
+
+
+def test_qwen25_same_ids_as_auto_tokenizer(qwen25_tokenizer, qwen25_auto):
+    docs = mixed_corpus(qwen25_tokenizer)
+    got = qwen25_tokenizer.encode_batch(docs, allowed_special="all")
+    expected = qwen25_auto(docs)["input_ids"]
+    assert sum(map(len, expected)) >= 100_000
+    added = {i for ids in expected for i in ids if i >= 151643}
+    assert added == set(range(151643, 151665))  # every added token was recognized somewhere
+    mismatches = [(d[:80], g[:20], e[:20]) for d, g, e in zip(docs, got, expected, strict=True) if g != e]
+    assert mismatches == []
+    assert [qwen25_tokenizer.encode(d, allowed_special="all") for d in docs[-50:]] == expected[-50:]
+
+
+def test_qwen25_default_encode_keeps_added_tokens_plain(qwen25_tokenizer, official_tokenizer):
+    tok = qwen25_tokenizer
+    text = '<|im_start|>user\n<tool_call>\n{"name": "x"}\n</tool_call><|fim_prefix|><|im_end|>'
+    ids = tok.encode(text)
+    assert all(i < tok.n_bpe for i in ids)
+    assert ids == official_tokenizer.encode(text)  # plain BPE, as the qwen.tiktoken vocabulary gives
+    assert tok.decode(ids) == text
+    one = tok.encode(text, allowed_special={"<tool_call>"})
+    assert [i for i in one if i >= tok.n_bpe] == [151657]
+    both = tok.encode(text, allowed_special={"<tool_call>", "<|im_start|>"})
+    assert [i for i in both if i >= tok.n_bpe] == [151644, 151657]
+    with pytest.raises(QwenkitError, match="tool_call"):
+        tok.encode(text, allowed_special={"<|im_start|>"}, disallowed_special="all")
+
+
+def test_qwen25_decode_like_transformers(qwen25_tokenizer, qwen25_auto):
+    tok = qwen25_tokenizer
+    text = '<|im_start|>assistant\n<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call><|im_end|>'
+    ids = tok.encode(text, allowed_special="all")
+    assert tok.decode(ids) == qwen25_auto.decode(ids) == text
+    skipped = tok.decode(ids, skip_special_tokens=True)
+    assert skipped == qwen25_auto.decode(ids, skip_special_tokens=True)
+    assert skipped.startswith("assistant\n<tool_call>") and "<|im_end|>" not in skipped
+    docs = mixed_corpus(tok, seed=1)[-60:]
+    for ids in qwen25_auto(docs)["input_ids"]:
+        assert tok.decode(ids) == qwen25_auto.decode(ids)
+        assert tok.decode(ids, skip_special_tokens=True) == qwen25_auto.decode(ids, skip_special_tokens=True)
+
+
+def test_qwen25_loads_with_transformers_logits(qwen25_dir):
+    import torch
+    import transformers
+
+    import qwenkit
+
+    model, tok = qwenkit.load(qwen25_dir)
+    assert tok.kind == "tokenizer.json" and model.config.vocab_size == 151936
+    hf = transformers.AutoModelForCausalLM.from_pretrained(qwen25_dir, dtype=torch.float32).eval()
+    ids = tok.encode("<|im_start|>user\n你好, <tool_call>?<|im_end|>\n", allowed_special="all")
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(x).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_qwen25_save_load_round_trip(qwen25_dir, qwen25_tokenizer, tmp_path):
+    import qwenkit
+
+    model, tok = qwenkit.load(qwen25_dir)
+    out = qwenkit.save(model, tok, tmp_path / "saved")
+    assert not (out / "qwen.tiktoken").exists()
+    back = Tokenizer.from_file(out)
+    assert back.kind == "tokenizer.json"
+    assert back.special_tokens == tok.special_tokens and back.control_tokens == tok.control_tokens
+    assert (back.eos_token, back.bos_token, back.pad_token) == (tok.eos_token, tok.bos_token, tok.pad_token)
+    assert back.chat_template == tok.chat_template
+    auto = AutoTokenizer.from_pretrained(out)
+    docs = mixed_corpus(tok, seed=2)[-20:]
+    assert auto(docs)["input_ids"] == back.encode_batch(docs, allowed_special="all")
+    assert auto.decode([151657, 151645], skip_special_tokens=True) == "<tool_call>"
+
+
+def test_qwenkit_trained_vocabulary_round_trips(tmp_path):
+    from qwenkit.hf_tokenizer import read_hf_tokenizer
+    from qwenkit.tokenizer_train import train_vocab
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(
+        ("hello world, 你好世界! numbers 12345 and code: def f(x): return x\n" * 30) + "ünïcödé ok\n"
+    )
+    tok = Tokenizer(train_vocab([corpus], 330, progress=False))
+    write_hf_tokenizer(tok, tmp_path / "hf")
+    back = read_hf_tokenizer(tmp_path / "hf" / "tokenizer.json")
+    assert back.kind == "tokenizer.json" and back.n_bpe == tok.n_bpe > 256
+    assert [back.token_bytes(i) for i in range(back.vocab_size)] == [
+        tok.token_bytes(i) for i in range(tok.vocab_size)
+    ]
+    assert back.special_tokens == tok.special_tokens and back.control_tokens == set(SPECIAL_TOKENS)
+    assert back.pat_str == tok.pat_str and back.nfc
+    text = corpus.read_text() + "<|im_start|><|extra_3|>"
+    assert back.encode(text) == tok.encode(text)
+    assert back.encode(text, allowed_special="all") == tok.encode(text, allowed_special="all")
+
+
+def test_qwen_tiktoken_wins_when_both_exist(tmp_path):
+    tok = Tokenizer(tiny_ranks())
+    write_hf_tokenizer(tok, tmp_path)
+    assert Tokenizer.from_file(tmp_path).kind == "tokenizer.json"
+    tok.save(tmp_path / "qwen.tiktoken")
+    loaded = Tokenizer.from_file(tmp_path)
+    assert loaded.kind == "qwen.tiktoken" and loaded.chat_template is None
+    assert (loaded.eos_token, loaded.bos_token, loaded.pad_token) == ("<|endoftext|>", None, "<|endoftext|>")
+
+
+def test_chat_template_sources(tmp_path):
+    tok = Tokenizer(tiny_ranks())
+    write_hf_tokenizer(tok, tmp_path)
+    config_file = tmp_path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["chat_template"] = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
+    config["eos_token"] = {"content": "<|im_end|>", "special": True}
+    config_file.write_text(json.dumps(config))
+    loaded = Tokenizer.from_file(tmp_path)
+    assert loaded.chat_template == "D" and loaded.eos_token == "<|im_end|>"
+    (tmp_path / "chat_template.jinja").write_text("J")  # transformers prefers the file
+    assert Tokenizer.from_file(tmp_path).chat_template == "J"
+    (tmp_path / "chat_template.jinja").unlink()
+    del config["chat_template"], config["eos_token"]
+    config_file.write_text(json.dumps(config))
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "C"}))
+    loaded = Tokenizer.from_file(tmp_path)
+    assert loaded.chat_template == "C" and loaded.eos_token is None
+
+
+def test_alternative_merges_are_accepted(tmp_path):
+    """transformers' tiktoken converter writes every split of a token as a merge, in rank order."""
+    ranks = {bytes([b]): b for b in range(256)}
+    ranks.update({b"ab": 256, b"bc": 257, b"abc": 258})
+    tok = Tokenizer(ranks)
+    write_hf_tokenizer(tok, tmp_path)
+    data = json.loads((tmp_path / "tokenizer.json").read_text())
+    merges = data["model"]["merges"]
+    assert merges[-1] in (["ab", "c"], "ab c")  # the merge rank-ordered BPE reaches for "abc"
+    merges.append(["a", "bc"] if isinstance(merges[-1], list) else "a bc")
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    loaded = Tokenizer.from_file(tmp_path)
+    for text in ["abc", "xabcbc", "bcabc a"]:
+        assert loaded.encode(text) == tok.encode(text)
+
+
+def _mutate(path, change):
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def _swap_merges(data):
+    merges = data["model"]["merges"]
+    merges[-1], merges[-2] = merges[-2], merges[-1]
+
+
+def _set(keys, value):
+    def change(data):
+        target = data
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = value
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_set(["model", "type"], "WordPiece"), "model.type 'WordPiece'"),
+        (_set(["model", "byte_fallback"], True), "model.byte_fallback"),
+        (_set(["model", "dropout"], 0.1), "model.dropout"),
+        (_set(["normalizer"], {"type": "NFKC"}), "normalizer 'NFKC'"),
+        (_set(["pre_tokenizer"], {"type": "Whitespace"}), "pre_tokenizer 'Whitespace'"),
+        (_set(["pre_tokenizer", "pretokenizers", 0, "behavior"], "Removed"), "behavior"),
+        (_set(["decoder"], {"type": "WordPiece"}), "decoder.type"),
+        (_set(["post_processor"], {"type": "TemplateProcessing"}), "post_processor.type"),
+        (_swap_merges, r"model.merges\[10\].*out of rank order"),
+        (lambda d: d["model"]["merges"].pop(), r"model.merges lacks \('ä½', 'ł'\).*token 'ä½ł' \(id 266\)"),
+        (lambda d: d["model"]["vocab"].update({"\u4e2d": 500}), "model.vocab token '中'"),
+        (lambda d: d["added_tokens"][1].update(lstrip=True), r"added_tokens\[1\].lstrip"),
+        (lambda d: d["added_tokens"][-1].update(id=9999), r"added_tokens: id 9999"),
+        (lambda d: d["added_tokens"].pop(1), r"added_tokens: id 269 \('<\|im_end\|>'\)"),
+    ],
+)
+def test_malformed_tokenizer_json(tmp_path, change, message):
+    write_hf_tokenizer(Tokenizer(tiny_ranks()), tmp_path)
+    _mutate(tmp_path / "tokenizer.json", change)
+    (tmp_path / "tokenizer_config.json").unlink()  # its table would fill the gaps made above
+    with pytest.raises(QwenkitError, match=message) as info:
+        Tokenizer.from_file(tmp_path)
+    assert "\n" not in str(info.value) and "tokenizer.json" in str(info.value)
+
+
+def test_malformed_tokenizer_config(tmp_path):
+    write_hf_tokenizer(Tokenizer(tiny_ranks()), tmp_path)
+    config_file = tmp_path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "eos_token": "</s>"}))
+    with pytest.raises(QwenkitError, match="eos_token '</s>' is not one of the added tokens"):
+        Tokenizer.from_file(tmp_path)
+    config_file.write_text(json.dumps({**config, "chat_template": 7}))
+    with pytest.raises(QwenkitError, match="chat_template must be a string"):
+        Tokenizer.from_file(tmp_path)
+    config_file.write_text("{not json")
+    with pytest.raises(QwenkitError, match="cannot read .*tokenizer_config.json"):
+        Tokenizer.from_file(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("[]")
+    with pytest.raises(QwenkitError, match="expected a JSON object"):
+        Tokenizer.from_file(tmp_path / "tokenizer.json")

@@ -457,7 +457,8 @@ def save_state_dict(
         settings = generation_config or GenerationConfig()
         generation = settings.to_hf()
         if tokenizer is not None:
-            tokenizer.save(staging / "qwen.tiktoken")
+            if tokenizer.kind == "qwen.tiktoken":  # a tokenizer.json one keeps its added tokens there only
+                tokenizer.save(staging / "qwen.tiktoken")
             # Hugging Face tokenizer files too, so transformers' AutoTokenizer and vLLM load the directory;
             # chat models end turns at <|im_end|>, which other libraries only know through eos_token_id.
             chat = settings.chat_format == "chatml"
@@ -465,6 +466,7 @@ def save_state_dict(
             generation["eos_token_id"] = [tokenizer.eod_id, tokenizer.im_end_id] if chat else tokenizer.eod_id
             generation["pad_token_id"] = tokenizer.pad_id  # the tokenizer's own ids, whatever its vocabulary
             eos = "<|im_end|>" if chat else "<|endoftext|>"
+            eos = None if tokenizer.kind == "tokenizer.json" else eos  # None: the tokenizer's own
             write_hf_tokenizer(tokenizer, staging, eos_token=eos, model_max_length=context_length(config))
         else:  # keep only ids this model has (qwenkit's defaults are the official vocabulary's)
             generation = {k: v for k, v in generation.items() if _ids_within(v, config.vocab_size)}

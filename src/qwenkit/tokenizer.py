@@ -1,9 +1,16 @@
-"""The Qwen tokenizer: byte-level BPE over the `qwen.tiktoken` vocabulary, run by tiktoken.
+"""The Qwen tokenizer: byte-level BPE run by tiktoken, over `qwen.tiktoken` or `tokenizer.json`.
 
-Vocabulary file: one line per token, `base64(token_bytes) rank`. The special tokens follow the
-last BPE rank (151643 for the official vocabulary), so the same code serves smaller vocabularies.
-Unlike the official tokenizer, special-token text inside ordinary text stays plain text unless
-the caller allows it, so user content can never inject control tokens.
+`qwen.tiktoken` (original Qwen, qwenkit): one line per token, `base64(token_bytes) rank`; the special
+tokens follow the last BPE rank (151643 for the official vocabulary), so the same code serves smaller
+vocabularies. `tokenizer.json` (Qwen1.5/2/2.5; read by `qwenkit.hf_tokenizer`): the same byte-level
+BPE plus its own added-token table, e.g. Qwen2.5's `<|im_start|>` ... `<tool_call>` (151643..151664).
+
+Injection safety: `encode` keeps the text of every added token (control tokens such as `<|im_end|>`
+and plain added tokens such as `<tool_call>` alike) as ordinary BPE text unless the caller lists it in
+`allowed_special`, so user content can never form them. `allowed_special="all"` recognizes every
+added token, which is what transformers' tokenizers do with any text. `decode` renders added tokens
+as their text; `skip_special_tokens=True` drops the control tokens only (those flagged special), as
+transformers does, so `<tool_call>` stays in the text.
 """
 
 from __future__ import annotations
@@ -11,9 +18,11 @@ from __future__ import annotations
 import base64
 import codecs
 import operator
+import re
 import unicodedata
 from collections.abc import Collection, Iterable, Sequence
 from collections.abc import Set as AbstractSet
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +31,7 @@ import tiktoken
 from qwenkit.errors import QwenkitError
 
 VOCAB_FILENAME = "qwen.tiktoken"
+HF_TOKENIZER_FILENAME = "tokenizer.json"
 
 PAT_STR = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
@@ -37,14 +47,10 @@ AllowedSpecial = Literal["all"] | AbstractSet[str]
 DisallowedSpecial = Literal["all"] | Collection[str]
 
 
-def _nfc(text: str) -> str:
-    return unicodedata.normalize("NFC", text)
-
-
-def _disallowed_special_error(e: ValueError) -> QwenkitError:
-    # tiktoken's message is several lines; its first line names the token.
-    first_line = (str(e).splitlines() or ["disallowed special token in text"])[0]
-    return QwenkitError(f"{first_line} (list it in allowed_special, or leave it out of disallowed_special)")
+@lru_cache(maxsize=64)
+def _splitter(names: frozenset[str]) -> re.Pattern:
+    """A regex whose split() isolates the given added tokens, leftmost-longest as `tokenizers` matches."""
+    return re.compile("(" + "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)) + ")")
 
 
 def load_vocab(path: Path) -> dict[bytes, int]:
@@ -69,13 +75,28 @@ def load_vocab(path: Path) -> dict[bytes, int]:
 
 
 class Tokenizer:
-    """Encode text to Qwen token ids and back; special tokens take the ids after the last BPE rank."""
+    """Encode text to Qwen token ids and back; added tokens take the ids after the last BPE rank.
+
+    `special_tokens` lists the added tokens in id order; `control_tokens` names those flagged special
+    (default: all of them, as in `qwen.tiktoken` vocabularies). `pat_str` is the pre-tokenizer regex,
+    `nfc` whether text is NFC-normalized first. `kind`, `chat_template` and the eos/bos/pad token names
+    describe where the tokenizer came from (`tokenizer.json` checkpoints carry their own).
+    """
 
     def __init__(
         self,
         mergeable_ranks: dict[bytes, int],
         special_tokens: Sequence[str] = SPECIAL_TOKENS,
         path: Path | None = None,
+        *,
+        control_tokens: AbstractSet[str] | None = None,
+        pat_str: str = PAT_STR,
+        nfc: bool = True,
+        kind: Literal["qwen.tiktoken", "tokenizer.json"] = "qwen.tiktoken",
+        chat_template: str | None = None,
+        eos_token: str | None = ENDOFTEXT,
+        bos_token: str | None = None,
+        pad_token: str | None = ENDOFTEXT,
     ) -> None:
         where = f"{path}: " if path is not None else ""
         n_bpe = len(mergeable_ranks)
@@ -86,13 +107,31 @@ class Tokenizer:
             raise QwenkitError(f"{where}vocabulary lacks single-byte tokens (e.g. byte {missing[0]})")
         required = {ENDOFTEXT, IM_START, IM_END}
         if len(set(special_tokens)) != len(special_tokens) or not required <= set(special_tokens):
-            raise QwenkitError(f"special tokens must be unique and include {ENDOFTEXT}, {IM_START}, {IM_END}")
+            raise QwenkitError(
+                f"{where}special tokens must be unique and include {ENDOFTEXT}, {IM_START}, {IM_END}"
+            )
+        control = frozenset(special_tokens if control_tokens is None else control_tokens)
+        if not control <= set(special_tokens):
+            raise QwenkitError(
+                f"{where}control token {sorted(control - set(special_tokens))[0]!r} is not added"
+            )
+        for field, name in (("eos_token", eos_token), ("bos_token", bos_token), ("pad_token", pad_token)):
+            if name is not None and name not in special_tokens:
+                raise QwenkitError(f"{where}{field} {name!r} is not one of the added tokens")
 
         self._path = path
         self._n_bpe = n_bpe
         self._special_tokens = {name: n_bpe + i for i, name in enumerate(special_tokens)}
+        self._control_tokens = control
+        self._control_ids = frozenset(self._special_tokens[name] for name in control)
+        self._all_names = frozenset(special_tokens)
+        self._pat_str = pat_str
+        self._nfc = nfc
+        self._kind = kind
+        self._chat_template = chat_template
+        self._eos_token, self._bos_token, self._pad_token = eos_token, bos_token, pad_token
         self._enc = tiktoken.Encoding(
-            "qwen", pat_str=PAT_STR, mergeable_ranks=mergeable_ranks, special_tokens=self._special_tokens
+            "qwen", pat_str=pat_str, mergeable_ranks=mergeable_ranks, special_tokens=self._special_tokens
         )
         # id -> raw bytes, for token_bytes() and streaming decoders.
         self._id_to_bytes: list[bytes] = [b""] * self.vocab_size
@@ -103,21 +142,34 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str | Path, special_tokens: Sequence[str] = SPECIAL_TOKENS) -> Tokenizer:
-        """Load from a `qwen.tiktoken` file, or from a checkpoint directory that contains one."""
+        """Load a `qwen.tiktoken` file, a `tokenizer.json` file, or a checkpoint directory holding either.
+
+        A directory holding both loads `qwen.tiktoken`: qwenkit writes `tokenizer.json` beside it only as
+        an export of the same vocabulary for other libraries, while a Qwen2-family `tokenizer.json`
+        checkpoint has no `qwen.tiktoken` (and qwenkit saves none for it). `special_tokens` applies to
+        `qwen.tiktoken` only; `tokenizer.json` carries its own added-token table.
+        """
         path = Path(path)
         if path.is_dir():
-            vocab = path / VOCAB_FILENAME
-            if not vocab.is_file():
+            if (path / VOCAB_FILENAME).is_file():
+                path = path / VOCAB_FILENAME
+            elif (path / HF_TOKENIZER_FILENAME).is_file():
+                path = path / HF_TOKENIZER_FILENAME
+            else:
                 raise QwenkitError(
-                    f"no {VOCAB_FILENAME} in {path}: put the Qwen vocabulary file {VOCAB_FILENAME} "
-                    "there (it ships with official checkpoints and the dashscope package)"
+                    f"no {VOCAB_FILENAME} or {HF_TOKENIZER_FILENAME} in {path}: a checkpoint needs its tokenizer "
+                    f"({VOCAB_FILENAME} ships with original Qwen checkpoints and the dashscope package, "
+                    f"{HF_TOKENIZER_FILENAME} with Qwen1.5/2/2.5)"
                 )
-            path = vocab
         elif not path.is_file():
             raise QwenkitError(
-                f"vocabulary file {path} not found: pass the path of a {VOCAB_FILENAME} file, "
-                f"or of a checkpoint directory that contains {VOCAB_FILENAME}"
+                f"vocabulary file {path} not found: pass the path of a {VOCAB_FILENAME} or "
+                f"{HF_TOKENIZER_FILENAME} file, or of a checkpoint directory that contains one"
             )
+        if path.suffix == ".json":
+            from qwenkit.hf_tokenizer import read_hf_tokenizer
+
+            return read_hf_tokenizer(path)
         return cls(load_vocab(path), special_tokens=special_tokens, path=path)
 
     @property
@@ -126,19 +178,56 @@ class Tokenizer:
         return self._path
 
     @property
+    def kind(self) -> Literal["qwen.tiktoken", "tokenizer.json"]:
+        """The file format the tokenizer came from: "qwen.tiktoken" or "tokenizer.json"."""
+        return self._kind
+
+    @property
     def n_bpe(self) -> int:
-        """Number of BPE ranks; special token ids start here."""
+        """Number of BPE ranks; added (special) token ids start here."""
         return self._n_bpe
 
     @property
     def vocab_size(self) -> int:
-        """Number of used ids: BPE ranks plus special tokens (151851 for the official vocabulary)."""
+        """Number of used ids: BPE ranks plus added tokens (151851 official, 151665 for Qwen2.5)."""
         return self._n_bpe + len(self._special_tokens)
 
     @property
     def special_tokens(self) -> dict[str, int]:
-        """Special token text -> id."""
+        """Every added token, control or not: text -> id."""
         return dict(self._special_tokens)
+
+    @property
+    def control_tokens(self) -> frozenset[str]:
+        """The added tokens flagged special (control tokens); all of them for `qwen.tiktoken`."""
+        return self._control_tokens
+
+    @property
+    def pat_str(self) -> str:
+        """The pre-tokenizer regex that splits text before BPE."""
+        return self._pat_str
+
+    @property
+    def nfc(self) -> bool:
+        """Whether text is NFC-normalized before encoding."""
+        return self._nfc
+
+    @property
+    def chat_template(self) -> str | None:
+        """The checkpoint's Jinja chat template (tokenizer.json checkpoints), else None."""
+        return self._chat_template
+
+    @property
+    def eos_token(self) -> str | None:
+        return self._eos_token
+
+    @property
+    def bos_token(self) -> str | None:
+        return self._bos_token
+
+    @property
+    def pad_token(self) -> str | None:
+        return self._pad_token
 
     @property
     def eod_id(self) -> int:
@@ -146,8 +235,8 @@ class Tokenizer:
 
     @property
     def pad_id(self) -> int:
-        """Qwen has no separate pad token; padding uses `<|endoftext|>`."""
-        return self.eod_id
+        """The pad token's id; Qwen pads with `<|endoftext|>`."""
+        return self._special_tokens[self._pad_token] if self._pad_token is not None else self.eod_id
 
     @property
     def im_start_id(self) -> int:
@@ -161,7 +250,7 @@ class Tokenizer:
         return self.vocab_size
 
     def __repr__(self) -> str:
-        return f"Tokenizer(path={str(self._path)!r}, vocab_size={self.vocab_size})"
+        return f"Tokenizer(path={str(self._path)!r}, kind={self._kind!r}, vocab_size={self.vocab_size})"
 
     def encode(
         self,
@@ -169,18 +258,13 @@ class Tokenizer:
         allowed_special: AllowedSpecial = frozenset(),
         disallowed_special: DisallowedSpecial = (),
     ) -> list[int]:
-        """NFC-normalize and encode `text`.
+        """Encode `text` (NFC-normalized when the tokenizer says so).
 
-        `allowed_special` ("all" or a set of special-token strings) lists the special tokens that
-        become control ids; any other special-token text is encoded as plain text. Special tokens
-        in `disallowed_special` ("all" = every one not allowed) raise QwenkitError instead.
+        `allowed_special` ("all" or a set of added-token strings, control or not) lists the added
+        tokens that become their ids; any other added-token text is encoded as plain text. Added
+        tokens in `disallowed_special` ("all" = every one not allowed) raise QwenkitError instead.
         """
-        try:
-            return self._enc.encode(
-                _nfc(text), allowed_special=allowed_special, disallowed_special=disallowed_special
-            )
-        except ValueError as e:
-            raise _disallowed_special_error(e) from None
+        return self.encode_batch([text], allowed_special, disallowed_special, num_threads=1)[0]
 
     def encode_batch(
         self,
@@ -190,30 +274,60 @@ class Tokenizer:
         num_threads: int = 8,
     ) -> list[list[int]]:
         """`encode` for many texts at once, on `num_threads` threads (tiktoken releases the GIL)."""
-        try:
-            return self._enc.encode_batch(
-                [_nfc(t) for t in texts],
-                num_threads=num_threads,
-                allowed_special=allowed_special,
-                disallowed_special=disallowed_special,
-            )
-        except ValueError as e:
-            raise _disallowed_special_error(e) from None
+        allowed = self._all_names if allowed_special == "all" else self._all_names & set(allowed_special)
+        disallowed = self._all_names - allowed if disallowed_special == "all" else set(disallowed_special)
+        if disallowed:
+            finder = _splitter(frozenset(disallowed))
+            for text in texts:
+                found = finder.search(text)
+                if found:
+                    raise QwenkitError(
+                        f"text contains the added token {found.group()!r}, which is disallowed here "
+                        "(list it in allowed_special, or leave it out of disallowed_special)"
+                    )
+        # Added tokens are matched in the raw text, then each plain piece is normalized and run
+        # through BPE on its own (as `tokenizers` does with its non-normalized added tokens).
+        split = _splitter(allowed).split if allowed else None
+        pieces = [split(text) if split else [text] for text in texts]
+        plain = [self._normalize(p) for parts in pieces for p in parts[::2]]
+        if num_threads > 1 and len(plain) > 1:
+            encoded = iter(self._enc.encode_ordinary_batch(plain, num_threads=num_threads))
+        else:
+            encoded = iter([self._enc.encode_ordinary(p) for p in plain])
+        result = []
+        for parts in pieces:
+            ids = list(next(encoded))
+            for i in range(1, len(parts), 2):
+                ids.append(self._special_tokens[parts[i]])
+                ids.extend(next(encoded))
+            result.append(ids)
+        return result
+
+    def _normalize(self, text: str) -> str:
+        return unicodedata.normalize("NFC", text) if self._nfc else text
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False, errors: str = "replace") -> str:
-        """Ids (list, 1-D tensor or array) -> text; incomplete UTF-8 becomes U+FFFD by default."""
+        """Ids (list, 1-D tensor or array) -> text; incomplete UTF-8 becomes U+FFFD by default.
+
+        `skip_special_tokens` drops the control tokens; other added tokens (`<tool_call>`) stay.
+        """
         ids = self._check_ids(ids)
         if skip_special_tokens:
-            ids = [i for i in ids if i < self._n_bpe]
+            ids = [i for i in ids if i not in self._control_ids]
         return self._enc.decode_bytes(ids).decode("utf-8", errors=errors)
 
+    def is_control(self, token_id: int) -> bool:
+        """Whether `token_id` is a control token (what `skip_special_tokens` drops)."""
+        return token_id in self._control_ids
+
     def token_bytes(self, token_id: int) -> bytes:
-        """Raw bytes of one token; for a special token, its text in UTF-8."""
+        """Raw bytes of one token; for an added token, its text in UTF-8."""
         (token_id,) = self._check_ids([token_id])
         return self._id_to_bytes[token_id]
 
     def save(self, path: str | Path) -> None:
-        """Write the BPE ranks as a `qwen.tiktoken` file (special tokens follow implicitly)."""
+        """Write the BPE ranks as a `qwen.tiktoken` file (added tokens follow implicitly: the
+        `qwen.tiktoken` table, so a tokenizer.json tokenizer is saved with `hf_tokenizer` instead)."""
         lines = (base64.b64encode(self._id_to_bytes[rank]) + b" %d\n" % rank for rank in range(self._n_bpe))
         Path(path).write_bytes(b"".join(lines))
 
@@ -247,7 +361,7 @@ class StreamDecoder:
     def push(self, token_id: int) -> str:
         """Add one token; return the text it completes (possibly empty)."""
         data = self.tokenizer.token_bytes(token_id)
-        if self.skip_special_tokens and token_id >= self.tokenizer.n_bpe:
+        if self.skip_special_tokens and self.tokenizer.is_control(token_id):
             return ""
         return self._utf8.decode(data)
 
