@@ -197,7 +197,8 @@ def test_convert_original_layout_then_info(tiny_model, official_tokenizer, tmp_p
     info = json.loads(capsys.readouterr().out)
     assert info["layout"] == "Qwen2 (Qwen2ForCausalLM)"
     assert info["parameters"] == QwenConfig.from_preset("tiny").num_parameters == info["stored_parameters"]
-    assert info["stored_dtypes"] == ["float32"] and info["tokenizer"] is True
+    assert info["stored_dtypes"] == ["float32"] and info["tokenizer"]["kind"] == "qwen.tiktoken"
+    assert info["tokenizer"]["vocab_size"] == 151851 and not info["tokenizer"]["chat_template"]
     converted, _ = load(dst)
     ids = torch.tensor([official_tokenizer.encode("Converted weights give the same logits.")])
     with torch.no_grad():
@@ -216,6 +217,29 @@ def test_convert_original_layout_then_info(tiny_model, official_tokenizer, tmp_p
     assert json.loads(capsys.readouterr().out)["stored_dtypes"] == ["bfloat16"]
     code = main(["convert", str(dst), str(dst), "--force"])
     assert_one_line_error(code, capsys.readouterr().err, "different directory from the input")
+
+
+def test_info_shows_the_tokenizer(qwen25_dir, tmp_path, capsys):
+    assert main(["info", str(qwen25_dir)]) == 0
+    table = capsys.readouterr().out
+    assert "tokenizer.json, 151,665 ids (151,643 BPE + 22 added)" in table
+    assert "<|im_end|> / None / <|endoftext|>" in table
+    assert "the checkpoint's own" in table
+    assert "14: <|endoftext|> 151643, <|im_start|> 151644, <|im_end|> 151645, ..." in table
+    assert "8: <tool_call> 151657, </tool_call> 151658, <|fim_prefix|> 151659, ..." in table
+
+    assert main(["info", str(qwen25_dir), "--json"]) == 0
+    tok = json.loads(capsys.readouterr().out)["tokenizer"]
+    assert tok["kind"] == "tokenizer.json" and tok["chat_template"] is True
+    assert tok["added_tokens"]["<|file_sep|>"] == 151664 and len(tok["added_tokens"]) == 22
+    assert len(tok["control_tokens"]) == 14 and "<tool_call>" not in tok["control_tokens"]
+
+    no_tokenizer = tmp_path / "no-tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(qwen25_dir / name, no_tokenizer / name)
+    assert main(["info", str(no_tokenizer)]) == 0
+    assert "cannot load: no qwen.tiktoken or tokenizer.json in" in capsys.readouterr().out
 
 
 @pytest.fixture

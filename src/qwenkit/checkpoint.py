@@ -502,7 +502,7 @@ def _make_readable(directory: Path) -> None:
 
 
 def describe(path: str | os.PathLike) -> dict:
-    """What `qwenkit info` prints: layout, shapes, parameters, dtype, memory; reads no weights."""
+    """What `qwenkit info` prints: layout, shapes, parameters, dtype, memory, tokenizer; reads no weights."""
     directory = Path(path)
     hf = read_config_json(directory)
     config, layout = config_from_hf(hf)
@@ -522,7 +522,29 @@ def describe(path: str | os.PathLike) -> dict:
             name: round(params * torch.empty((), dtype=d).element_size() / 1024**3, 3)
             for name, d in DTYPES.items()
         },
-        "tokenizer": (directory / "qwen.tiktoken").is_file(),
+        "tokenizer": describe_tokenizer(directory),
+    }
+
+
+def describe_tokenizer(directory: Path) -> dict:
+    """The checkpoint's tokenizer for `qwenkit info`: kind, sizes, eos/bos/pad, whether it has a chat
+    template, every added token (name -> id) and the control ones; {"error": ...} when it cannot load."""
+    try:
+        tokenizer = Tokenizer.from_file(directory)
+    except QwenkitError as e:
+        return {"error": str(e)}
+    added = sorted(tokenizer.special_tokens.items(), key=lambda item: item[1])
+    return {
+        "kind": tokenizer.kind,
+        "file": str(tokenizer.path),
+        "vocab_size": tokenizer.vocab_size,
+        "bpe_tokens": tokenizer.n_bpe,
+        "eos_token": tokenizer.eos_token,
+        "bos_token": tokenizer.bos_token,
+        "pad_token": tokenizer.pad_token,
+        "chat_template": tokenizer.chat_template is not None,
+        "added_tokens": dict(added),
+        "control_tokens": [name for name, _ in added if name in tokenizer.control_tokens],
     }
 
 

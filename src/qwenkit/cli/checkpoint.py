@@ -126,10 +126,34 @@ def info_table(info: dict) -> str:
             f"window attention {on[c['use_window_attn']]}",
         ),
         ("memory", ", ".join(f"{name} {format_memory(g)}" for name, g in info["memory_gib"].items())),
-        ("tokenizer", "qwen.tiktoken present" if info["tokenizer"] else "no qwen.tiktoken (missing)"),
+        *tokenizer_rows(info["tokenizer"]),
     ]
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+def tokenizer_rows(tok: dict, shown: int = 3) -> list[tuple[str, str]]:
+    """`qwenkit info` rows for the tokenizer: kind and sizes, eos/bos/pad, chat template, and the
+    control and other added tokens (the first `shown` of each with their ids, and a count)."""
+    if "error" in tok:
+        return [("tokenizer", f"cannot load: {tok['error']}")]
+    added = tok["added_tokens"]
+    control = set(tok["control_tokens"])
+
+    def some(names: list[str]) -> str:
+        listed = ", ".join(f"{name} {added[name]}" for name in names[:shown])
+        return f"{len(names)}: {listed}" + (", ..." if len(names) > shown else "") if names else "none"
+
+    return [
+        (
+            "tokenizer",
+            f"{tok['kind']}, {tok['vocab_size']:,} ids ({tok['bpe_tokens']:,} BPE + {len(added)} added)",
+        ),
+        ("eos / bos / pad", " / ".join(str(tok[k]) for k in ("eos_token", "bos_token", "pad_token"))),
+        ("chat template", "the checkpoint's own" if tok["chat_template"] else "none (qwenkit's ChatML)"),
+        ("control tokens", some([n for n in added if n in control])),
+        ("other added", some([n for n in added if n not in control])),
+    ]
 
 
 def run_info(args: argparse.Namespace) -> int:
