@@ -152,3 +152,31 @@ def test_chat_top_logprobs_needs_logprobs(server):
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}
     response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
     assert response.status_code == 400 and "top_logprobs" in response.json()["error"]["message"]
+
+
+def test_engine_scores_between_decoding_steps_of_running_requests(model, tokenizer):
+    """Scoring runs in the engine thread while other requests decode: both give what they give alone."""
+    from qwenkit.generation import score_prompts
+    from qwenkit.serve.engine import Engine, SamplingParams
+
+    engine = Engine(model, tokenizer, max_batch=2, prefill_tokens=64)  # several scoring batches
+    try:
+        params = SamplingParams(max_tokens=12, temperature=0, logprobs=1)
+        alone = engine.generate(random_prompt(5, 1), params)
+        prompts = [random_prompt(4 + 3 * i, 10 + i) for i in range(12)]
+        stream = engine.stream(random_prompt(5, 1), params)
+        first = next(stream)
+        scored = engine.score(prompts, top=2)
+        rest = list(stream)
+        assert first.text + "".join(c.text for c in rest) == alone.text
+        assert [e.logprob for c in [first, *rest] for e in c.logprobs] == [e.logprob for e in alone.logprobs]
+        assert len(alone.logprobs) == alone.completion_tokens
+        for got, expected in zip(scored, score_prompts(model, prompts, top=2), strict=True):
+            assert got[0] is None and [(e.token, [t for t, _ in e.top]) for e in got[1:]] == [
+                (e.token, [t for t, _ in e.top]) for e in expected[1:]
+            ]  # the same tokens; the numbers up to float noise of another batch composition
+            assert [e.logprob for e in got[1:]] == pytest.approx([e.logprob for e in expected[1:]], abs=1e-5)
+        with pytest.raises(Exception, match="context window"):
+            engine.score([[1] * 2000])
+    finally:
+        engine.close()
