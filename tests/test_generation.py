@@ -454,7 +454,10 @@ def test_score_prompts_equals_log_softmax_of_one_forward_pass_per_prompt():
     model = make_tiny_model(
         vocab_size=512, max_position_embeddings=16, use_dynamic_ntk=True, use_logn_attn=True
     )
-    prompts = [prompt(n, seed).remainder(512)[0].tolist() for n, seed in ((40, 1), (7, 2), (1, 3), (25, 4), (23, 5), (22, 6))]
+    prompts = [
+        prompt(n, seed).remainder(512)[0].tolist()
+        for n, seed in ((40, 1), (7, 2), (1, 3), (25, 4), (23, 5), (22, 6))
+    ]
     for budget in (2**25, 3 * 512 * 4):  # one pass; padded passes in chunks of 4 positions
         scored = score_prompts(model, prompts, top=3, logits_budget=budget)
         for p, entries in zip(prompts, scored, strict=True):

@@ -9,6 +9,10 @@ qwenkit.agent.react), so the server reads what the model was trained on: the ins
 before the last user message, generation stops at "Observation:", and earlier calls and results
 continue the same assistant turn. Unlike the original server, streaming works with tools.
 
+Log-probabilities follow OpenAI: /v1/completions' legacy `logprobs` object (with `echo`, the
+prompt's own, scored by Engine.score; `max_tokens` 0 with `echo` scores only, as lm-evaluation-
+harness asks), chat's `logprobs` + `top_logprobs` content entries.
+
 Single-model server: any `model` name is accepted and answered by the loaded model (responses
 name it). Every client mistake is a 4xx with OpenAI's error JSON; with an API key set, /v1 routes
 need `Authorization: Bearer KEY`.

@@ -31,6 +31,9 @@ Using it:
     # from asyncio code (the server):
     result = await engine.agenerate(prompt_ids, params)
     async for chunk in engine.astream(prompt_ids, params): ...
+    # log-probabilities: SamplingParams(logprobs=2) gives each chunk its tokens' TokenLogprobs;
+    # prompts are scored (each token given those before it) in forward passes, between steps:
+    scored = engine.score([prompt_ids], top=1)                # or: await engine.ascore(...)
     engine.close()
 
 Leaving a stream early (break, generator close, task cancellation) cancels its request; the row
