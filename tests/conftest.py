@@ -131,8 +131,9 @@ def qwen25_dir(tmp_path_factory, official_tokenizer) -> Path:
 
     import transformers
     from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
 
-    from qwenkit.hf_tokenizer import build_hf_tokenizer
+    from qwenkit.hf_tokenizer import tokenizer_json
 
     directory = tmp_path_factory.mktemp("qwen25") / "Qwen2.5-tiny"
     torch.manual_seed(0)
@@ -144,11 +145,13 @@ def qwen25_dir(tmp_path_factory, official_tokenizer) -> Path:
     )  # fmt: skip
     transformers.Qwen2ForCausalLM(config).eval().save_pretrained(directory, safe_serialization=True)
 
-    # The BPE part (with <|endoftext|>, <|im_start|>, <|im_end|>) from qwenkit's exporter, the rest
-    # added with the `tokenizers` library itself, each with Qwen2.5's special flag.
-    ranks = {official_tokenizer.token_bytes(r): r for r in range(official_tokenizer.n_bpe)}
-    base = Tokenizer(ranks, special_tokens=[name for name, _ in QWEN25_ADDED_TOKENS[:3]])
-    hf = build_hf_tokenizer(base, ranks)
+    # The BPE part and <|endoftext|>, <|im_start|>, <|im_end|> from qwenkit's exporter (cached per
+    # tokenizer: other tests export the official vocabulary too), the rest added with the `tokenizers`
+    # library itself, each with Qwen2.5's special flag.
+    exported = json.loads(tokenizer_json(official_tokenizer))
+    exported["added_tokens"] = exported["added_tokens"][:3]
+    hf = HFTokenizer.from_str(json.dumps(exported))
+    assert [hf.id_to_token(151643 + i) for i in range(3)] == [name for name, _ in QWEN25_ADDED_TOKENS[:3]]
     for name, special in QWEN25_ADDED_TOKENS[3:]:
         hf.add_tokens([AddedToken(name, special=special, normalized=False)])
     hf.save(str(directory / "tokenizer.json"))

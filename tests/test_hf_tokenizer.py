@@ -259,6 +259,13 @@ def qwen25_auto(qwen25_dir):
     return AutoTokenizer.from_pretrained(qwen25_dir)
 
 
+@pytest.fixture(scope="module")
+def qwen25_loaded(qwen25_dir):
+    import qwenkit
+
+    return qwenkit.load(qwen25_dir)
+
+
 def mixed_corpus(tokenizer: Tokenizer, seed: int = 0) -> list[str]:
     """Documents of English and code (qwenkit's own sources and docs), Chinese, emoji, numbers,
     whitespace runs, odd Unicode (combining marks out of order, NFD, U+0338 after '>') and the
@@ -358,13 +365,11 @@ def test_qwen25_decode_like_transformers(qwen25_tokenizer, qwen25_auto):
         assert tok.decode(ids, skip_special_tokens=True) == qwen25_auto.decode(ids, skip_special_tokens=True)
 
 
-def test_qwen25_loads_with_transformers_logits(qwen25_dir):
+def test_qwen25_loads_with_transformers_logits(qwen25_dir, qwen25_loaded):
     import torch
     import transformers
 
-    import qwenkit
-
-    model, tok = qwenkit.load(qwen25_dir)
+    model, tok = qwen25_loaded
     assert tok.kind == "tokenizer.json" and model.config.vocab_size == 151936
     hf = transformers.AutoModelForCausalLM.from_pretrained(qwen25_dir, dtype=torch.float32).eval()
     ids = tok.encode("<|im_start|>user\n你好, <tool_call>?<|im_end|>\n", allowed_special="all")
@@ -373,10 +378,10 @@ def test_qwen25_loads_with_transformers_logits(qwen25_dir):
         torch.testing.assert_close(model(x), hf(x).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_qwen25_save_load_round_trip(qwen25_dir, qwen25_tokenizer, tmp_path):
+def test_qwen25_save_load_round_trip(qwen25_loaded, tmp_path):
     import qwenkit
 
-    model, tok = qwenkit.load(qwen25_dir)
+    model, tok = qwen25_loaded
     out = qwenkit.save(model, tok, tmp_path / "saved")
     assert not (out / "qwen.tiktoken").exists()
     back = Tokenizer.from_file(out)
