@@ -1,5 +1,7 @@
 """GGUF export: read back with the gguf package's own reader (metadata, tensors, tokenizer round trip)."""
 
+import json
+
 import gguf
 import numpy as np
 import pytest
@@ -160,6 +162,27 @@ def test_official_vocabulary_export(tmp_path, tiny_checkpoint, official_tokenize
     assert rebuilt_tokenizer(meta).encode(MIXED).ids == official_tokenizer.encode(
         MIXED, allowed_special="all"
     )
+
+
+@pytest.mark.slow
+def test_qwen25_checkpoint_export(tmp_path, qwen25_dir):
+    """A Qwen2.5 checkpoint as published (tokenizer.json, no qwen.tiktoken): its own tokenizer.json
+    tokens and merges, <tool_call> and the FIM tokens user-defined (not special there), its eos
+    <|im_end|>, its chat template, no output tensor (tied)."""
+    meta, tensors = read(export_gguf(qwen25_dir, tmp_path / "m.gguf", "f16"))
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    assert len(tokens) == 151936 and tokens[151657] == "<tool_call>"
+    assert types[151657] == types[151659] == gguf.TokenType.USER_DEFINED
+    assert types[151644] == types[151656] == gguf.TokenType.CONTROL
+    assert types[151665:] == [gguf.TokenType.UNUSED] * (151936 - 151665)
+    assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"]) == (151643, 151645)
+    config = json.loads((qwen25_dir / "tokenizer_config.json").read_text())
+    assert meta["tokenizer.chat_template"] == config.get("chat_template", CHAT_TEMPLATE)
+    hf = json.loads((qwen25_dir / "tokenizer.json").read_text())
+    assert meta["tokenizer.ggml.merges"] == [
+        m if isinstance(m, str) else " ".join(m) for m in hf["model"]["merges"]
+    ]
+    assert "output.weight" not in tensors and len(tensors) == 2 + 2 * 12
 
 
 def test_original_layout_exports(tmp_path, trained_checkpoint):
