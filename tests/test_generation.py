@@ -476,7 +476,7 @@ def test_score_prompts_equals_log_softmax_of_one_forward_pass_per_prompt():
 def test_rows_asking_for_logprobs_get_the_raw_distribution_of_their_tokens(model):
     """Sampled rows report log_softmax of the model's raw logits (not of the warped distribution);
     a greedy row's token is the top alternative; a stop token carries none."""
-    from qwenkit.generation import BatchDecoder, RowSettings
+    from qwenkit.generation import BatchDecoder, RowSettings, score_prompts
 
     p = prompt(6, 5)[0].tolist()
     decoder = BatchDecoder(model, 2, 64)
@@ -506,6 +506,13 @@ def test_rows_asking_for_logprobs_get_the_raw_distribution_of_their_tokens(model
     assert all(len(e.top) == 2 and e.top[0][1] >= e.top[1][1] for e in entries[0])
     assert all(e.top == [] for e in entries[1])
     eos = GenerationConfig(max_new_tokens=5, do_sample=False)
-    stop_at_first = RowSettings.create(eos, "cpu", stop=[tokens[1][0]], logprobs=1)
+    stop_at_first = RowSettings.create(eos, "cpu", stop=[tokens[1][0]], logprobs=1, prompt_logprobs=2)
     (step,) = decoder.prefill([0], [p], [stop_at_first])
     assert step.finish_reason == "stop" and step.logprob is None
+    (expected,) = score_prompts(model, [p], top=2)  # the prompt's own, from the prefill's pass
+    assert [e and (e.token, [t for t, _ in e.top]) for e in step.prompt_logprobs] == [
+        e and (e.token, [t for t, _ in e.top]) for e in expected
+    ]
+    assert [e.logprob for e in step.prompt_logprobs[1:]] == pytest.approx(
+        [e.logprob for e in expected[1:]], abs=1e-5
+    )

@@ -103,15 +103,18 @@ def test_scoring_only_many_prompts_queue_and_equal_the_models(server, model):
 def test_streamed_logprobs_equal_whole_and_chat_logprobs(server, model, tokenizer):
     client = server.client()
     prompt = random_prompt(9, 7)
-    settings = dict(model="tiny", prompt=prompt, logprobs=3, max_tokens=6, temperature=0.8, seed=3)
-    whole = client.completions.create(**settings).choices[0].logprobs
-    streamed = {"tokens": [], "token_logprobs": [], "text_offset": []}
-    for event in client.completions.create(stream=True, **settings):
-        if event.choices and event.choices[0].logprobs:
-            for key in streamed:
-                streamed[key] += getattr(event.choices[0].logprobs, key)
-    assert streamed == {key: getattr(whole, key) for key in streamed}
-    assert whole.text_offset[0] == 0 and len(whole.tokens) == 6  # no echo: the reply alone
+    for echo in (False, True):
+        settings = dict(
+            model="tiny", prompt=prompt, logprobs=3, max_tokens=6, temperature=0.8, seed=3, echo=echo
+        )
+        whole = client.completions.create(**settings).choices[0].logprobs
+        streamed = {"tokens": [], "token_logprobs": [], "text_offset": []}
+        for event in client.completions.create(stream=True, **settings):
+            if event.choices and event.choices[0].logprobs:
+                for key in streamed:
+                    streamed[key] += getattr(event.choices[0].logprobs, key)
+        assert streamed == {key: getattr(whole, key) for key in streamed}
+        assert len(whole.tokens) == 6 + 9 * echo and whole.text_offset[0] == 0
 
     message = [{"role": "user", "content": "hello there"}]
     reply = client.chat.completions.create(model="tiny", messages=message, max_tokens=5, temperature=0,

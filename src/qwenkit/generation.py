@@ -272,18 +272,27 @@ def score_prompts(
             if not group or (len(group) + 1) * (len(rows[i]) - shortest) * vocab <= logits_budget:
                 group.append(i)
                 continue
-        scored = _score_batch(model, [rows[k] for k in group], top, vocab_size, logits_budget)
+        _, scored, _ = prompt_pass(model, [rows[k] for k in group], top, vocab_size, logits_budget)
         for k, entries in zip(group, scored, strict=True):
             results[k] = entries
         group = [i]
     return results
 
 
-def _score_batch(
-    model: Qwen, rows: list[list[int]], top: int, vocab_size: int | None, logits_budget: int
-) -> list[list[TokenLogprob | None]]:
-    """score_prompts for one left-padded batch."""
-    ids, mask = left_pad(rows, 0)  # padding is masked: any id in the vocabulary does
+def prompt_pass(
+    model: Qwen,
+    rows: Sequence[Sequence[int]],
+    top: int,
+    vocab_size: int | None = None,
+    logits_budget: int = 2**25,
+    pad_id: int = 0,
+) -> tuple[KVCache, list[list[TokenLogprob | None]], torch.Tensor]:
+    """One left-padded forward pass over prompts, in chunks of positions through a new KV cache so
+    that about `logits_budget` logits exist at once: (the filled cache, each prompt token's
+    TokenLogprob (None for the first), the logits [B, V] after each prompt's last token). The first
+    chunk holds all the padding (later calls on a cache take none); the chunks see the dynamic-NTK
+    factor of each whole prompt, so the numbers are those of one pass over each prompt alone."""
+    ids, mask = left_pad(rows, pad_id)
     batch, width = ids.shape
     device, config = model.device, model.config
     ids = ids.to(device)
@@ -294,13 +303,13 @@ def _score_batch(
     starts = [width - len(r) for r in rows]  # column of each row's first real token
     results: list[list[TokenLogprob | None]] = [[None] for _ in rows]
     step = max(1, logits_budget // (batch * model.lm_head.weight.shape[0]))
-    begin = 0
-    while begin < width - 1:
-        # logits at column j predict the token at j + 1; later calls on the cache take no padding
-        end = min(max(begin + step, max(starts) + 1 if begin == 0 else 0), width - 1)
+    begin, last = 0, None
+    while begin < width:
+        end = min(max(begin + step, max(starts) + 1 if begin == 0 else 0), width)
         attention_mask = mask[:, :end].to(device) if begin == 0 and batch > 1 else None
         logits = model(ids[:, begin:end], attention_mask=attention_mask, cache=cache)
-        wanted = [(i, j) for i in range(batch) for j in range(max(begin, starts[i]), end)]
+        # logits at column j predict the token at j + 1
+        wanted = [(i, j) for i in range(batch) for j in range(max(begin, starts[i]), min(end, width - 1))]
         if wanted:
             row_index = torch.tensor([i for i, _ in wanted], device=device)
             col_index = torch.tensor([j for _, j in wanted], device=device)
@@ -309,8 +318,8 @@ def _score_batch(
             )
             for (i, _), entry in zip(wanted, picked, strict=True):
                 results[i].append(entry)
-        begin = end
-    return results
+        begin, last = end, logits[:, -1]
+    return cache, results, last
 
 
 def find_stop(text: str, stop_strings: Sequence[str]) -> int | None:
@@ -354,13 +363,15 @@ class RowSettings:
     end it (cut from the text) and its random stream (None: torch's global one). Rows that share one
     RowSettings object are sampled together, one draw from its generator, as `generate` samples a
     batch. With `logprobs` (a number of top alternatives, 0 or more) each RowStep carries its
-    token's TokenLogprob."""
+    token's TokenLogprob; with `prompt_logprobs`, the row's first RowStep carries the prompt's,
+    computed in the prefill's own forward pass."""
 
     config: GenerationConfig
     stops: list[list[int]]
     stop_strings: list[str] = field(default_factory=list)
     generator: torch.Generator | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         self.stop_ids = {s[0] for s in self.stops if len(s) == 1}
@@ -376,11 +387,13 @@ class RowSettings:
         stop_strings: Sequence[str] = (),
         seed: int | None = None,
         logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
     ) -> RowSettings:
         """Settings from a validated config: its end-of-text ids and `stop_words_ids`, plus `stop`;
         a generator on `device` seeded with `seed`, if given."""
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        return cls(config, config.stop_sequences(stop), list(stop_strings), generator, logprobs)
+        stops = config.stop_sequences(stop)
+        return cls(config, stops, list(stop_strings), generator, logprobs, prompt_logprobs)
 
     @property
     def argmax_only(self) -> bool:
@@ -404,6 +417,7 @@ class RowStep:
     finish_reason: str | None = None
     error: Exception | None = None
     logprob: TokenLogprob | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # first step only, when asked for
 
 
 @dataclass
@@ -553,10 +567,19 @@ class BatchDecoder:
             self.graph = None  # captured on the old tensors (and its memory pool goes first)
             self.cache.resize(*shape)
         device = self.model.device
-        ids, mask = left_pad(prompts, self.pad_id)
-        prefilled = KVCache(self.model.config, len(rows), ids.shape[1], device, self.model.dtype)
-        attention_mask = mask.to(device) if len(rows) > 1 else None
-        logits = self.model(ids.to(device), attention_mask=attention_mask, cache=prefilled, last_only=True)
+        top = max((s.prompt_logprobs for s in settings if s.prompt_logprobs is not None), default=None)
+        scored = None
+        if top is None:
+            ids, mask = left_pad(prompts, self.pad_id)
+            prefilled = KVCache(self.model.config, len(rows), ids.shape[1], device, self.model.dtype)
+            attention_mask = mask.to(device) if len(rows) > 1 else None
+            logits = self.model(
+                ids.to(device), attention_mask=attention_mask, cache=prefilled, last_only=True
+            )
+            logits = logits[:, -1]
+        else:  # the prompts' own log-probabilities come from the same pass (chunked: see prompt_pass)
+            vocab = self.tokenizer.vocab_size if self.tokenizer is not None else None
+            prefilled, scored, logits = prompt_pass(self.model, prompts, top, vocab, pad_id=self.pad_id)
         self.cache.insert(rows, prefilled)
         for row, prompt, s in zip(rows, prompts, settings, strict=True):
             text = StreamDecoder(self.tokenizer, skip_special_tokens=True) if self.tokenizer else None
@@ -569,7 +592,13 @@ class BatchDecoder:
                     self.seen = torch.zeros(shape, dtype=torch.bool, device=device)
                 self.seen[row] = False
                 self.seen[row, torch.tensor(list(prompt), device=device)] = True
-        return self._advance(rows, logits[:, -1].float())
+        steps = self._advance(rows, logits.float())
+        for k, (step, s) in enumerate(zip(steps, settings, strict=True)):
+            if scored is not None and s.prompt_logprobs is not None:
+                step.prompt_logprobs = [
+                    e and dataclasses.replace(e, top=e.top[: s.prompt_logprobs]) for e in scored[k]
+                ]
+        return steps
 
     @torch.inference_mode()
     def decode(self) -> list[RowStep]:

@@ -21,6 +21,7 @@ need `Authorization: Bearer KEY`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import importlib.util
 import json
@@ -854,6 +855,8 @@ def create_app(
                     _check_scoring(engine, prompt)
                     continue
                 choices = [(prompt, _params(body, max_tokens, [], [], i)) for i in range(body.n)]
+                if body.echo and body.logprobs is not None:  # scored in the prefill's own pass
+                    choices = [(p, dataclasses.replace(s, prompt_logprobs=body.logprobs)) for p, s in choices]
                 _check(engine, prompt, choices[0][1])  # the choices differ only in their seeds
                 jobs += choices
             return prompts, jobs, [tokenizer.decode(p) if body.echo else "" for p in prompts]
@@ -861,8 +864,8 @@ def create_app(
         prompts, jobs, echoes = await run_in_threadpool(prepare)
         reply_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         prompt_tokens = sum(len(p) for p in prompts)
-        scored: list = [None] * len(prompts)  # each prompt's TokenLogprobs, when echoed with logprobs
-        if body.echo and body.logprobs is not None:
+        scored: list = [None] * len(prompts)  # each prompt's TokenLogprobs, when only scored
+        if scoring_only and body.logprobs is not None:
             try:
                 scored = await engine.ascore(prompts, body.logprobs)
             except GenerationFailed as e:
@@ -871,12 +874,12 @@ def create_app(
         builders = [CompletionLogprobs(tokenizer) if body.logprobs is not None else None
                     for _ in range(choices_count)]  # fmt: skip
 
-        def prompt_logprobs(index: int) -> dict | None:
+        def prompt_logprobs(index: int, entries: list | None) -> dict | None:
             """The logprobs of choice `index`'s echoed prompt (empty lists without echo)."""
             builder, k = builders[index], index // body.n
             if builder is None:
                 return None
-            return builder.prompt(prompts[k], scored[k], echoes[k]) if body.echo else builder.part([])
+            return builder.prompt(prompts[k], entries, echoes[k]) if body.echo else builder.part([])
 
         if not body.stream:
             if scoring_only:
@@ -887,7 +890,7 @@ def create_app(
                 results = await _all_unless_disconnected(request, jobs, engine)
             choices = []
             for i, r in enumerate(results):
-                logprobs = prompt_logprobs(i)
+                logprobs = prompt_logprobs(i, r.prompt_logprobs or scored[i // body.n])
                 if logprobs is not None:
                     _extend(logprobs, builders[i].part(r.logprobs))
                 choices.append({"index": i, "text": echoes[i // body.n] + r.text, "finish_reason": r.finish_reason,
@@ -906,14 +909,16 @@ def create_app(
             return {"data": json.dumps(data, ensure_ascii=False)}
 
         async def events():
-            if body.echo:
+            if scoring_only:
                 for i in range(choices_count):
-                    yield chunk(
-                        i, echoes[i // body.n], "length" if scoring_only else None, prompt_logprobs(i)
-                    )
+                    yield chunk(i, echoes[i // body.n], "length", prompt_logprobs(i, scored[i // body.n]))
+            echoed = [not body.echo] * choices_count  # a choice's echo comes with its first piece
             completion_tokens = 0
             try:
                 async for i, piece in _merged(engine, jobs):
+                    if not echoed[i]:
+                        echoed[i] = True
+                        yield chunk(i, echoes[i // body.n], None, prompt_logprobs(i, piece.prompt_logprobs))
                     if piece.finish_reason is not None:
                         completion_tokens += piece.completion_tokens
                     if piece.text or piece.finish_reason:

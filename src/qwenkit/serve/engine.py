@@ -77,7 +77,8 @@ class SamplingParams:
 
     temperature 0 means greedy. `stop_token_ids` end generation (not shown) in addition to the
     model's end-of-text ids; `stop` strings end it too and are cut from the text. With `logprobs`
-    (0 or more top alternatives) every chunk carries its tokens' TokenLogprobs."""
+    (0 or more top alternatives) every chunk carries its tokens' TokenLogprobs; with
+    `prompt_logprobs` the first chunk carries the prompt's (from the prefill's own forward pass)."""
 
     max_tokens: int | None = None
     temperature: float | None = None
@@ -88,18 +89,21 @@ class SamplingParams:
     stop: Sequence[str] = ()
     stop_token_ids: Sequence[int] = ()
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
 
 @dataclass
 class Chunk:
     """A piece of a request's output; the last one carries `finish_reason` ("stop" or "length").
-    `logprobs`: those of the tokens generated since the previous chunk (when asked for)."""
+    `logprobs`: those of the tokens generated since the previous chunk (when asked for);
+    `prompt_logprobs`: the prompt's, on the first chunk (when asked for; the first token's is None)."""
 
     text: str
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -109,6 +113,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -121,6 +126,7 @@ class _Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     row: int = -1
     logprobs: list[TokenLogprob] = field(default_factory=list)  # not delivered yet
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # not delivered yet
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -273,11 +279,12 @@ class Engine:
             raise QwenkitError(self._too_big(len(prompt), max_tokens))
         if any(not s for s in params.stop):
             raise QwenkitError("stop strings must not be empty")
-        if params.logprobs is not None and params.logprobs < 0:
+        if any(n is not None and n < 0 for n in (params.logprobs, params.prompt_logprobs)):
             raise QwenkitError("logprobs must be >= 0")
         config.max_new_tokens = max_tokens
         stop = [[int(i)] for i in params.stop_token_ids]
-        return RowSettings.create(config, self.model.device, stop, params.stop, params.seed, params.logprobs)
+        return RowSettings.create(config, self.model.device, stop, params.stop, params.seed, params.logprobs,
+                                  params.prompt_logprobs)  # fmt: skip
 
     def kv_report(self) -> dict:
         """The KV-cache budget and what it holds (for /health and the start-up line)."""
@@ -515,10 +522,12 @@ class Engine:
                     self._end(step.row)
                 if step.logprob is not None:
                     request.logprobs.append(step.logprob)
+                if step.prompt_logprobs is not None:
+                    request.prompt_logprobs = step.prompt_logprobs
                 if step.text or step.finish_reason is not None:
                     chunk = Chunk(step.text, step.finish_reason, len(request.prompt), step.generated,
-                                  request.logprobs)  # fmt: skip
-                    request.logprobs = []
+                                  request.logprobs, request.prompt_logprobs)  # fmt: skip
+                    request.logprobs, request.prompt_logprobs = [], None
                     request.deliver(chunk)
             except Exception as e:
                 self._end(step.row)
@@ -566,9 +575,11 @@ def _failure(error: Exception) -> GenerationFailed:
 
 
 def _collect(chunks) -> Completion:
-    text, last, logprobs = "", None, []
+    text, last, logprobs, prompt_logprobs = "", None, [], None
     for chunk in chunks:
         text += chunk.text
         logprobs += chunk.logprobs
+        prompt_logprobs = prompt_logprobs or chunk.prompt_logprobs
         last = chunk
-    return Completion(text, last.finish_reason, last.prompt_tokens, last.completion_tokens, logprobs)
+    return Completion(text, last.finish_reason, last.prompt_tokens, last.completion_tokens, logprobs,
+                      prompt_logprobs)  # fmt: skip
