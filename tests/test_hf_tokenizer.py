@@ -463,6 +463,34 @@ def test_alternative_merges_are_accepted(tmp_path):
         assert loaded.encode(text) == tok.encode(text)
 
 
+def test_normalized_added_tokens_match_after_nfc(tmp_path):
+    """Tokens added with `normalized=True` (transformers' add_tokens default) are found in the NFC text,
+    the others in the raw text, as `tokenizers` does; written back with the same flags."""
+    write_hf_tokenizer(Tokenizer(tiny_ranks()), tmp_path)
+    hf = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    hf.add_tokens(
+        [tokenizers.AddedToken("<x>", normalized=True), tokenizers.AddedToken("e\u0301!", normalized=True)]
+    )
+    hf.add_tokens([tokenizers.AddedToken("<y>", normalized=False)])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())  # transformers 5 reads this table
+    for token_id, content, normalized in [(475, "<x>", True), (476, "e\u0301!", True), (477, "<y>", False)]:
+        config["added_tokens_decoder"][str(token_id)] = {
+            "content": content,
+            "normalized": normalized,
+            "special": False,
+        }
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = Tokenizer.from_file(tmp_path / "tokenizer.json")
+    assert tok.normalized_tokens == {"<x>", "e\u0301!"} and "<y>" not in tok.control_tokens
+    auto = AutoTokenizer.from_pretrained(tmp_path)
+    texts = ["a<x>b<y>", "<x>\u0338 <y>\u0338", "e\u0301! \u00e9!", "<y>e\u0301!<x>", "<|im_end|>\u0338"]
+    assert tok.encode_batch(texts, allowed_special="all") == auto(texts)["input_ids"]
+    assert tok.encode("<x>\u0338", allowed_special="all") == tok.encode("<x\u226f")  # NFC ate the '>'
+    write_hf_tokenizer(tok, tmp_path / "again")
+    assert Tokenizer.from_file(tmp_path / "again").normalized_tokens == tok.normalized_tokens
+
+
 def _mutate(path, change):
     data = json.loads(path.read_text())
     change(data)

@@ -105,7 +105,8 @@ def build_hf_tokenizer(tokenizer: Tokenizer, ranks: dict[bytes, int] | None = No
     control = tokenizer.control_tokens
     for name, token_id in sorted(tokenizer.special_tokens.items(), key=lambda item: item[1]):
         # One at a time, in id order: added tokens take the ids after the vocabulary.
-        hf.add_tokens([AddedToken(name, special=name in control, normalized=False)])
+        normalized = name in tokenizer.normalized_tokens
+        hf.add_tokens([AddedToken(name, special=name in control, normalized=normalized)])
         if hf.token_to_id(name) != token_id:
             raise QwenkitError(f"added token {name} got id {hf.token_to_id(name)}, expected {token_id}")
     return hf
@@ -156,7 +157,7 @@ def write_hf_tokenizer(
                 "content": name,
                 "lstrip": False,
                 "rstrip": False,
-                "normalized": False,
+                "normalized": name in tokenizer.normalized_tokens,
                 "single_word": False,
                 "special": name in tokenizer.control_tokens,
             }
@@ -338,7 +339,7 @@ def check_merges(vocab: dict[str, int], merges: list[tuple[str, str]], file: Pat
 
 def _read_added_tokens(data: dict, config: dict, n_bpe: int, file: Path, config_file: Path):
     """Added tokens of tokenizer.json (plus any only in tokenizer_config.json's added_tokens_decoder,
-    which transformers adds too) -> (names in id order, names flagged special)."""
+    which transformers adds too) -> (names in id order, names flagged special, names flagged normalized)."""
     table: dict[int, tuple[str, bool]] = {}
     entries = data.get("added_tokens") or []
     if not isinstance(entries, list):
@@ -353,7 +354,7 @@ def _read_added_tokens(data: dict, config: dict, n_bpe: int, file: Path, config_
         for flag in ("lstrip", "rstrip", "single_word"):
             if entry.get(flag, False):
                 raise QwenkitError(f"{file}: {field}.{flag} true is not supported ({content!r})")
-        table[token_id] = (content, bool(entry.get("special", False)))
+        table[token_id] = (content, bool(entry.get("special", False)), bool(entry.get("normalized", False)))
     decoder = config.get("added_tokens_decoder") or {}
     if not isinstance(decoder, dict):
         raise QwenkitError(f"{config_file}: added_tokens_decoder must be an object")
@@ -363,7 +364,8 @@ def _read_added_tokens(data: dict, config: dict, n_bpe: int, file: Path, config_
             raise QwenkitError(
                 f"{config_file}: added_tokens_decoder[{key!r}] needs a numeric key and a content"
             )
-        known = table.setdefault(int(key), (content, bool(entry.get("special", False))))
+        flags = (bool(entry.get("special", False)), bool(entry.get("normalized", False)))
+        known = table.setdefault(int(key), (content, *flags))
         if known[0] != content:
             raise QwenkitError(
                 f"{config_file}: added_tokens_decoder[{key!r}] is {content!r} but {file.name} has {known[0]!r}"
@@ -378,7 +380,8 @@ def _read_added_tokens(data: dict, config: dict, n_bpe: int, file: Path, config_
     names = [table[i][0] for i in ids]
     if len(set(names)) != len(names):
         raise QwenkitError(f"{file}: added_tokens: a token appears twice")
-    return names, {name for name, special in table.values() if special}
+    control = {name for name, special, _ in table.values() if special}
+    return names, control, {name for name, _, normalized in table.values() if normalized}
 
 
 _CHECKED_MERGES: set[tuple[str, int, int]] = set()
@@ -419,7 +422,7 @@ def read_hf_tokenizer(file: str | Path) -> Tokenizer:
     _expect(
         post.get("type") if isinstance(post, dict) else post, ("ByteLevel", None), "post_processor.type", file
     )
-    names, control = _read_added_tokens(data, config, len(ranks), file, config_file)
+    names, control, normalized = _read_added_tokens(data, config, len(ranks), file, config_file)
     for required in (ENDOFTEXT, IM_START, IM_END):
         if required not in names:
             raise QwenkitError(f"{file}: added_tokens lacks {required}, which Qwen's chat format needs")
@@ -435,6 +438,7 @@ def read_hf_tokenizer(file: str | Path) -> Tokenizer:
         special_tokens=names,
         path=file,
         control_tokens=frozenset(control),
+        normalized_tokens=frozenset(normalized),
         pat_str=pat_str,
         nfc=nfc,
         kind="tokenizer.json",

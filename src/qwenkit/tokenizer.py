@@ -78,7 +78,8 @@ class Tokenizer:
     """Encode text to Qwen token ids and back; added tokens take the ids after the last BPE rank.
 
     `special_tokens` lists the added tokens in id order; `control_tokens` names those flagged special
-    (default: all of them, as in `qwen.tiktoken` vocabularies). `pat_str` is the pre-tokenizer regex,
+    (default: all of them, as in `qwen.tiktoken` vocabularies); `normalized_tokens` those matched in
+    the normalized text rather than the raw text (`tokenizers`' flag). `pat_str` is the pre-tokenizer regex,
     `nfc` whether text is NFC-normalized first. `kind`, `chat_template` and the eos/bos/pad token names
     describe where the tokenizer came from (`tokenizer.json` checkpoints carry their own).
     """
@@ -90,6 +91,7 @@ class Tokenizer:
         path: Path | None = None,
         *,
         control_tokens: AbstractSet[str] | None = None,
+        normalized_tokens: AbstractSet[str] = frozenset(),
         pat_str: str = PAT_STR,
         nfc: bool = True,
         kind: Literal["qwen.tiktoken", "tokenizer.json"] = "qwen.tiktoken",
@@ -124,6 +126,7 @@ class Tokenizer:
         self._special_tokens = {name: n_bpe + i for i, name in enumerate(special_tokens)}
         self._control_tokens = control
         self._control_ids = frozenset(self._special_tokens[name] for name in control)
+        self._normalized_tokens = frozenset(normalized_tokens) & set(special_tokens)
         self._all_names = frozenset(special_tokens)
         self._pat_str = pat_str
         self._nfc = nfc
@@ -201,6 +204,11 @@ class Tokenizer:
     def control_tokens(self) -> frozenset[str]:
         """The added tokens flagged special (control tokens); all of them for `qwen.tiktoken`."""
         return self._control_tokens
+
+    @property
+    def normalized_tokens(self) -> frozenset[str]:
+        """The added tokens matched after normalization (none for `qwen.tiktoken` and Qwen2.5)."""
+        return self._normalized_tokens
 
     @property
     def pat_str(self) -> str:
@@ -285,21 +293,38 @@ class Tokenizer:
                         f"text contains the added token {found.group()!r}, which is disallowed here "
                         "(list it in allowed_special, or leave it out of disallowed_special)"
                     )
-        # Added tokens are matched in the raw text, then each plain piece is normalized and run
-        # through BPE on its own (as `tokenizers` does with its non-normalized added tokens).
-        split = _splitter(allowed).split if allowed else None
-        pieces = [split(text) if split else [text] for text in texts]
-        plain = [self._normalize(p) for parts in pieces for p in parts[::2]]
+        # As `tokenizers` does: added tokens are found in the raw text, then each plain piece is
+        # normalized, the added tokens flagged `normalized` are found in it, and the rest goes to BPE.
+        raw = allowed - self._normalized_tokens
+        split_raw = _splitter(raw).split if raw else None
+        in_normalized = {
+            self._normalize(n): self._special_tokens[n] for n in allowed & self._normalized_tokens
+        }
+        split_normalized = _splitter(frozenset(in_normalized)).split if in_normalized else None
+        items: list[list[str | int]] = []  # per text: plain (normalized) strings and added-token ids
+        for text in texts:
+            row: list[str | int] = []
+            for k, part in enumerate(split_raw(text) if split_raw else [text]):
+                if k % 2:
+                    row.append(self._special_tokens[part])
+                    continue
+                part = self._normalize(part)
+                for j, piece in enumerate(split_normalized(part) if split_normalized else [part]):
+                    row.append(in_normalized[piece] if j % 2 else piece)
+            items.append(row)
+        plain = [item for row in items for item in row if isinstance(item, str)]
         if num_threads > 1 and len(plain) > 1:
             encoded = iter(self._enc.encode_ordinary_batch(plain, num_threads=num_threads))
         else:
             encoded = iter([self._enc.encode_ordinary(p) for p in plain])
         result = []
-        for parts in pieces:
-            ids = list(next(encoded))
-            for i in range(1, len(parts), 2):
-                ids.append(self._special_tokens[parts[i]])
-                ids.extend(next(encoded))
+        for row in items:
+            ids: list[int] = []
+            for item in row:
+                if isinstance(item, str):
+                    ids.extend(next(encoded))
+                else:
+                    ids.append(item)
             result.append(ids)
         return result
 
