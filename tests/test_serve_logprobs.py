@@ -183,3 +183,24 @@ def test_engine_scores_between_decoding_steps_of_running_requests(model, tokeniz
             engine.score([[1] * 2000])
     finally:
         engine.close()
+
+
+def test_engine_scores_within_its_kv_budget(model, tokenizer):
+    """Scoring batches hold their own KV cache: they stay within the budget (one prompt at a time
+    here), and a prompt whose cache could never fit is refused at once."""
+    from qwenkit.generation import score_prompts
+    from qwenkit.serve.engine import Engine
+
+    probe = Engine(model, tokenizer, max_batch=1)
+    per_prompt = probe.decoder.kv_bytes(1, 40)
+    probe.close()
+    engine = Engine(model, tokenizer, max_batch=2, kv_memory_bytes=per_prompt + per_prompt // 2)
+    try:
+        prompts = [random_prompt(30 + i, 20 + i) for i in range(4)]
+        scored = engine.score(prompts)
+        for got, expected in zip(scored, score_prompts(model, prompts), strict=True):
+            assert [e.logprob for e in got[1:]] == pytest.approx([e.logprob for e in expected[1:]], abs=1e-5)
+        with pytest.raises(Exception, match="KV memory budget"):
+            engine.score([random_prompt(80, 1)])
+    finally:
+        engine.close()

@@ -372,6 +372,9 @@ class Engine:
             raise QwenkitError("there are no prompts to score")
         for prompt in rows:
             check_prompt(prompt, self.model.config.vocab_size, self.max_seq_len, owner="this server's")
+            if self.kv_budget is not None and self.decoder.kv_bytes(1, len(prompt)) > self.kv_budget:
+                raise QwenkitError(f"a prompt of {len(prompt)} tokens needs more KV cache than this "
+                                   f"server's KV memory budget of {self.kv_budget / 2**20:.1f} MiB")  # fmt: skip
         if top < 0:
             raise QwenkitError("the number of top log-probabilities must be >= 0")
         job = _Scoring(rows, top, deliver)
@@ -459,15 +462,30 @@ class Engine:
 
     def _score(self) -> None:
         """Score the next batch of the first scoring request: as many of its prompts (shortest
-        first) as fit in `prefill_tokens` padded tokens, or one. A failure ends that request alone."""
+        first) as fit in `prefill_tokens` padded tokens, or one, and whose own KV cache fits in the
+        budget beside the running rows' (else it waits for them). A failure ends that request alone."""
         self.scoring = [job for job in self.scoring if not job.cancelled.is_set()]
         if not self.scoring:
             return
         job = self.scoring[0]
         pending = job.order[len(job.results) :]
+        cache = self.decoder.cache
+        room = (
+            None
+            if self.kv_budget is None
+            else self.kv_budget - self.decoder.kv_bytes(cache.batch_size, cache.max_length)
+        )
+
+        def fits(rows: int, longest: int) -> bool:
+            return room is None or self.decoder.kv_bytes(rows, longest) <= room
+
+        if not fits(1, len(job.prompts[pending[0]])):
+            return
         batch = pending[:1]
         for i in pending[1:]:
-            if len(job.prompts[i]) * (len(batch) + 1) > self.prefill_tokens:
+            if len(job.prompts[i]) * (len(batch) + 1) > self.prefill_tokens or not fits(
+                len(batch) + 1, len(job.prompts[i])
+            ):
                 break
             batch.append(i)
         try:
