@@ -16,7 +16,6 @@ package, when installed) in the original Qwen layout.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import platform
 import sys
 import tempfile
@@ -116,11 +115,11 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=32, help="greedy tokens to compare")
     args = parser.parse_args()
     try:
-        version = importlib.metadata.version("llama_cpp_python")
-        import llama_cpp  # noqa: F401
-    except (ImportError, importlib.metadata.PackageNotFoundError):
+        import llama_cpp
+    except ImportError:
         print("llama-cpp-python is not installed: pip install llama-cpp-python (compiles llama.cpp)")
         return 2
+    version = llama_cpp.__version__
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         models = args.model or [
