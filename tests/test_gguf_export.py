@@ -1,6 +1,7 @@
 """GGUF export: read back with the gguf package's own reader (metadata, tensors, tokenizer round trip)."""
 
 import json
+import shutil
 
 import gguf
 import numpy as np
@@ -228,6 +229,14 @@ def test_bad_requests_are_named(tmp_path, trained_checkpoint, small_checkpoint):
         export_gguf(small_checkpoint, tmp_path / "m.gguf", "f16")
     with pytest.raises(QwenkitError, match="checkpoint not found"):
         export_gguf(tmp_path / "nope", tmp_path / "m.gguf", "f16")
+    windowed = tmp_path / "windowed"
+    shutil.copytree(trained_checkpoint, windowed)
+    config = json.loads((windowed / "config.json").read_text())
+    config["qwenkit"].update(use_window_attn=True, window_sizes=[64])
+    (windowed / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QwenkitError, match=r"windows shorter than its training length \(64 < 256\)"):
+        export_gguf(windowed, tmp_path / "m.gguf", "f16")
+    shutil.rmtree(windowed)
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing half-written left behind
 
 

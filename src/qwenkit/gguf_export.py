@@ -53,6 +53,12 @@ def export_gguf(
         raise QwenkitError(f"unknown GGUF type {type!r}; choose one of: {', '.join(GGUF_TYPES)}")
     stored = read_config_json(path).get("torch_dtype")
     model, tokenizer = load(path, dtype=stored if stored in DTYPES else "float32")
+    c = model.config
+    if c.use_window_attn and min(c.layer_window_sizes()) < c.max_position_embeddings:
+        raise QwenkitError(
+            "this model attends through windows shorter than its training length "
+            f"({min(c.layer_window_sizes())} < {c.max_position_embeddings}), which llama.cpp cannot run"
+        )
     file_type, matrix_type = GGUF_TYPES[type]
     target = Path(out)
     if target.is_dir():
