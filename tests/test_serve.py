@@ -430,7 +430,11 @@ BAD_REQUESTS = [
     ("chat", {"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p"),
     ("chat", {"messages": [{"role": "user", "content": "hi"}], "stop": [""]}, "stop"),
     ("chat", {"messages": [{"role": "user", "content": "hi"}], "seed": -1}, "seed"),
-    ("chat", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    (
+        "chat",
+        {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
+        "top_logprobs",
+    ),
     ("chat", {"messages": [{"role": "tool", "content": "5"}]}, "tool result"),
     ("chat", {"messages": [{"role": "assistant", "content": "hi"}]}, "last message"),
     (
