@@ -98,6 +98,15 @@ def test_scoring_only_many_prompts_queue_and_equal_the_models(server, model):
             torch.tensor(choice["logprobs"]["token_logprobs"][1:]), expected, atol=1e-4, rtol=0
         )
         assert all(len(top) in (1, 2) for top in choice["logprobs"]["top_logprobs"][1:])
+    full = random_prompt(1024, 99)  # the whole context window: scored in chunks of positions
+    out = httpx.post(f"{server.url}/v1/completions", timeout=120, json={
+        "model": "tiny", "prompt": full, "echo": True, "max_tokens": 0, "logprobs": 0,
+    }).json()  # fmt: skip
+    with torch.no_grad():
+        last = torch.log_softmax(model(torch.tensor([full[:-1]]), last_only=True)[0, -1].float(), dim=-1)
+    assert out["choices"][0]["logprobs"]["token_logprobs"][-1] == pytest.approx(
+        float(last[full[-1]]), abs=1e-4
+    )
 
 
 def test_streamed_logprobs_equal_whole_and_chat_logprobs(server, model, tokenizer):
