@@ -220,6 +220,15 @@ def test_tied_head_has_no_output_tensor(tmp_path, trained_checkpoint):
     assert "output.weight" not in tensors and "token_embd.weight" in tensors
 
 
+def test_bfloat16_checkpoint_keeps_its_values(tmp_path, trained_checkpoint):
+    """Loaded in its own dtype (not float32: half the memory), every bfloat16 value written exactly."""
+    model, tokenizer = qwenkit.load(trained_checkpoint)
+    qwenkit.save(model, tokenizer, tmp_path / "bf16", dtype="bfloat16")
+    _, tensors = read(export_gguf(tmp_path / "bf16", tmp_path / "m.gguf", "f32"))
+    expected = model.model.layers[0].mlp.up_proj.weight.detach().bfloat16().float().numpy()
+    np.testing.assert_array_equal(as_float(tensors["blk.0.ffn_up.weight"]), expected)
+
+
 def test_bad_requests_are_named(tmp_path, trained_checkpoint, small_checkpoint):
     with pytest.raises(QwenkitError, match="unknown GGUF type 'q4_k'"):
         export_gguf(trained_checkpoint, tmp_path / "m.gguf", "q4_k")

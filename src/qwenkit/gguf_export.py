@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from qwenkit.chatml import CHAT_TEMPLATE
-from qwenkit.checkpoint import DTYPES, load, read_config_json
+from qwenkit.checkpoint import DTYPES, load, read_config_json, tensor_shapes, weight_files
 from qwenkit.errors import QwenkitError
 from qwenkit.hf_tokenizer import bytes_to_unicode, tokenizer_json
 from qwenkit.model import Qwen
@@ -51,8 +51,11 @@ def export_gguf(
     """
     if type not in GGUF_TYPES:
         raise QwenkitError(f"unknown GGUF type {type!r}; choose one of: {', '.join(GGUF_TYPES)}")
-    stored = read_config_json(path).get("torch_dtype")
-    model, tokenizer = load(path, dtype=stored if stored in DTYPES else "float32")
+    read_config_json(path)  # a clear error for a path that is not a checkpoint
+    # Load in the weights' own float dtype (every conversion to the file's types is then exact) rather
+    # than float32, which would double a bfloat16 model's memory.
+    floats = {dtype for _, dtype in tensor_shapes(weight_files(Path(path))).values() if dtype in DTYPES}
+    model, tokenizer = load(path, dtype=floats.pop() if len(floats) == 1 else "float32")
     c = model.config
     if c.use_window_attn and min(c.layer_window_sizes()) < c.max_position_embeddings:
         raise QwenkitError(
