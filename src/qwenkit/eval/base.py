@@ -37,7 +37,8 @@ class EvalSettings:
     batch_size: int = 16  # prompts per forward pass / decoding batch
     chat: bool = False  # the chat variant of the task (zero-shot ChatML prompts)
     max_new_tokens: int | None = None
-    samples: int = 1  # completions per problem (pass@k needs k <= samples)
+    n_samples: int = 1  # completions per problem (pass@k needs k <= n_samples)
+    completions: Path | None = None  # given completions to score instead of a model (humaneval --samples)
     temperature: float = 0.0  # 0: greedy
     seed: int = 0
     progress: bool = True  # show progress bars
