@@ -1,7 +1,9 @@
 """GGUF export: read back with the gguf package's own reader (metadata, tensors, tokenizer round trip)."""
 
 import json
+import os
 import shutil
+import stat
 
 import gguf
 import numpy as np
@@ -216,7 +218,13 @@ def test_tied_head_has_no_output_tensor(tmp_path, trained_checkpoint):
     _, tokenizer = qwenkit.load(trained_checkpoint)
     model = make_tiny_model(vocab_size=576, num_hidden_layers=1, tie_word_embeddings=True)
     qwenkit.save(model, tokenizer, tmp_path / "tied")
-    _, tensors = read(export_gguf(tmp_path / "tied", tmp_path / "m.gguf", "f32"))
+    before = os.umask(0o022)
+    try:
+        out = export_gguf(tmp_path / "tied", tmp_path / "m.gguf", "f32")
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644  # readable like any written file, not mkstemp's 0o600
+    _, tensors = read(out)
     assert "output.weight" not in tensors and "token_embd.weight" in tensors
 
 
