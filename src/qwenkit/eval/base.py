@@ -42,6 +42,9 @@ class EvalSettings:
     temperature: float = 0.0  # 0: greedy
     seed: int = 0
     progress: bool = True  # show progress bars
+    timeout: float = 10.0  # seconds each generated program may run (humaneval, mbpp)
+    workers: int = 2  # generated programs run at the same time, each in its own sandbox
+    unsafe: bool = False  # run generated code without bubblewrap when it is missing (never on a shared host)
 
 
 @dataclass
