@@ -42,6 +42,7 @@ class EvalSettings:
     temperature: float = 0.0  # 0: greedy
     seed: int = 0
     progress: bool = True  # show progress bars
+    lengths: tuple[int, ...] | None = None  # long-ppl: the window lengths to measure at
     timeout: float = 10.0  # seconds each generated program may run (humaneval, mbpp)
     workers: int = 2  # generated programs run at the same time, each in its own sandbox
     unsafe: bool = False  # run generated code without bubblewrap when it is missing (never on a shared host)
