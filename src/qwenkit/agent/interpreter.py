@@ -45,7 +45,7 @@ import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,6 +136,58 @@ def _python_roots() -> list[Path]:
     # keep the outermost directories only; /usr is bound as a whole anyway
     return [r for r in roots if not any(o != r and o in r.parents for o in roots) and r != Path("/usr")
             and Path("/usr") not in r.parents]  # fmt: skip
+
+
+def bwrap_command(
+    bwrap: str,
+    uid: int | None,
+    seccomp_fd: int | None,
+    work_dir: Path,
+    disk_mb: int,
+    shm_mb: int,
+    binds: Sequence[Path] = (),
+) -> list[str]:
+    """The bubblewrap command line of qwenkit's sandbox, up to (not including) the program it runs:
+    read-only system and Python, a private `disk_mb` tmpfs at /tmp holding `work_dir` (the working
+    directory), no network; `binds` are host directories bound writable. Run by root, `uid` is the
+    unprivileged uid setpriv switches to (no user namespace); else None (a user namespace)."""
+    command = [bwrap, "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+    if uid is None:  # not root: bubblewrap's own user namespace, with no nested ones
+        command += ["--unshare-all", "--unshare-user", "--disable-userns"]
+    else:  # root: no user namespace (one would map the kernel to the host's root); setpriv drops root
+        command += ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
+                    "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP"]  # fmt: skip
+    if seccomp_fd is not None:
+        command += ["--seccomp", str(seccomp_fd)]
+    command += ["--ro-bind", "/usr", "/usr"]
+    for name in ("bin", "sbin", "lib", "lib32", "lib64"):
+        path = Path("/") / name
+        if path.is_symlink():
+            command += ["--symlink", os.readlink(path), str(path)]
+        elif path.is_dir():
+            command += ["--ro-bind", str(path), str(path)]
+    command += _parent_dirs(Path("/etc/ld.so.cache"))
+    for name in ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "fonts", "localtime", "alternatives"):
+        if (Path("/etc") / name).exists():
+            command += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
+    if Path("/var/cache/fontconfig").is_dir():  # else every session's first figure rebuilds it (~10 s)
+        command += _parent_dirs(Path("/var/cache/fontconfig"))
+        command += ["--ro-bind", "/var/cache/fontconfig", "/var/cache/fontconfig"]
+    mb = 2**20
+    command += ["--proc", "/proc", "--remount-ro", "/proc", "--dev", "/dev",
+                "--perms", "1777", "--size", str(shm_mb * mb), "--tmpfs", "/dev/shm",
+                "--remount-ro", "/dev",
+                "--perms", "1777", "--size", str(disk_mb * mb), "--tmpfs", "/tmp",
+                "--perms", "0777", "--dir", str(work_dir)]  # fmt: skip
+    for root in _python_roots():  # after the private /tmp, which would hide a venv under /tmp
+        command += _parent_dirs(root) + ["--ro-bind", str(root), str(root)]
+    for path in binds:
+        command += _parent_dirs(path) + ["--bind", str(path), str(path)]
+    command += ["--remount-ro", "/", "--chdir", str(work_dir), "--hostname", "sandbox", "--"]
+    if uid is not None:
+        command += ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                    "--inh-caps=-all", "--bounding-set=-all", "--"]  # fmt: skip
+    return command
 
 
 class CodeInterpreter:
@@ -261,42 +313,8 @@ class CodeInterpreter:
                   "--HistoryManager.enabled=False", "--IPKernelApp.quiet=True"]  # fmt: skip
         if self.bwrap is None:
             return kernel
-        command = [self.bwrap, "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
-        if self.uid is None:  # not root: bubblewrap's own user namespace, with no nested ones
-            command += ["--unshare-all", "--unshare-user", "--disable-userns"]
-        else:  # root: no user namespace (one would map the kernel to the host's root); setpriv drops root
-            command += ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
-                        "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP"]  # fmt: skip
-        if seccomp_fd is not None:
-            command += ["--seccomp", str(seccomp_fd)]
-        command += ["--ro-bind", "/usr", "/usr"]
-        for name in ("bin", "sbin", "lib", "lib32", "lib64"):
-            path = Path("/") / name
-            if path.is_symlink():
-                command += ["--symlink", os.readlink(path), str(path)]
-            elif path.is_dir():
-                command += ["--ro-bind", str(path), str(path)]
-        command += _parent_dirs(Path("/etc/ld.so.cache"))
-        for name in ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "fonts", "localtime", "alternatives"):
-            if (Path("/etc") / name).exists():
-                command += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
-        if Path("/var/cache/fontconfig").is_dir():  # else every session's first figure rebuilds it (~10 s)
-            command += _parent_dirs(Path("/var/cache/fontconfig"))
-            command += ["--ro-bind", "/var/cache/fontconfig", "/var/cache/fontconfig"]
-        mb = 2**20
-        command += ["--proc", "/proc", "--remount-ro", "/proc", "--dev", "/dev",
-                    "--perms", "1777", "--size", str(self.shm_mb * mb), "--tmpfs", "/dev/shm",
-                    "--remount-ro", "/dev",
-                    "--perms", "1777", "--size", str(self.disk_mb * mb), "--tmpfs", "/tmp",
-                    "--perms", "0777", "--dir", str(self.work_dir)]  # fmt: skip
-        for root in _python_roots():  # after the private /tmp, which would hide a venv under /tmp
-            command += _parent_dirs(root) + ["--ro-bind", str(root), str(root)]
-        command += _parent_dirs(self.run_dir) + ["--bind", str(self.run_dir), str(self.run_dir)]
-        command += ["--remount-ro", "/", "--chdir", str(self.work_dir), "--hostname", "sandbox", "--"]
-        if self.uid is not None:
-            command += ["setpriv", f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups",
-                        "--inh-caps=-all", "--bounding-set=-all", "--"]  # fmt: skip
-        return command + kernel
+        return bwrap_command(self.bwrap, self.uid, seccomp_fd, self.work_dir, self.disk_mb, self.shm_mb,
+                             binds=[self.run_dir]) + kernel  # fmt: skip
 
     # --- kernel lifetime ------------------------------------------------------------------------------
 
