@@ -174,3 +174,22 @@ def test_server_function_calling_with_the_demo_model(shipped):
         assert streamed == second.choices[0].message.content
     finally:
         live.stop()
+
+
+def test_eval_task_demo_is_the_card_measurement(shipped):
+    """`qwenkit eval demo`: the scores of evaluate_held_out (the build's function), one prediction per
+    reply with the checks it counted in."""
+    from qwenkit.eval import TASKS, EvalSettings, LocalBackend
+
+    model, tokenizer = shipped
+    result = TASKS["demo"].run(LocalBackend(model, tokenizer), EvalSettings(limit=16, progress=False))
+    card = demo.evaluate_held_out(model, tokenizer, 16)
+    assert result.metrics == {k: v["rate"] for k, v in card["scores"].items()}
+    assert next(iter(result.metrics)) == "language"
+    assert [p.prediction for p in result.predictions] == [s["reply"] for s in card["samples"]]
+    for key, score in card["scores"].items():  # every counted check sits on one prediction
+        passed = [p.extra["checks"][key] for p in result.predictions if key in p.extra["checks"]]
+        assert len(passed) == score["n"] and sum(passed) / len(passed) == score["rate"]
+    react = [p for p in result.predictions if p.subject == "react"]
+    assert react and all(p.reference for p in react) and react[0].id.endswith("/react")
+    assert all(p.correct == all(p.extra["checks"].values()) for p in result.predictions)

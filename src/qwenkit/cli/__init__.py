@@ -13,6 +13,7 @@ on one line and exits 1.
   train.py       pretrain, sft
   demo.py        demo build|eval
   agent.py       agent
+  eval.py        eval (benchmarks, qwenkit.eval)
   common.py      what several verbs share: model options, argument types, check_destination
 """
 
@@ -24,6 +25,7 @@ import os
 import sys
 
 from qwenkit.cli import agent, chat, checkpoint, data, demo, serve, train
+from qwenkit.cli import eval as eval_verb
 from qwenkit.errors import QwenkitError
 
 __all__ = ["build_parser", "main"]
@@ -36,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'qwenkit VERB --help' for the options and examples of one verb.",
     )
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-    for family in (chat, checkpoint, serve, data, train, demo, agent):
+    for family in (chat, checkpoint, serve, data, train, demo, agent, eval_verb):
         family.add_parsers(verbs)
     return parser
 
@@ -58,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         if extra and not getattr(args, "dotted_overrides", False):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = extra
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, for records
     except SystemExit as e:  # --help, or a usage error argparse already printed
         return e.code if isinstance(e.code, int) else 2
     tolerate_unencodable_output()

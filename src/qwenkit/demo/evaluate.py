@@ -67,27 +67,34 @@ def evaluate_examples(model, tokenizer, examples: Sequence[Example], batch_size:
     results: dict[str, list[bool]] = {k: [] for k in ("language", "identity", "knowledge", "im_end",
                                                        "direct_without_tools", "direct_with_tools",
                                                        "react_action", "react_final")}  # fmt: skip
-    samples = []
+    samples = []  # each reply with the checks it was counted in ({measure: passed})
+
+    def check(checks: dict[str, bool], key: str, passed: bool) -> None:
+        results[key].append(passed)
+        checks[key] = passed
+
     for example, reply in zip(plain, replies, strict=True):
-        text = reply.text
-        results["im_end"].append(reply.ended)
+        text, checks = reply.text, {}
+        check(checks, "im_end", reply.ended)
         if example.tools:
             answer = text.split("Final Answer:", 1)[1].strip() if "Final Answer:" in text else ""
-            results["direct_with_tools"].append("\nAction:" not in "\n" + text and bool(answer))
+            check(checks, "direct_with_tools", "\nAction:" not in "\n" + text and bool(answer))
             text = answer
         else:
-            results["direct_without_tools"].append("Action:" not in text)
+            check(checks, "direct_without_tools", "Action:" not in text)
         if example.kind != "direct_math":
-            results["language"].append(in_language(text, example.chinese))
+            check(checks, "language", in_language(text, example.chinese))
         if example.kind == "identity":
-            results["identity"].append(DEMO_NAME in text)
+            check(checks, "identity", DEMO_NAME in text)
         if example.kind == "knowledge":
-            results["knowledge"].append(example.expected.lower() in text.lower())
-        samples.append({"kind": example.kind, "question": example.question, "reply": reply.text})
+            check(checks, "knowledge", example.expected.lower() in text.lower())
+        samples.append({"kind": example.kind, "question": example.question, "reply": reply.text,
+                        "expected": example.expected, "checks": checks})  # fmt: skip
     # ReAct: the first reply must call the calculator with a correct expression; then, given the real
     # Observation, the continuation must give a Final Answer containing the tool's result.
     prompts = [prompt_ids(tokenizer, e) for e in react]
     first = generate_replies(model, tokenizer, prompts, stop_strings=["Observation:"], batch_size=batch_size)
+    first_samples: dict[int, dict] = {}
     second_prompts, waiting = [], []
     for example, prompt, reply in zip(react, prompts, first, strict=True):
         call = parse_reply(reply.text)
@@ -99,19 +106,23 @@ def evaluate_examples(model, tokenizer, examples: Sequence[Example], batch_size:
             second_prompts.append(prompt + ids + tokenizer.encode(observation_text(observation)))
             waiting.append(example)
         results["react_action"].append(ok)
-        samples.append({"kind": "react", "question": example.question, "reply": reply.text})
+        samples.append({"kind": "react", "question": example.question, "reply": reply.text,
+                        "expected": example.expected, "checks": {"react_action": ok}})  # fmt: skip
+        first_samples[id(example)] = samples[-1]
     finals = generate_replies(model, tokenizer, second_prompts, batch_size=batch_size)
     final_by_id = {id(e): r for e, r in zip(waiting, finals, strict=True)}
     for example in react:
         reply = final_by_id.get(id(example))
-        if reply is None:
-            results["react_final"].append(False)
+        if reply is None:  # no calculator call, so no final answer: counted on the first reply
+            check(first_samples[id(example)]["checks"], "react_final", False)
             continue
-        results["im_end"].append(reply.ended)
+        checks = {}
+        check(checks, "im_end", reply.ended)
         answer = reply.text.split("Final Answer:", 1)[1] if "Final Answer:" in reply.text else ""
-        results["react_final"].append(example.expected in answer)
-        samples.append({"kind": "react_final", "question": example.question, "reply": reply.text})
-        results["language"].append(in_language(answer, example.chinese))
+        check(checks, "react_final", example.expected in answer)
+        samples.append({"kind": "react_final", "question": example.question, "reply": reply.text,
+                        "expected": example.expected, "checks": checks})  # fmt: skip
+        check(checks, "language", in_language(answer, example.chinese))
     scores = {k: {"rate": sum(v) / len(v), "n": len(v)} for k, v in results.items() if v}
     return {"scores": scores, "samples": samples}
 
