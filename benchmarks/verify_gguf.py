@@ -74,11 +74,16 @@ def greedy_llama(llm, prompt: list[int], n: int) -> list[int]:
 
 
 def compare(directory: Path, kind: str, tokens: int, workdir: Path) -> dict:
+    import llama_cpp
     from llama_cpp import Llama
 
     model, tokenizer = qwenkit.load(directory, dtype="float32")
     gguf_file = export_gguf(directory, workdir / f"{directory.name}-{kind}.gguf", kind)
-    llm = Llama(str(gguf_file), n_ctx=512, logits_all=True, verbose=False, n_threads=2, seed=0)
+    # An f32 KV cache (llama.cpp's default is f16), so the logits measure the exported weights alone.
+    f32 = llama_cpp.GGML_TYPE_F32
+    llm = Llama(
+        str(gguf_file), n_ctx=512, logits_all=True, verbose=False, n_threads=2, type_k=f32, type_v=f32
+    )
     plain = sum(llm.tokenize(t.encode(), add_bos=False, special=False) == tokenizer.encode(t) for t in TEXTS)
     special = sum(
         llm.tokenize(t.encode(), add_bos=False, special=True) == tokenizer.encode(t, allowed_special="all")
@@ -94,6 +99,7 @@ def compare(directory: Path, kind: str, tokens: int, workdir: Path) -> dict:
     same = next(
         (i for i, (a, b) in enumerate(zip(ours_greedy, theirs_greedy, strict=True)) if a != b), tokens
     )
+    llm.close()
     return {
         "model": directory.name,
         "type": kind,
@@ -139,7 +145,8 @@ def main() -> int:
         )
     print("\n".join(table))
     body = (
-        f"llama-cpp-python {version}, torch {torch.__version__}, {platform.machine()} CPU; qwenkit in float32. "
+        f"llama-cpp-python {version} (f32 KV cache), torch {torch.__version__}, {platform.machine()} CPU; "
+        "qwenkit in float32. "
         "Prompt logits compare every position of a ChatML prompt; greedy tokens are taken without stop tokens.\n\n"
         + "\n".join(table)
     )
