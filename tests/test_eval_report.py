@@ -22,8 +22,9 @@ def results() -> list[TaskResult]:
         {"shots": 5, "limit": None},
         seconds=1.25,
     )
+    table = {"setting@length": {"plain@1024": 9.5, "plain@2048": 30.0, "ntk@1024": 9.5, "ntk@2048": 12.5}}
     ppl = TaskResult(
-        "long-ppl", {"perplexity": 12.5}, [Prediction("doc.txt/0", 12.5, None, None)], {}, {}, 2.0
+        "long-ppl", {"perplexity": 12.5}, [Prediction("doc.txt/0", 12.5, None, None)], table, {}, 2.0
     )
     return [mmlu, ppl]
 
@@ -68,6 +69,10 @@ def test_files_and_contents(tmp_path):
     assert "| mmlu | accuracy | 0.5000 | 2 | 1.2 |" in card
     assert "| long-ppl | perplexity | 12.5000 | 1 | 2.0 |" in card
     assert "### per category" in card and "| Other | n/a |" in card and "| anatomy | 0.5000 |" in card
+    pivot = (
+        "| setting | 1024 | 2048 |\n|---|---|---|\n| plain | 9.5000 | 30.0000 |\n| ntk | 9.5000 | 12.5000 |"
+    )
+    assert pivot in card
     assert "![scores](report.png)" in card and "qwenkit eval mmlu" in card
     png = (out / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000

@@ -107,12 +107,36 @@ def report_markdown(document: dict[str, Any], chart: str | None) -> str:
         lines += ["", f"## {name}", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {_format(v)} |" for k, v in task["metrics"].items()]
         for group, scores in task["groups"].items():
-            lines += ["", f"### per {group}", "", f"| {group} | value |", "|---|---|"]
-            lines += [f"| {k} | {_format(v)} |" for k, v in scores.items()]
+            lines += ["", f"### per {group}", ""]
+            if "@" in group and all("@" in k for k in scores):  # e.g. setting@length: a row per setting
+                rows, columns = _pivot(scores)
+                lines += [
+                    f"| {group.split('@')[0]} | " + " | ".join(columns) + " |",
+                    "|---" * (len(columns) + 1) + "|",
+                ]
+                lines += [
+                    f"| {r} | " + " | ".join(_format(cells.get(c)) for c in columns) + " |"
+                    for r, cells in rows.items()
+                ]
+            else:
+                lines += [f"| {group} | value |", "|---|---|"]
+                lines += [f"| {k} | {_format(v)} |" for k, v in scores.items()]
         if task["settings"]:
             settings = ", ".join(f"{k}={v}" for k, v in task["settings"].items() if v is not None)
             lines += ["", f"Settings: {settings}"]
     return "\n".join(lines) + "\n"
+
+
+def _pivot(scores: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """{"row@column": value} as {row: {column: value}} and the columns in order of appearance."""
+    rows: dict[str, dict[str, Any]] = {}
+    columns: list[str] = []
+    for key, value in scores.items():
+        row, column = key.split("@", 1)
+        rows.setdefault(row, {})[column] = value
+        if column not in columns:
+            columns.append(column)
+    return rows, columns
 
 
 def _chart_group(groups: dict[str, dict[str, float]]) -> tuple[str, dict[str, float]] | None:
