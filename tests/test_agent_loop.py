@@ -30,6 +30,7 @@ from qwenkit.agent.loop import (
 from qwenkit.agent.react import calculator, react_instruction
 from qwenkit.chat import DEFAULT_SYSTEM, make_context, stop_words_ids
 from qwenkit.cli import main
+from qwenkit.tokenizer import Tokenizer
 
 
 class Scripted:
@@ -305,3 +306,86 @@ def test_cli_saves_figures(checkpoint, tmp_path, monkeypatch, capsys):
     figure = tmp_path / "figs" / "image-1.png"
     assert code == 0 and f"[image 1: {figure}]\nThought: done\nFinal Answer: drawn\n\nAnswer: drawn\n" in out
     assert figure.read_bytes().startswith(b"\x89PNG")
+
+
+# --- the Hermes format (chat-template checkpoints) -----------------------------------------------------
+
+
+class ScriptedTemplate:
+    """A template-style generator (`complete(messages, stop, tools)`) playing fixed replies."""
+
+    def __init__(self, *replies: str):
+        self.replies, self.prompts = list(replies), []
+
+    def __call__(self, messages, stop, tools=None):
+        self.prompts.append(([dict(m) for m in messages], tools))
+        reply = self.replies[min(len(self.prompts), len(self.replies)) - 1]
+        for i in range(0, len(reply), 4):
+            yield reply[i : i + 4]
+
+
+HERMES_CALLS = ('Two sums.\n<tool_call>\n{"name": "calculator", "arguments": {"expression": "6 * 7"}}\n</tool_call>\n'
+                '<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call>')  # fmt: skip
+
+
+def test_hermes_loop_runs_every_call_and_answers_with_tool_messages():
+    complete = ScriptedTemplate(HERMES_CALLS, "It is 42.")
+    events = list(run_agent("What is 6 times 7?", complete, [calculator], tool_format="hermes"))
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Two sums.It is 42."
+    assert [(e.name, e.arguments) for e in events if isinstance(e, ToolCalled)] == [
+        ("calculator", '{"expression": "6 * 7"}'), ("nope", "{}")]  # fmt: skip
+    results = [e.text for e in events if isinstance(e, ToolResult)]
+    assert results[0] == "42" and "no tool named 'nope'" in results[1]
+    assert events[-1].answer == "It is 42." and events[-1].reason == "final_answer"
+    assert events[-1].transcript.startswith(HERMES_CALLS) and events[-1].transcript.endswith("It is 42.")
+
+    (first, tools), (second, _) = complete.prompts
+    assert first == [{"role": "user", "content": "What is 6 times 7?"}]  # the template's own system prompt
+    assert tools == [calculator.spec()]
+    assistant, *answers = second[1:]
+    ids = [c["id"] for c in assistant["tool_calls"]]
+    assert assistant["content"] == "Two sums." and len(set(ids)) == 2
+    assert [(m["role"], m["tool_call_id"], m["content"]) for m in answers] == [
+        ("tool", ids[0], "42"), ("tool", ids[1], results[1])]  # fmt: skip
+
+
+def test_hermes_loop_step_limit_counts_calls():
+    events = list(
+        run_agent("q", ScriptedTemplate(HERMES_CALLS), [calculator], max_steps=3, tool_format="hermes")
+    )
+    assert sum(isinstance(e, ToolCalled) for e in events) == 2
+    assert events[-1].answer is None and events[-1].reason == "max_steps"
+
+
+def test_template_complete_prompts_as_transformers(qwen25_dir):
+    transformers = pytest.importorskip("transformers")
+    tokenizer = Tokenizer.from_file(qwen25_dir)
+    seen = []
+
+    def stream(ids, stop_strings, stop_ids):
+        seen.append((ids, stop_ids))
+        yield "ok"
+
+    complete = loop.template_complete(tokenizer, stream)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "6*7?"},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+                 "function": {"name": "calculator", "arguments": '{"expression": "6*7"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "42"}]  # fmt: skip
+    assert "".join(complete(messages, [], tools=[calculator.spec()])) == "ok"
+    reference = transformers.AutoTokenizer.from_pretrained(qwen25_dir)
+    hf_messages = [dict(m) for m in messages]
+    hf_messages[2] = {**messages[2], "tool_calls": [{**messages[2]["tool_calls"][0], "function": {
+        "name": "calculator", "arguments": {"expression": "6*7"}}}]}  # fmt: skip
+    want = reference.apply_chat_template(hf_messages, tools=[calculator.spec()], add_generation_prompt=True,
+                                         tokenize=True, return_dict=False)  # fmt: skip
+    assert seen[0][0] == list(want)
+    assert {tokenizer.im_end_id, tokenizer.eod_id} <= set(seen[0][1])
+
+
+def test_cli_tool_format_hermes_needs_a_template(checkpoint, capsys):
+    assert (
+        main(["agent", "--model", checkpoint, "--tools", "calculator", "--tool-format", "hermes", "2+2?"])
+        == 1
+    )
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "chat template reads tools" in err

@@ -1,5 +1,6 @@
-"""Tool use: the official ReAct prompt and parser (react), the agent loop and tool registry (loop),
-and the sandboxed code interpreter (interpreter).
+"""Tool use: the official ReAct prompt and parser (react), the Hermes tool-call reader of chat-template
+checkpoints (hermes), the agent loop and tool registry (loop), and the sandboxed code interpreter
+(interpreter).
 
     from qwenkit.agent import ToolRegistry, local_complete, run_agent
     with ToolRegistry.from_names(["calculator", "python"]) as tools:
@@ -24,6 +25,10 @@ _EXPORTS = {
     "run_agent": "qwenkit.agent.loop",
     "local_complete": "qwenkit.agent.loop",
     "chatml_complete": "qwenkit.agent.loop",
+    "template_complete": "qwenkit.agent.loop",
+    "parse_tool_calls": "qwenkit.agent.hermes",
+    "HermesOutput": "qwenkit.agent.hermes",
+    "resolve_tool_format": "qwenkit.agent.hermes",
     "react_messages": "qwenkit.agent.loop",
     "split_messages": "qwenkit.agent.loop",
     "tool_from_spec": "qwenkit.agent.loop",

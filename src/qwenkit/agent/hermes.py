@@ -24,9 +24,28 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass, field
+from typing import Literal
+
+from qwenkit.errors import QwenkitError
 
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
+ToolFormat = Literal["auto", "react", "hermes"]
+
+
+def resolve_tool_format(tokenizer, tool_format: ToolFormat = "auto") -> Literal["react", "hermes"]:
+    """How to talk tools with this checkpoint: "hermes" (its chat template, <tool_call> replies) when
+    the template reads `tools`, else the original Qwen's "react"; "auto" picks, the others force."""
+    from qwenkit.chat_template import supports_tools
+
+    if tool_format not in ("auto", "react", "hermes"):
+        raise QwenkitError(f"tool format must be auto, react or hermes, got {tool_format!r}")
+    template_tools = supports_tools(getattr(tokenizer, "chat_template", None))
+    if tool_format == "hermes" and not template_tools:
+        raise QwenkitError("tool format hermes needs a checkpoint whose chat template reads tools")
+    if tool_format == "auto":
+        return "hermes" if template_tools else "react"
+    return tool_format
 
 
 @dataclass

@@ -10,6 +10,12 @@ The generator is injected: `complete(messages, stop) -> Iterator[str]` yields te
 assistant turn that the last message (role "assistant", possibly empty) has begun, and stops
 before any of the `stop` strings. `chatml_complete` makes that callable from any generator of
 prompt ids: `local_complete(model, tokenizer)` over a qwenkit model, the server over its engine.
+
+Checkpoints with a chat template that reads tools (Qwen2.5) use the Hermes format instead
+(`tool_format="hermes"`, qwenkit.agent.hermes): the tools go to the template, each reply is a new
+assistant message whose <tool_call> blocks are run (several per reply), each result comes back as
+a tool message, until a reply calls nothing. Its generator is `template_complete` (local_complete
+with `hermes=True`): `complete(messages, stop, tools=specs)` renders with the checkpoint's template.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from qwenkit.agent.hermes import HermesOutput
 from qwenkit.agent.interpreter import PythonTool, ToolOutput
 from qwenkit.agent.react import (
     FinalAnswer,
@@ -218,20 +225,28 @@ def run_agent(
     complete: Complete,
     tools: ToolRegistry | Sequence[Tool],
     max_steps: int = 8,
-    system: str = DEFAULT_SYSTEM,
+    system: str | None = None,
     history: Sequence[Message] = (),
+    tool_format: Literal["react", "hermes"] = "react",
 ) -> Iterator[AgentEvent]:
-    """Answer `question` with ReAct: yield text deltas, tool calls and results, and one Final event.
+    """Answer `question` with ReAct (or the Hermes format, module docstring): yield text deltas,
+    tool calls and results, and one Final event.
 
     At most `max_steps` tool calls run; if the model still wants more, the run ends with
     Final(reason="max_steps"). Tool errors go back to the model as Observations; errors of the
-    generator (e.g. a prompt longer than the context) propagate."""
+    generator (e.g. a prompt longer than the context) propagate. `system` None: DEFAULT_SYSTEM for
+    ReAct, the template's own default for Hermes."""
     registry = tools if isinstance(tools, ToolRegistry) else ToolRegistry(tools)
     if not registry.tools:
         raise QwenkitError("the agent needs at least one tool")
     if max_steps < 1:
         raise QwenkitError("max_steps must be at least 1")
-    messages = react_messages(question, list(registry), system, history)
+    if tool_format == "hermes":
+        yield from _run_hermes(question, complete, registry, max_steps, system, history)
+        return
+    if tool_format != "react":
+        raise QwenkitError(f"tool_format must be react or hermes, got {tool_format!r}")
+    messages = react_messages(question, list(registry), DEFAULT_SYSTEM if system is None else system, history)
     transcript = ""
     for step in range(max_steps + 1):
         reply = ""
@@ -252,6 +267,46 @@ def run_agent(
         yield ToolResult(parsed.name, output.text, output.images)
         transcript += parsed.text + observation_text(output.text)
     yield Final(None, "max_steps", transcript)
+
+
+def _run_hermes(
+    question: str, complete, registry: ToolRegistry, max_steps: int, system: str | None, history
+) -> Iterator[AgentEvent]:
+    """The Hermes loop: each reply is an assistant message; its calls run and answer as tool messages.
+    The transcript is the replies as written, each result after its reply as a <tool_response>."""
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system is not None else []
+    messages += [*history, {"role": "user", "content": question}]
+    specs, transcript, used = registry.specs(), "", 0
+    while True:
+        reader, reply, content = HermesOutput(), "", ""
+        for delta in complete(messages, [], tools=specs):
+            reply += delta
+            if text := reader.feed(delta):
+                content += text
+                yield TextDelta(text)
+        rest, calls = reader.finish()
+        if rest:
+            content += rest
+            yield TextDelta(rest)
+        transcript += reply
+        if not calls:
+            yield Final(content.strip(), "final_answer", transcript)
+            return
+        if used + len(calls) > max_steps:
+            yield Final(None, "max_steps", transcript)
+            return
+        used += len(calls)
+        messages.append({"role": "assistant", "content": content or None, "tool_calls": [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls
+        ]})  # fmt: skip
+        for call in calls:
+            yield ToolCalled(call.name, call.arguments)
+            output = registry.run(call.name, call.arguments)
+            yield ToolResult(call.name, output.text, output.images)
+            messages.append(
+                {"role": "tool", "tool_call_id": call.id, "name": call.name, "content": output.text}
+            )
+            transcript += f"\n<tool_response>\n{output.text}\n</tool_response>\n"
 
 
 # --- the local model as a generator ------------------------------------------------------------------
@@ -295,8 +350,24 @@ def chatml_complete(tokenizer, window: int, stream: TextStream) -> Complete:
     return complete
 
 
-def local_complete(model, tokenizer, seed: int | None = None, **settings) -> Complete:
-    """`complete` for a qwenkit model, decoded in the caller's thread (`stream_generate`)."""
+def template_complete(tokenizer, stream: TextStream):
+    """`complete(messages, stop, tools=None)` over a text generator of prompt ids, for the Hermes
+    loop: the checkpoint's chat template renders the messages and tools (qwenkit.chat_template,
+    injection-safe ids), and the turn ends at <|im_end|>, <|endoftext|> or the tokenizer's eos."""
+    from qwenkit.chat_template import encode_chat
+
+    names = ("<|im_end|>", "<|im_start|>", "<|endoftext|>", getattr(tokenizer, "eos_token", None))
+    end_of_turn = sorted({tokenizer.special_tokens[n] for n in names if n in tokenizer.special_tokens})
+
+    def complete(messages: list[Message], stop: list[str], tools: list[dict] | None = None) -> Iterator[str]:
+        yield from stream(encode_chat(tokenizer, messages, tools=tools or None), list(stop), end_of_turn)
+
+    return complete
+
+
+def local_complete(model, tokenizer, seed: int | None = None, hermes: bool = False, **settings) -> Complete:
+    """`complete` for a qwenkit model, decoded in the caller's thread (`stream_generate`); with
+    `hermes`, rendered by the checkpoint's chat template (template_complete)."""
     from qwenkit.generation import GenerationConfig, context_length, stream_generate
 
     config = model.generation_config or GenerationConfig()
@@ -305,4 +376,4 @@ def local_complete(model, tokenizer, seed: int | None = None, **settings) -> Com
     def stream(ids: list[int], stop_strings: list[str], stop_token_ids: list[int]) -> Iterator[str]:
         return stream_generate(model, tokenizer, ids, stop_strings, stop_token_ids, seed=seed, **settings)
 
-    return chatml_complete(tokenizer, window, stream)
+    return template_complete(tokenizer, stream) if hermes else chatml_complete(tokenizer, window, stream)

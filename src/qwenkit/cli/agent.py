@@ -34,6 +34,9 @@ def add_parsers(verbs) -> None:
     p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass, in (0, 1]")
     p.add_argument("--greedy", action="store_true", help="pick the most likely token (no sampling)")
     p.add_argument("--seed", type=seed_value, metavar="N", help="sampling seed, for reproducible runs")
+    p.add_argument("--tool-format", choices=["auto", "react", "hermes"], default="auto",
+                   help="hermes = the checkpoint's chat template and <tool_call> replies (Qwen2.5), react = the "
+                        "original Qwen's ReAct prompt; auto = hermes when the template reads tools (default: auto)")  # fmt: skip
     p.set_defaults(run=run_agent)
 
 
@@ -41,8 +44,9 @@ def run_agent(args: argparse.Namespace) -> int:
     import warnings
 
     from qwenkit.agent import loop
+    from qwenkit.agent.hermes import resolve_tool_format
     from qwenkit.agent.interpreter import bwrap_path
-    from qwenkit.agent.loop import Final, TextDelta, ToolResult
+    from qwenkit.agent.loop import Final, TextDelta, ToolCalled, ToolResult
 
     names = [name.strip() for name in args.tools.split(",") if name.strip()]
     if not names:
@@ -63,11 +67,18 @@ def run_agent(args: argparse.Namespace) -> int:
     with loop.ToolRegistry.from_names(names, timeout=args.timeout) as tools, warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the missing-bwrap warning was printed above
         model, tokenizer, _ = load_model(args)
-        complete = loop.local_complete(model, tokenizer, seed=args.seed, **settings)
+        tool_format = resolve_tool_format(tokenizer, args.tool_format)
+        hermes = tool_format == "hermes"
+        complete = loop.local_complete(model, tokenizer, seed=args.seed, hermes=hermes, **settings)
         saved = 0
-        for event in loop.run_agent(args.question, complete, tools, max_steps=args.max_steps):
+        events = loop.run_agent(
+            args.question, complete, tools, max_steps=args.max_steps, tool_format=tool_format
+        )
+        for event in events:
             if isinstance(event, TextDelta):
                 write(event.text)
+            elif isinstance(event, ToolCalled) and hermes:  # ReAct shows its calls in the text
+                write(f"\nAction: {event.name}\nAction Input: {event.arguments}\n")
             elif isinstance(event, ToolResult):
                 write(f"Observation: {event.text}\n")
                 for png in event.images:
@@ -78,7 +89,7 @@ def run_agent(args: argparse.Namespace) -> int:
                     images.mkdir(parents=True, exist_ok=True)
                     (images / f"image-{saved}.png").write_bytes(png)
                     write(f"[image {saved}: {images / f'image-{saved}.png'}]\n")
-                write("Thought:")
+                write("" if hermes else "Thought:")
             elif isinstance(event, Final) and event.answer is None:
                 write("\n")
                 raise QwenkitError(f"no final answer within {args.max_steps} tool calls (see --max-steps)")

@@ -44,9 +44,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwenkit.agent.hermes import OPEN as TOOL_CALL_OPEN
-from qwenkit.agent.hermes import HermesOutput
+from qwenkit.agent.hermes import HermesOutput, ToolFormat, resolve_tool_format
 from qwenkit.agent.react import Turn, parse_reply, react_question, react_turns, step_text
-from qwenkit.chat_template import encode_chat, supports_tools
+from qwenkit.chat_template import encode_chat
 from qwenkit.chatml import DEFAULT_SYSTEM, render_turns
 from qwenkit.errors import QwenkitError
 from qwenkit.generation import REPETITION_PENALTY_RANGE, TokenLogprob, check_prompt
@@ -227,22 +227,6 @@ class ChatPlan:
         if self.hermes:
             return HermesOutput(self.prefix, self.allow_calls)
         return ReactOutput(self.prefix, self.allow_calls) if self.react else None
-
-
-ToolFormat = Literal["auto", "react", "hermes"]
-
-
-def resolve_tool_format(tokenizer: Tokenizer, tool_format: ToolFormat = "auto") -> Literal["react", "hermes"]:
-    """How a server talks tools with this checkpoint: "hermes" (its chat template, <tool_call> replies)
-    when the template reads `tools`, else the original Qwen's "react"; "auto" picks, the others force."""
-    if tool_format not in ("auto", "react", "hermes"):
-        raise QwenkitError(f"tool format must be auto, react or hermes, got {tool_format!r}")
-    template_tools = supports_tools(getattr(tokenizer, "chat_template", None))
-    if tool_format == "hermes" and not template_tools:
-        raise QwenkitError("tool format hermes needs a checkpoint whose chat template reads tools")
-    if tool_format == "auto":
-        return "hermes" if template_tools else "react"
-    return tool_format
 
 
 def _tool_choice(body: ChatRequest) -> tuple[bool, list[FunctionSpec], str, str | None]:
