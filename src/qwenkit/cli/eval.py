@@ -84,6 +84,23 @@ def add_parsers(verbs) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, help="generation budget (default: the task's)")
     p.add_argument("--lengths", type=lengths_value, help="long-ppl: window lengths, e.g. 1024,2048,4096")
     p.add_argument("--seed", type=seed_value, default=0, help="sampling seed (default: %(default)s)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        help="humaneval/mbpp: seconds per program (default: %(default)s)",
+    )
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        default=2,
+        help="humaneval/mbpp: programs run at once (default: %(default)s)",
+    )
+    p.add_argument(
+        "--unsafe",
+        action="store_true",
+        help="humaneval/mbpp: without bubblewrap, run the programs unsandboxed",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(run=run_eval)
 
@@ -123,6 +140,8 @@ def run_eval(args: argparse.Namespace) -> int:
         return usage_error("--samples scores given completions; it takes no --api")
     if args.adapter is not None and args.api is not None:
         return usage_error("--adapter applies to a local model; a server serves its own")
+    if not args.timeout > 0:
+        return usage_error(f"--timeout must be positive, got {args.timeout}")
     if not 0.0 <= args.temperature <= 2.0:
         return usage_error(f"--temperature must be in [0, 2], got {args.temperature}")
 
@@ -139,6 +158,9 @@ def run_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=args.progress,
         lengths=args.lengths,
+        timeout=args.timeout,
+        workers=args.workers,
+        unsafe=args.unsafe,
     )
     tasks = [TASKS[name] for name in args.tasks]
     needs_model = settings.completions is None and any(t.needs_model for t in tasks)
