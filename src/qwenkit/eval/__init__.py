@@ -9,8 +9,7 @@
   (long-ppl), `demo` (the demo model's own measures).
 """
 
-import importlib
-
+from qwenkit.eval import choice, code, demo, gsm8k, long_ppl, tools  # noqa: F401  (each registers its tasks)
 from qwenkit.eval.base import (
     TASKS,
     Backend,
@@ -21,13 +20,5 @@ from qwenkit.eval.base import (
     get_task,
     task,
 )
-
-TASK_MODULES = ("choice", "gsm8k", "code", "tools", "long_ppl", "demo")
-for _module in TASK_MODULES:  # registers every task (modules still being written are skipped)
-    try:
-        importlib.import_module(f"qwenkit.eval.{_module}")
-    except ModuleNotFoundError as _error:
-        if _error.name != f"qwenkit.eval.{_module}":
-            raise
 
 __all__ = ["TASKS", "Backend", "EvalSettings", "LocalBackend", "Prediction", "TaskResult", "get_task", "task"]
