@@ -10,8 +10,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import as_loaded, make_tiny_model
 
-import qwenkit
 from qwenkit import QwenkitError
 from qwenkit.agent.interpreter import bwrap_path
 from qwenkit.eval import sandbox
@@ -336,8 +336,11 @@ def test_mbpp_reference_code_passes_and_wrong_code_fails(tmp_path):
 
 
 @needs_bwrap
-def test_tiny_model_end_to_end(small_checkpoint, tmp_path):
-    model, tokenizer = qwenkit.load(small_checkpoint)
+def test_tiny_model_end_to_end(byte_tokenizer, tmp_path):
+    model, tokenizer = (
+        as_loaded(make_tiny_model(vocab_size=512, num_hidden_layers=1), byte_tokenizer),
+        byte_tokenizer,
+    )
     backend = LocalBackend(model, tokenizer, batch_size=4)
     settings = EvalSettings(limit=2, max_new_tokens=12, progress=False)
     result = humaneval(backend, settings)
