@@ -26,6 +26,7 @@ from qwenkit.eval.tools import (
     token_string,
     tool_selected,
     tool_use_cases,
+    tool_use_prompt,
     transcript_answer,
 )
 
@@ -204,6 +205,11 @@ def test_shipped_cases_and_bad_files(tmp_path):
     bad.write_text('{"response": "x"}\n{oops\n')
     with pytest.raises(QwenkitError, match=r"bad.jsonl:2: not valid JSON"):
         tool_use_cases(bad)
+    bad.write_text('{"response": "x", "query": "q"}\n{"response": 3}\n')
+    with pytest.raises(QwenkitError, match=r'bad.jsonl:2: "response" must be a string'):
+        tool_use_cases(bad)
+    with pytest.raises(QwenkitError, match=r'bad.jsonl:1: a case needs "prompt", or "tools"'):
+        tool_use_prompt(tool_use_cases(bad.write_text('{"response": "x", "query": "q"}\n') and bad)[0])
     bad.write_text('{"query": "q", "tag": "math"}\n')
     with pytest.raises(QwenkitError, match=r'bad.jsonl:1: a math case needs a numeric "answer"'):
         code_interpreter_cases(bad)

@@ -159,18 +159,15 @@ def tool_use_cases(data: Path | None) -> list[dict[str, Any]]:
                   (False, sorted(directory.glob("*react_negative*.jsonl")))]  # fmt: skip
         if not any(files for _, files in groups):
             raise QwenkitError(f"{directory}: no *react_positive*.jsonl / *react_negative*.jsonl files")
-        cases = []
-        for positive, files in groups:
-            for file in files:
-                for case in read_cases(file, ["response"]):
-                    cases.append({**case, "positive": positive})
-        return cases
-    path = Path(data) if data is not None else packaged_data(TOOL_USE_FILE)
-    cases = read_cases(path, ["response"])
+        cases = [{**case, "positive": positive} for positive, files in groups for file in files
+                 for case in read_cases(file, ["response"])]  # fmt: skip
+    else:
+        cases = read_cases(Path(data) if data is not None else packaged_data(TOOL_USE_FILE), ["response"])
+        for case in cases:
+            case["positive"] = isinstance(case["response"], str) and calls_tool(case["response"])
     for case in cases:
         if not isinstance(case["response"], str):
             raise QwenkitError(f'{case["_where"]}: "response" must be a string')
-        case["positive"] = calls_tool(case["response"])
     return cases
 
 
