@@ -165,7 +165,9 @@ def official_predictions(reference, prompts: list[str], letters: list[str], max_
             ids = torch.tensor([tokenizer(prompt)["input_ids"]])
             if max_seq_len is not None and ids.shape[1] > max_seq_len:
                 ids = ids[:, ids.shape[1] - max_seq_len + 1 :]
-            probs = torch.softmax(model(ids).logits[:, -1, :], dim=-1)
+            probs = torch.softmax(
+                model(ids, logits_to_keep=1).logits[:, -1, :], dim=-1
+            )  # the last position's
             soft = probs.gather(1, torch.tensor([choice_ids])).softmax(1).numpy()[0]
             predictions.append("ABCD"[int(np.argmax(soft))])
             all_probs.append(soft)
@@ -209,8 +211,13 @@ def zh_prompts(dev: pd.DataFrame, test: pd.DataFrame, question: str, answer: str
 # --- base tasks against the reference --------------------------------------------------------------------
 
 
-def test_mmlu_predictions_equal_the_official_procedure_in_transformers(mmlu_dir, backend, reference):
-    result = run_choice_task(MMLU, backend, EvalSettings(data=mmlu_dir, progress=False))
+@pytest.fixture(scope="module")
+def mmlu_result(mmlu_dir, backend):
+    return run_choice_task(MMLU, backend, EvalSettings(data=mmlu_dir, progress=False))
+
+
+def test_mmlu_predictions_equal_the_official_procedure_in_transformers(mmlu_dir, mmlu_result, reference):
+    result = mmlu_result
     by_id = {p.id: p for p in result.predictions}
     assert len(by_id) == 4 * 4 + 7
     for subject in MMLU_SUBJECTS:
@@ -228,8 +235,8 @@ def test_mmlu_predictions_equal_the_official_procedure_in_transformers(mmlu_dir,
     assert len({p.prediction for p in result.predictions}) > 1
 
 
-def test_mmlu_accuracies_per_subject_category_and_overall(mmlu_dir, backend):
-    result = run_choice_task(MMLU, backend, EvalSettings(data=mmlu_dir, progress=False))
+def test_mmlu_accuracies_per_subject_category_and_overall(mmlu_result):
+    result = mmlu_result
     items = result.predictions
     subjects = result.groups["subject"]
     assert set(subjects) == set(MMLU_SUBJECTS)
@@ -261,15 +268,19 @@ def test_shots_limit_and_truncation_follow_the_script(mmlu_dir, backend, referen
 
     # A prompt past 2048 tokens keeps its last 2047 (evaluate_mmlu.py --max-seq-len 2048).
     long = tmp_path / "long"
-    shutil.copytree(mmlu_dir, long)
+    for split in ("dev", "test"):
+        (long / split).mkdir(parents=True)
+        shutil.copy(mmlu_dir / split / f"sociology_{split}.csv", long / split)
     row = _question("sociology", 100)
     row[0] = "why " * 2500 + row[0]
     _write(long / "dev" / "sociology_dev.csv", [row] + [_question("sociology", 101 + i) for i in range(4)])
-    result = run_choice_task(MMLU, backend, EvalSettings(data=long, progress=False))
-    assert result.settings["prompts_truncated"] == 4
-    prompts, _ = mmlu_prompts(long, "sociology")
-    expected, _ = official_predictions(reference, prompts, [" A", " B", " C", " D"], 2048)
-    assert [p.prediction for p in result.predictions if p.subject == "sociology"] == expected
+    result = run_choice_task(MMLU, backend, EvalSettings(data=long, limit=2, progress=False))
+    assert result.settings["prompts_truncated"] == 2
+    prompts, _ = mmlu_prompts(long, "sociology", limit=2)
+    expected, probs = official_predictions(reference, prompts, [" A", " B", " C", " D"], 2048)
+    assert [p.prediction for p in result.predictions] == expected
+    for mine, theirs in zip(result.predictions, probs, strict=True):
+        np.testing.assert_allclose(list(mine.extra["probs"].values()), theirs, rtol=0, atol=1e-5)
 
 
 def test_ceval_reads_its_layout_and_averages_over_subjects(ceval_dir, backend, reference):
@@ -309,9 +320,8 @@ def test_cmmlu_reads_its_layout_and_counts_china_specific_subjects_twice(cmmlu_d
 # --- the shared k-shot prefix ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-gqa"])
-def test_shared_prefix_path_equals_the_plain_path(preset, official_tokenizer):
-    model = randomize_biases(make_tiny_model(preset, seed=3))
+def test_shared_prefix_path_equals_the_plain_path(official_tokenizer):
+    model = randomize_biases(make_tiny_model("tiny-gqa", seed=3))
     head = "The following are multiple choice questions (with answers) about logic.\n\n"
     head += "Question: Is this valid?\nA. yes\nB. no\nC. maybe\nD. never\nAnswer: B\n\n" * 3
     texts = [head + "Question: " + "why " * i + "?\nA. a\nB. b\nC. c\nD. d\nAnswer:" for i in range(8)]
@@ -321,7 +331,7 @@ def test_shared_prefix_path_equals_the_plain_path(preset, official_tokenizer):
     assert len(common_prefix(prompts)) > 50
     letters = [official_tokenizer.encode(f" {c}")[0] for c in "ABCD"]
     plain = LocalBackend(model, official_tokenizer, batch_size=4).next_token_logprobs(prompts, letters)
-    for batch_size in (1, 3, 16):
+    for batch_size in (3, 16):
         shared = shared_prefix_logprobs(model, prompts, letters, batch_size)
         torch.testing.assert_close(torch.tensor(shared), torch.tensor(plain), rtol=0, atol=2e-5)
     # prompts without a common prefix run plain, in batches of the same answer
