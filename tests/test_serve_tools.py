@@ -11,6 +11,7 @@ decodes are checked against transformers' `apply_chat_template` ids.
 import json
 import re
 
+import openai
 import pytest
 import torch
 from conftest import LiveServer
@@ -166,7 +167,9 @@ def test_forced_prompts_end_where_the_model_would_go_on(served):
     natural = tokenizer.encode(CALL, allowed_special={"<tool_call>", "</tool_call>"})
     question = encode_chat(tokenizer, QUESTION, tools=TOOLS)
     for choice in ({"type": "function", "function": {"name": "get_weather"}}, "required"):
-        body = ChatRequest.model_validate({"messages": QUESTION, "tools": TOOLS, "tool_choice": choice}, strict=False)
+        body = ChatRequest.model_validate(
+            {"messages": QUESTION, "tools": TOOLS, "tool_choice": choice}, strict=False
+        )
         plan = plan_chat(tokenizer, body, "hermes")
         assert plan.prompt[: len(question)] == question
         assert plan.prompt[len(question) :] == natural[: len(plan.prompt) - len(question)]
@@ -182,3 +185,33 @@ def test_tool_format_choice(served, official_tokenizer):
     body = ChatRequest.model_validate({"messages": QUESTION, "tools": TOOLS}, strict=False)
     react = plan_chat(tokenizer, body, "react")  # the original format stays available
     assert "Question: What is the weather in Paris?" in tokenizer.decode(react.prompt) and react.react
+
+
+@pytest.mark.parametrize(
+    ("messages", "message"),
+    [
+        ([*QUESTION, {"role": "assistant", "content": "Hi"}], "last message must be from the user"),
+        (
+            [
+                *QUESTION,
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {
+                            "id": "c",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": "{oops"},
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "c", "content": "x"},
+            ],
+            "not valid JSON",
+        ),  # fmt: skip
+        ([{"role": "user", "content": "hi", "tool_calls": [{"function": {"name": "f"}}]}], "only assistant"),
+    ],
+)
+def test_bad_conversations_are_400s(served, messages, message):
+    server, _ = served
+    with pytest.raises(openai.BadRequestError, match=message):
+        ask(server.client(), messages)

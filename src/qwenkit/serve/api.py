@@ -8,6 +8,9 @@ official ReAct prompt, with calls and results rendered as SFT data renders them 
 qwenkit.agent.react), so the server reads what the model was trained on: the instruction goes
 before the last user message, generation stops at "Observation:", and earlier calls and results
 continue the same assistant turn. Unlike the original server, streaming works with tools.
+A checkpoint whose chat template reads tools (Qwen2.5) is served in its own format instead
+(`tool_format`, plan_hermes_chat): every chat prompt is the template's (qwenkit.chat_template), and
+its Hermes <tool_call> replies are read by qwenkit.agent.hermes.
 
 Log-probabilities follow OpenAI: /v1/completions' legacy `logprobs` object (with `echo`, the
 prompt's own, scored by Engine.score; `max_tokens` 0 with `echo` scores only, as lm-evaluation-
