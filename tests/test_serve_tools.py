@@ -1,5 +1,6 @@
 """Tool calls in the Hermes format over the OpenAI API (qwenkit.serve.api with a chat-template
-checkpoint), driven live with the official `openai` client.
+checkpoint), driven live with the official `openai` client; and the same fitted model through the
+agent's Hermes loop on the local decoder (one fit serves both: it is the slow part).
 
 A random model does not write tool calls, so the module fits the tiny Qwen2.5-style checkpoint
 (`qwen25_dir`) for a few dozen steps on two turns of one conversation: the reply to a weather
@@ -17,6 +18,7 @@ import torch
 from conftest import LiveServer
 
 import qwenkit
+from qwenkit.agent.loop import Final, ToolCalled, ToolResult, local_complete, run_agent, tool_from_spec
 from qwenkit.chat_template import encode_chat
 from qwenkit.errors import QwenkitError
 from qwenkit.serve.api import ChatRequest, create_app, plan_chat, resolve_tool_format
@@ -185,6 +187,28 @@ def test_tool_format_choice(served, official_tokenizer):
     body = ChatRequest.model_validate({"messages": QUESTION, "tools": TOOLS}, strict=False)
     react = plan_chat(tokenizer, body, "react")  # the original format stays available
     assert "Question: What is the weather in Paris?" in tokenizer.decode(react.prompt) and react.react
+
+
+def test_the_agent_loop_reads_the_same_model_locally(served):
+    """The fitted model driven by qwenkit.agent's Hermes loop on the local decoder (not the server):
+    it calls the tool, gets its result as a tool message, and answers."""
+    server, tokenizer = served
+    model = server.app.state.model
+
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        return RESULT if city == "Paris" else "unknown"
+
+    tool = tool_from_spec(TOOLS[0], get_weather)
+    complete = local_complete(model, tokenizer, hermes=True, do_sample=False, max_new_tokens=40)
+    events = list(run_agent("What is the weather in Paris?", complete, [tool], tool_format="hermes"))
+    assert [(e.name, json.loads(e.arguments)) for e in events if isinstance(e, ToolCalled)] == [
+        ("get_weather", {"city": "Paris"})
+    ]
+    assert [e.text for e in events if isinstance(e, ToolResult)] == [RESULT]
+    assert events[-1] == Final(
+        ANSWER, "final_answer", f"{CALL}\n<tool_response>\n{RESULT}\n</tool_response>\n{ANSWER}"
+    )
 
 
 @pytest.mark.parametrize(
