@@ -20,6 +20,7 @@ from conftest import LiveServer
 import qwenkit
 from qwenkit.agent.loop import Final, ToolCalled, ToolResult, local_complete, run_agent, tool_from_spec
 from qwenkit.chat_template import encode_chat
+from qwenkit.cli import main
 from qwenkit.errors import QwenkitError
 from qwenkit.serve.api import ChatRequest, create_app, plan_chat, resolve_tool_format
 
@@ -239,3 +240,9 @@ def test_bad_conversations_are_400s(served, messages, message):
     server, _ = served
     with pytest.raises(openai.BadRequestError, match=message):
         ask(server.client(), messages)
+
+
+def test_serve_tool_format_hermes_without_a_template_is_one_line(tiny_checkpoint, capsys):
+    assert main(["serve", "--model", str(tiny_checkpoint), "--tool-format", "hermes", "--port", "1"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "chat template reads tools" in err
