@@ -22,12 +22,15 @@ from qwenkit.config import QwenConfig
 from qwenkit.devices import pick_device
 from qwenkit.errors import QwenkitError
 from qwenkit.model import Qwen, cpu_decode_layout
+from qwenkit.quant.formats import QuantConfig, read_quant_config, unpack_layer
+from qwenkit.quant.weights import QuantizedWeight
 from qwenkit.tokenizer import Tokenizer
 
 ORIGINAL, QWEN2 = "qwen", "qwen2"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QWENKIT_KEYS = ("use_dynamic_ntk", "use_logn_attn", "use_window_attn", "window_sizes")
 IGNORED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")  # buffers some exporters save; recomputed here
+QUANTIZED_PART = re.compile(r"(.+)\.(qweight|qzeros|scales|g_idx)")  # GPTQ/AWQ: a layer's packed tensors
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, default: torch.dtype = torch.float32) -> torch.dtype:
@@ -306,29 +309,46 @@ _ORIGINAL_TOP = {
 }
 
 
-def original_to_qwen2(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    """Rename (and for the fused c_attn, split into Q, K, V) one tensor of the original layout."""
+def original_names(name: str) -> list[str]:
+    """The Qwen2-layout name(s) of one original-layout tensor name (three for the fused c_attn)."""
     if name in _ORIGINAL_TOP:
-        return [(_ORIGINAL_TOP[name], tensor)]
+        return [_ORIGINAL_TOP[name]]
     match = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)", name)
     if match and match.group(2) in _ORIGINAL_BLOCK:
-        targets = [f"model.layers.{match.group(1)}.{t}" for t in _ORIGINAL_BLOCK[match.group(2)]]
-        if len(targets) == 1:
-            return [(targets[0], tensor)]
-        if tensor.shape[0] % 3:
-            raise QwenkitError(f"{name} has shape {tuple(tensor.shape)}; the fused QKV needs a multiple of 3")
-        return list(zip(targets, tensor.chunk(3, dim=0), strict=True))
-    return [(name, tensor)]  # unknown: reported as unexpected by the caller
+        return [f"model.layers.{match.group(1)}.{t}" for t in _ORIGINAL_BLOCK[match.group(2)]]
+    return [name]  # unknown: reported as unexpected by the caller
 
 
-def load_weights(model: Qwen, directory: Path, layout: str, dtype: torch.dtype, device) -> None:
-    """Fill a model built on the meta device from the checkpoint, checking every name and shape."""
+def original_to_qwen2(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """Rename (and for the fused c_attn, split into Q, K, V) one tensor of the original layout."""
+    targets = original_names(name)
+    if len(targets) == 1:
+        return [(targets[0], tensor)]
+    if tensor.shape[0] % 3:
+        raise QwenkitError(f"{name} has shape {tuple(tensor.shape)}; the fused QKV needs a multiple of 3")
+    return list(zip(targets, tensor.chunk(3, dim=0), strict=True))
+
+
+def load_weights(
+    model: Qwen, directory: Path, layout: str, dtype: torch.dtype, device, quant: QuantConfig | None = None
+) -> None:
+    """Fill a model built on the meta device from the checkpoint, checking every name and shape.
+
+    With `quant` (a GPTQ/AWQ checkpoint), each linear layer stored as qweight/qzeros/scales[/g_idx]
+    becomes a QuantLinear holding the packed weight; the fused c_attn of the original layout is
+    split along its outputs into q/k/v (exact: scales and zeros are per output row).
+    """
     expected = {name: p for name, p in model.named_parameters()}  # tied head appears once, as embed
     tied = model.config.tie_word_embeddings
     loaded: dict[str, torch.Tensor] = {}
+    stored_parts: dict[str, dict[str, torch.Tensor]] = {}  # quantized layer -> its packed tensors
     unexpected, misshaped = [], []
     for name, tensor in iter_tensors(weight_files(directory)):
         if IGNORED_TENSORS.fullmatch(name):
+            continue
+        part = QUANTIZED_PART.fullmatch(name) if quant is not None else None
+        if part:
+            stored_parts.setdefault(part.group(1), {})[part.group(2)] = tensor
             continue
         pieces = original_to_qwen2(name, tensor) if layout == ORIGINAL else [(name, tensor)]
         for target, piece in pieces:
@@ -344,7 +364,26 @@ def load_weights(model: Qwen, directory: Path, layout: str, dtype: torch.dtype, 
                     target.endswith("proj.weight") or target == "lm_head.weight" or tied and "embed" in target
                 )
                 loaded[target] = cpu_decode_layout(piece) if device.type == "cpu" and is_linear else piece
-    missing = [name for name in expected if name not in loaded]
+    quantized: dict[str, QuantizedWeight] = {}  # module name -> weight
+    for prefix, parts in stored_parts.items():
+        weight_name = f"{prefix}.weight"
+        targets = original_names(weight_name) if layout == ORIGINAL else [weight_name]
+        if tied and targets == ["lm_head.weight"]:
+            continue
+        if any(t not in expected for t in targets):
+            unexpected.append(f"{prefix}.qweight")
+            continue
+        whole = unpack_layer(quant, parts, prefix).to(device)
+        pieces = whole.split_outputs([expected[t].shape[0] for t in targets]) if len(targets) > 1 else [whole]
+        for target, piece in zip(targets, pieces, strict=True):
+            shape = (piece.out_features, piece.in_features)
+            if shape != tuple(expected[target].shape):
+                misshaped.append(f"{prefix}.qweight {shape} != {tuple(expected[target].shape)}")
+            else:
+                quantized[target.removesuffix(".weight")] = piece
+    missing = [
+        name for name in expected if name not in loaded and name.removesuffix(".weight") not in quantized
+    ]
     problems = []
     for label, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
         if names:
@@ -353,6 +392,15 @@ def load_weights(model: Qwen, directory: Path, layout: str, dtype: torch.dtype, 
     if problems:
         raise QwenkitError(f"checkpoint {directory} does not match its config: " + "; ".join(problems))
     model.load_state_dict(loaded, strict=False, assign=True)
+    for module_name, weight in quantized.items():
+        parent_name, _, child = module_name.rpartition(".")
+        bias = model.get_submodule(module_name).bias
+        linear = torch.nn.Linear(
+            weight.in_features, weight.out_features, bias=bias is not None, device="meta"
+        )
+        linear.weight = torch.nn.Parameter(weight.dequantize(dtype), requires_grad=False)  # until QuantLinear
+        linear.bias = bias
+        setattr(model.get_submodule(parent_name), child, linear)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
 
@@ -383,7 +431,7 @@ def load(
     tokenizer = Tokenizer.from_file(directory)
     with torch.device("meta"):
         model = Qwen(config)
-    load_weights(model, directory, layout, dtype, device)
+    load_weights(model, directory, layout, dtype, device, read_quant_config(directory, hf))
     from qwenkit.generation import GenerationConfig
 
     model.generation_config = GenerationConfig.from_checkpoint(directory)
@@ -510,7 +558,14 @@ def describe(path: str | os.PathLike) -> dict:
     stored = sum(_numel(shape) for shape, _ in shapes.values())
     dtypes = sorted({dtype for _, dtype in shapes.values()})
     params = config.num_parameters
-    return {
+    quant = read_quant_config(directory, hf)
+    packed = {name: entry for name, entry in shapes.items() if quant and QUANTIZED_PART.fullmatch(name)}
+    packed_bytes = sum(_numel(shape) * getattr(torch, dtype).itemsize for shape, dtype in packed.values())
+    quantized_weights = sum(  # each int32 of a qweight holds 32 / bits weights
+        _numel(shapes[name][0]) * 32 // quant.bits for name in packed if name.endswith(".qweight")
+    )
+    float_params = params - quantized_weights
+    info = {
         "path": str(directory),
         "layout": "original Qwen (QWenLMHeadModel)" if layout == ORIGINAL else "Qwen2 (Qwen2ForCausalLM)",
         "config": config.to_dict(),
@@ -518,12 +573,18 @@ def describe(path: str | os.PathLike) -> dict:
         "stored_tensors": len(shapes),
         "stored_parameters": stored,
         "stored_dtypes": dtypes,
-        "memory_gib": {
-            name: round(params * torch.empty((), dtype=d).element_size() / 1024**3, 3)
-            for name, d in DTYPES.items()
+        "memory_gib": {  # packed layers as stored, the rest in each float dtype
+            name: round((float_params * d.itemsize + packed_bytes) / 1024**3, 3) for name, d in DTYPES.items()
         },
         "tokenizer": describe_tokenizer(directory),
     }
+    if quant is not None:
+        info["quantization"] = {
+            **quant.to_dict(),
+            "quantized_layers": sum(name.endswith(".qweight") for name in packed),
+            "packed_bytes": packed_bytes,
+        }
+    return info
 
 
 def describe_tokenizer(directory: Path) -> dict:

@@ -87,6 +87,18 @@ class QuantizedWeight:
         zeros = self.zeros.float()[:, g]
         return (scales * (self.q.float() - zeros)).to(dtype)
 
+    def to(self, device: str | torch.device) -> QuantizedWeight:
+        """The same weight with every tensor on `device`."""
+        g_idx = None if self.g_idx is None else self.g_idx.to(device)
+        return QuantizedWeight(
+            self.q.to(device),
+            self.scales.to(device),
+            self.zeros.to(device),
+            self.bits,
+            self.group_size,
+            g_idx,
+        )
+
     def split_outputs(self, sizes: list[int]) -> list[QuantizedWeight]:
         """Cut along the output rows (a fused q/k/v weight into its parts); groups are per row, so exact."""
         if sum(sizes) != self.out_features:
