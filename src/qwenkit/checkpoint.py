@@ -28,7 +28,10 @@ from qwenkit.tokenizer import Tokenizer
 
 ORIGINAL, QWEN2 = "qwen", "qwen2"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-QWENKIT_KEYS = ("use_dynamic_ntk", "use_logn_attn", "use_window_attn", "window_sizes")
+QWENKIT_KEYS = (
+    "use_dynamic_ntk", "use_logn_attn", "use_window_attn", "window_sizes", "use_cache_quantization"
+)  # fmt: skip
+KV_CACHE_KINDS = ("float", "int8")
 IGNORED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")  # buffers some exporters save; recomputed here
 QUANTIZED_PART = re.compile(r"(.+)\.(qweight|qzeros|scales|g_idx)")  # GPTQ/AWQ: a layer's packed tensors
 
@@ -94,6 +97,7 @@ def config_from_hf(hf: dict) -> tuple[QwenConfig, str]:
                 initializer_range=hf.get("initializer_range", 0.02),
                 use_dynamic_ntk=bool(hf.get("use_dynamic_ntk", False)),
                 use_logn_attn=bool(hf.get("use_logn_attn", False)),
+                use_cache_quantization=bool(hf.get("use_cache_quantization", False)),
             )
         else:
             scaling = hf.get("rope_scaling") or {}
@@ -410,13 +414,17 @@ def load(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
     adapter: str | os.PathLike | None = None,
+    kv_cache: str | None = None,
 ) -> tuple[Qwen, Tokenizer]:
     """Load a checkpoint directory (original Qwen or Qwen2 layout) -> (model in eval mode, tokenizer).
 
     With no path, the embedded demo model. device: cpu, cuda, cuda:N or "auto" (cuda when available).
     dtype: float32, bfloat16 or float16; "auto" (or None) is float32 on CPU and the checkpoint's own
     dtype on GPUs. `adapter`: a LoRA adapter directory (peft format) merged into the weights.
+    kv_cache: "float" or "int8" (config.use_cache_quantization); None keeps the checkpoint's setting.
     """
+    if kv_cache is not None and kv_cache not in KV_CACHE_KINDS:
+        raise QwenkitError(f"kv_cache must be one of {', '.join(KV_CACHE_KINDS)}, got {kv_cache!r}")
     if path is None:
         from qwenkit import default_model_path
 
@@ -424,6 +432,8 @@ def load(
     directory = Path(path)
     hf = read_config_json(directory)
     config, layout = config_from_hf(hf)
+    if kv_cache is not None:
+        config.use_cache_quantization = kv_cache == "int8"
     device = pick_device(device)
     stored = hf.get("torch_dtype") or hf.get("dtype")
     default = DTYPES.get(stored, torch.bfloat16) if device.type != "cpu" else torch.float32

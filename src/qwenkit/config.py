@@ -31,6 +31,8 @@ class QwenConfig:
     use_logn_attn: bool = False
     use_window_attn: bool = False
     window_sizes: list[int] | None = None  # one per layer; None = default_window_sizes()
+    # int8 KV cache (the original's switch of the same name): see model.quantize_kv.
+    use_cache_quantization: bool = False
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:

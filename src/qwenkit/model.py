@@ -69,6 +69,63 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x32 * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
 
 
+INT8_PARAM_BYTES = 4  # after each token's int8 levels: its fp16 scale and fp16 minimum
+DEQUANTIZE_BLOCK_BYTES = 64 * 2**20  # float keys + values made at once when reading an int8 cache
+
+
+def quantize_kv(x: torch.Tensor) -> torch.Tensor:
+    """Keys or values [..., D] -> uint8 records [..., D + 4]: each vector's D levels 0..255, then its
+    fp16 scale and minimum, so that x ~= scale * level + minimum (asymmetric, one group per token
+    and head).
+
+    The original's use_cache_quantization (modeling_qwen.py `quantize_cache_v`) has the same grid:
+    scale = (max - min) / 255, zero = -min / scale, x ~= scale * (level - zero). It takes max and
+    min over every token of one call per head (per token while decoding, the whole prompt at
+    prefill) and truncates; qwenkit groups per token always (the result does not depend on how a
+    prompt is split into calls) and rounds to the nearest level.
+    """
+    x32 = x.float()
+    low, high = x32.amin(dim=-1, keepdim=True), x32.amax(dim=-1, keepdim=True)
+    fp16 = torch.finfo(torch.float16)
+    scale = ((high - low) / 255).clamp(fp16.tiny, fp16.max).half()  # tiny: a constant vector
+    low = low.clamp(-fp16.max, fp16.max).half()
+    levels = ((x32 - low.float()) / scale.float()).round_().clamp_(0, 255).to(torch.uint8)
+    return torch.cat((levels, torch.cat((scale, low), dim=-1).view(torch.uint8)), dim=-1)
+
+
+def dequantize_kv(records: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 records [..., D + 4] (quantize_kv) -> float [..., D] in `dtype`."""
+    d = records.shape[-1] - INT8_PARAM_BYTES
+    params = records[..., d:].view(torch.float16).float()  # [..., 2]: scale, minimum
+    return torch.addcmul(params[..., 1:], records[..., :d].float(), params[..., :1]).to(dtype)
+
+
+def attend_int8(
+    q: torch.Tensor,
+    key_records: torch.Tensor,
+    value_records: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    enable_gqa: bool,
+) -> torch.Tensor:
+    """SDPA over an int8 cache's records, dequantized a block of rows at a time so that about
+    DEQUANTIZE_BLOCK_BYTES of float keys and values exist at once (long contexts, big batches)."""
+    b = q.shape[0]
+    row_bytes = 2 * key_records[0, ..., :-INT8_PARAM_BYTES].numel() * 4
+    step = max(1, DEQUANTIZE_BLOCK_BYTES // max(row_bytes, 1))
+    outs = []
+    for start in range(0, b, step):
+        rows = slice(start, start + step)
+        k, v = dequantize_kv(key_records[rows], q.dtype), dequantize_kv(value_records[rows], q.dtype)
+        block_mask = mask[rows] if mask is not None and mask.shape[0] == b else mask
+        outs.append(
+            F.scaled_dot_product_attention(
+                q[rows], k, v, attn_mask=block_mask, is_causal=is_causal, enable_gqa=enable_gqa
+            )
+        )
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
 class KVCache:
     """Preallocated keys/values for every layer, plus what decoding must remember.
 
@@ -80,13 +137,22 @@ class KVCache:
     padding) and `inv_freq` the rotary frequencies with the dynamic-NTK factor fixed at prefill, as
     the original does. Each layer's keys and values are tensors of their own, so `resize` can
     reallocate one at a time (a budgeted server grows its cache while rows run).
+
+    With `config.use_cache_quantization` (the original's int8 KV cache) each slot holds a uint8
+    record of D levels + fp16 scale and minimum per head (`quantize_kv`) instead of D floats of
+    `dtype`; every operation here copies records as it copies floats, and attention reads them
+    through `dequantize_kv`.
     """
 
     def __init__(self, config: QwenConfig, batch_size: int, max_length: int, device, dtype):
-        shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
+        self.quantized = config.use_cache_quantization
+        self.dtype = dtype  # what attention computes in (and, unquantized, what is stored)
+        width = config.head_dim + INT8_PARAM_BYTES if self.quantized else config.head_dim
+        shape = (batch_size, config.num_key_value_heads, max_length, width)
+        stored = torch.uint8 if self.quantized else dtype
         layers = range(config.num_hidden_layers)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in layers]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in layers]
+        self.keys = [torch.zeros(shape, device=device, dtype=stored) for _ in layers]
+        self.values = [torch.zeros(shape, device=device, dtype=stored) for _ in layers]
         self.positions = torch.full((batch_size, max_length), -1, dtype=torch.long, device=device)
         self.head_dim = config.head_dim
         self.inv_freq: torch.Tensor | None = None
@@ -99,8 +165,12 @@ class KVCache:
     @staticmethod
     def size_in_bytes(config: QwenConfig, batch_size: int, max_length: int, dtype: torch.dtype) -> int:
         """Bytes a cache of `batch_size` rows x `max_length` slots holds once decoding (`nbytes`)."""
-        per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
-        per_token = per_token * dtype.itemsize + 8  # keys and values of every layer, the int64 position
+        if config.use_cache_quantization:  # uint8 levels + fp16 scale and minimum per token and head
+            per_head = config.head_dim + INT8_PARAM_BYTES
+        else:
+            per_head = config.head_dim * dtype.itemsize
+        per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * per_head
+        per_token += 8  # keys and values of every layer, the int64 position
         per_row = 8 + 8 + (config.head_dim // 2) * 4  # slot, next position, fp32 rotary frequencies
         return batch_size * (max_length * per_token + per_row)
 
@@ -222,6 +292,9 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if query_scale is not None:  # LogN scaling, after RoPE
             q = (q.float() * query_scale[:, None, :, None]).to(q.dtype)
+        quantized = cache is not None and cache.quantized
+        if quantized:  # int8 cache: records written and read in place of floats, attended below
+            k, v = quantize_kv(k), quantize_kv(v)
         if cache is not None and cache.slot is not None:  # decode_step: each row writes at its own slot
             rows = torch.arange(b, device=x.device)
             cache.keys[self.layer_index][rows, :, cache.slot] = k[:, :, 0]
@@ -234,9 +307,11 @@ class Attention(nn.Module):
             cache.values[self.layer_index][:, :, start:end] = v
             k = cache.keys[self.layer_index][:, :, :end]
             v = cache.values[self.layer_index][:, :, :end]
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads
-        )
+        gqa = self.num_kv_heads != self.num_heads
+        if quantized:
+            out = attend_int8(q, k, v, mask, is_causal, gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 

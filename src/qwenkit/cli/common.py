@@ -57,14 +57,22 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="weight dtype (default: float32 on CPU, the checkpoint's own dtype on GPU)",
     )
+    parser.add_argument(
+        "--kv-cache",
+        choices=("float", "int8"),
+        help="KV cache storage: float (the weight dtype) or int8, about half of float16's bytes "
+        "(default: the checkpoint's use_cache_quantization, else float)",
+    )
 
 
 def load_model(args: argparse.Namespace):
-    """(model, tokenizer, path) for the --model/--adapter/--device/--dtype arguments."""
+    """(model, tokenizer, path) for the --model/--adapter/--device/--dtype/--kv-cache arguments."""
     import qwenkit
 
     path = Path(args.model) if args.model is not None else qwenkit.default_model_path()
-    model, tokenizer = qwenkit.load(path, device=args.device, dtype=args.dtype, adapter=args.adapter)
+    model, tokenizer = qwenkit.load(
+        path, device=args.device, dtype=args.dtype, adapter=args.adapter, kv_cache=args.kv_cache
+    )
     return model, tokenizer, path
 
 

@@ -201,7 +201,9 @@ def open_backend(args: argparse.Namespace):
         tokenizer = Tokenizer.from_file(path)
         backend = ApiBackend(args.api, tokenizer, api_key=args.api_key, batch_size=args.batch_size)
         return backend, {"name": backend.name, "api": backend.url, "tokenizer": str(path)}
-    model, tokenizer = qwenkit.load(path, device=args.device, dtype=args.dtype, adapter=args.adapter)
+    model, tokenizer = qwenkit.load(
+        path, device=args.device, dtype=args.dtype, adapter=args.adapter, kv_cache=args.kv_cache
+    )
     backend = LocalBackend(model, tokenizer, name=path.name, batch_size=args.batch_size)
     info = {"name": path.name, "path": str(path), "adapter": args.adapter, "dtype": str(model.dtype).removeprefix("torch."),
             "device": str(model.device)}  # fmt: skip
