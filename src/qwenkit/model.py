@@ -362,13 +362,14 @@ class Qwen(nn.Module):
         self.generation_config = None  # set by qwenkit.load(); generation falls back to Qwen's defaults
         self.activation_checkpointing = False
 
+    # From the embeddings: they stay in floating point when the head is quantized or 16-bit (qwenkit.quant).
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.embed_tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.embed_tokens.weight.dtype
 
     def init_weights(self, seed: int | None = None) -> None:
         """Initialization as the original: normal(0, 0.02), output projections 0.02/sqrt(2*layers)."""

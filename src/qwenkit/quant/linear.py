@@ -1,0 +1,278 @@
+"""Linear layers that keep their weights packed: QuantLinear (int8/int4) and HalfLinear (16-bit).
+
+Decoding one token reads every weight once, so its speed is the bytes read per weight: 4 in fp32,
+2 in fp16/bf16, 1 in int8, 0.5 in int4. On x86 CPUs with AVX2 the matrix-vector products of decoding
+(up to GEMV_MAX_ROWS rows of input) run in qwenkit's own kernels (cpu_kernels.cpp, compiled on first
+use with torch.utils.cpp_extension and cached), which widen the packed weights to fp32 in registers;
+PyTorch's own weight-only ops are several times slower on AVX2 (the file says by how much). Longer
+inputs (prefill) and other devices dequantize the weight in chunks of output rows and multiply with
+F.linear: never a whole float copy of the weight.
+
+The quantized form, per group of `group_size` input columns (qwenkit.quant.QuantizedWeight):
+W[o, i] = scales[o, g(i)] * (q[o, i] - zeros[o, g(i)]). With act-order (GPTQ desc_act, g_idx not
+i // group_size) the input columns are reordered once at load so that each group is a contiguous run,
+and every input is gathered in that order: W x = W[:, perm] x[perm].
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwenkit.errors import QwenkitError
+from qwenkit.quant.weights import QuantizedWeight
+
+GEMV_MAX_ROWS = 4  # inputs with more rows (prefill) use chunked dequantization + F.linear
+DEQUANT_CHUNK_ELEMENTS = 1 << 22  # float elements dequantized at a time by the fallback (16 MiB fp32)
+INT4_BLOCK = 64  # int4 columns per 32-byte block: column j in the low nibble of byte j, 32 + j in the high
+
+
+@functools.cache
+def native_kernels() -> bool:
+    """Whether qwenkit's AVX2 kernels are usable here (built on first call, then cached on disk)."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return False
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(
+            name="qwenkit_cpu_kernels",
+            sources=[str(Path(__file__).with_name("cpu_kernels.cpp"))],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"],
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as error:  # no compiler, or a build failure: the portable path still works
+        warnings.warn(f"qwenkit CPU kernels unavailable ({error}); using dequantize + F.linear", stacklevel=2)
+        return False
+    return True
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 levels [N, K] (0..15) -> [N, ceil(K / 64) * 32] bytes in the kernels' block layout (K padded with 0)."""
+    n, k = q.shape
+    padded = math.ceil(k / INT4_BLOCK) * INT4_BLOCK
+    q = F.pad(q, (0, padded - k)).view(n, -1, 2, INT4_BLOCK // 2)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, padded // 2).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The inverse of pack_int4: uint8 levels [N, in_features]."""
+    n = packed.shape[0]
+    blocks = packed.view(n, -1, INT4_BLOCK // 2)
+    return torch.stack((blocks & 15, blocks >> 4), dim=2).reshape(n, -1)[:, :in_features]
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b for a QuantizedWeight W, holding only packed levels, fp32 scales and scales x zeros.
+
+    Buffers: `qweight` uint8 (int8: [out, in]; int4: two levels a byte, pack_int4), `scales` and
+    `szeros` (= scales * zeros) fp32 [out, groups], `column_group` int32 [in] (group of each column in
+    stored order), `perm` int64 [in] (act-order only: stored column k is input column perm[k]), `bias`.
+    Moving the module (`.to`) keeps scales in fp32; outputs come in the input's dtype.
+    """
+
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        szeros: torch.Tensor,
+        column_group: torch.Tensor,
+        perm: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        bits: int,
+        group_size: int,
+        in_features: int,
+    ):
+        super().__init__()
+        self.bits, self.group_size = bits, group_size
+        self.in_features, self.out_features = in_features, qweight.shape[0]
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("szeros", szeros)
+        self.register_buffer("column_group", column_group)
+        self.register_buffer("perm", perm)
+        self.register_buffer("bias", bias)
+        # The kernels need contiguous groups of whole 32-column runs covering the padded columns.
+        groups = torch.arange(in_features, device=column_group.device) // group_size
+        stored = qweight.shape[1] * (8 // bits)
+        self.kernel_layout = (
+            group_size % 32 == 0
+            and in_features % group_size == 0
+            and stored == in_features
+            and bool(torch.equal(column_group.long(), groups))
+        )
+
+    @classmethod
+    def from_weight(cls, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> QuantLinear:
+        """Pack a QuantizedWeight (and an optional bias [out]) for inference."""
+        if bias is not None and bias.shape != (weight.out_features,):
+            raise QwenkitError(
+                f"QuantLinear: bias must have shape [{weight.out_features}], got {list(bias.shape)}"
+            )
+        q = weight.q
+        column_group = weight.group_index()
+        perm = None
+        if weight.g_idx is not None and not torch.equal(
+            column_group, torch.arange(weight.in_features, device=q.device) // weight.group_size
+        ):
+            perm = torch.argsort(column_group, stable=True)
+            q, column_group = q[:, perm], column_group[perm]
+        scales = weight.scales.float().contiguous()
+        szeros = (scales * weight.zeros.float()).contiguous()
+        qweight = pack_int4(q) if weight.bits == 4 else q.contiguous()
+        return cls(
+            qweight,
+            scales,
+            szeros,
+            column_group.to(torch.int32),
+            perm,
+            None if bias is None else bias.detach().clone(),
+            weight.bits,
+            weight.group_size,
+            weight.in_features,
+        )
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for name in ("scales", "szeros"):  # a model cast to bf16 must not round the scales
+            if getattr(self, name).dtype != torch.float32:
+                setattr(self, name, getattr(self, name).float())
+        return self
+
+    def levels(self, rows: slice = slice(None)) -> torch.Tensor:
+        """The stored integer levels (uint8 [rows, in], in stored column order)."""
+        packed = self.qweight[rows]
+        return unpack_int4(packed, self.in_features) if self.bits == 4 else packed
+
+    def dequantize_rows(self, rows: slice, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Float weight rows [rows, in] in stored column order (the input gathered by perm matches)."""
+        g = self.column_group.long()
+        w = self.scales[rows][:, g] * self.levels(rows).float() - self.szeros[rows][:, g]
+        return w.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise QwenkitError(f"QuantLinear: input has {x.shape[-1]} features, expected {self.in_features}")
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if self.perm is not None:
+            x2 = x2.index_select(1, self.perm)
+        y = self._kernel_forward(x2) if self.uses_kernel(x2) else self._dequantized_forward(x2)
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def uses_kernel(self, x2: torch.Tensor) -> bool:
+        """Whether input rows x2 [M, in] go through the CPU matrix-vector kernel."""
+        return (
+            x2.device.type == "cpu"
+            and x2.shape[0] <= GEMV_MAX_ROWS
+            and self.kernel_layout
+            and native_kernels()
+            and not x2.requires_grad  # the kernels have no backward
+        )
+
+    def _kernel_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        xf = x2.float().contiguous()
+        xsum = xf.view(xf.shape[0], -1, self.group_size).sum(-1)
+        op = torch.ops.qwenkit_cpu.int4_gemv if self.bits == 4 else torch.ops.qwenkit_cpu.int8_gemv
+        return op(xf, self.qweight, self.scales, self.szeros, xsum, self.group_size)
+
+    def _dequantized_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        """The portable path: dequantize a chunk of output rows at a time and multiply."""
+        out = x2.new_empty((x2.shape[0], self.out_features))
+        step = max(1, DEQUANT_CHUNK_ELEMENTS // self.in_features)
+        for start in range(0, self.out_features, step):
+            rows = slice(start, start + step)
+            out[:, rows] = F.linear(x2, self.dequantize_rows(rows, x2.dtype))
+        return out
+
+    def extra_repr(self) -> str:
+        order = ", act-order" if self.perm is not None else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}{order}, bias={self.bias is not None}"
+        )
+
+
+class HalfLinear(nn.Module):
+    """y = x W^T + b with W stored in float16 or bfloat16 and x kept in its own dtype (fp32 usually).
+
+    Half the bytes of an fp32 weight, so decoding reads half as much; on CPU the weight is widened
+    to fp32 inside the kernel, which is what makes it faster than fp32 where the CPU has no bf16/fp16
+    arithmetic (PyTorch's own fp16/bf16 matmuls are slower than fp32 there). `.to(dtype)` keeps the
+    weight's 16-bit storage.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        if weight.dtype not in (torch.float16, torch.bfloat16) or weight.dim() != 2:
+            raise QwenkitError(f"HalfLinear: weight must be a float16/bfloat16 matrix, got {weight.dtype}")
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.storage_dtype = weight.dtype
+        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, dtype: torch.dtype = torch.float16) -> HalfLinear:
+        """A 16-bit copy of an nn.Linear's weight (and its bias, kept in the linear's dtype)."""
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(linear.weight.detach().to(dtype), bias)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.weight.dtype != self.storage_dtype:
+            self.weight = self.weight.to(self.storage_dtype)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        kernel = (
+            x2.device.type == "cpu"
+            and x2.shape[0] <= GEMV_MAX_ROWS
+            and self.in_features % 16 == 0
+            and native_kernels()
+            and not x2.requires_grad
+        )
+        if kernel:
+            y = torch.ops.qwenkit_cpu.half_gemv(x2.float().contiguous(), self.weight).to(x.dtype)
+        elif x2.device.type != "cpu" and x.dtype == self.storage_dtype:
+            y = F.linear(x2, self.weight)
+        else:  # widen a chunk of rows at a time: never a whole float copy
+            y = x2.new_empty((x2.shape[0], self.out_features))
+            step = max(1, DEQUANT_CHUNK_ELEMENTS // self.in_features)
+            for start in range(0, self.out_features, step):
+                y[:, start : start + step] = F.linear(x2, self.weight[start : start + step].to(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.storage_dtype}"
+
+
+def use_half_weights(model: nn.Module, dtype: torch.dtype = torch.float16, head: bool = True) -> nn.Module:
+    """Replace the nn.Linear layers of the blocks (and the head unless head=False) by HalfLinear, in place.
+
+    The model keeps fp32 activations, norms and embeddings; only the big matrices are stored in 16 bits.
+    With tied embeddings the head becomes a 16-bit copy next to the fp32 embedding table.
+    """
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise QwenkitError(f"use_half_weights: dtype must be float16 or bfloat16, got {dtype}")
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for name, linear in targets:
+        if name == "lm_head" and not head:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, HalfLinear.from_linear(linear, dtype))
+    return model
