@@ -14,6 +14,7 @@ from test_checkpoint import write_original_layout
 import qwenkit
 from qwenkit import QwenkitError
 from qwenkit.checkpoint import describe
+from qwenkit.cli.checkpoint import info_table
 from qwenkit.quant import QuantizedWeight
 from qwenkit.quant.formats import (
     QuantConfig,
@@ -262,6 +263,8 @@ def test_published_formats_load_with_the_dequantized_logits(variant, tmp_path, b
     assert all(t.device.type == "cpu" for t in [*quantized_model.parameters(), *quantized_model.buffers()])
     torch.testing.assert_close(quantized_model.model.embed_tokens.weight, model.model.embed_tokens.weight)
 
+    table = info_table(describe(directory))
+    assert re.search(rf"quantization +{method} int{bits}, .*{len(packed)} layers packed in \d+ [MG]iB", table)
     info = describe(directory)["quantization"]
     assert info == {
         "method": method,

@@ -126,10 +126,27 @@ def info_table(info: dict) -> str:
             f"window attention {on[c['use_window_attn']]}",
         ),
         ("memory", ", ".join(f"{name} {format_memory(g)}" for name, g in info["memory_gib"].items())),
+        *quantization_rows(info.get("quantization")),
         *tokenizer_rows(info["tokenizer"]),
     ]
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+def quantization_rows(quant: dict | None) -> list[tuple[str, str]]:
+    """`qwenkit info` row for a GPTQ/AWQ checkpoint: method, bits, groups, act-order and packed size."""
+    if quant is None:
+        return []
+    groups = "per-channel" if quant["group_size"] == -1 else f"group size {quant['group_size']}"
+    act_order = ", act-order" if quant["act_order"] else ""
+    symmetric = ", symmetric" if quant["sym"] else ""
+    return [
+        (
+            "quantization",
+            f"{quant['method']} int{quant['bits']}, {groups}{act_order}{symmetric}; "
+            f"{quant['quantized_layers']} layers packed in {format_memory(quant['packed_bytes'] / 1024**3)}",
+        )
+    ]
 
 
 def tokenizer_rows(tok: dict, shown: int = 3) -> list[tuple[str, str]]:
