@@ -14,6 +14,7 @@ on one line and exits 1.
   demo.py        demo build|eval
   agent.py       agent
   eval.py        eval (benchmarks, qwenkit.eval)
+  quant.py       quantize (int8/int4 round-to-nearest and GPTQ, qwenkit.quant)
   common.py      what several verbs share: model options, argument types, check_destination
 """
 
@@ -24,7 +25,7 @@ import io
 import os
 import sys
 
-from qwenkit.cli import agent, chat, checkpoint, data, demo, serve, train
+from qwenkit.cli import agent, chat, checkpoint, data, demo, quant, serve, train
 from qwenkit.cli import eval as eval_verb
 from qwenkit.errors import QwenkitError
 
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'qwenkit VERB --help' for the options and examples of one verb.",
     )
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-    for family in (chat, checkpoint, serve, data, train, demo, agent, eval_verb):
+    for family in (chat, checkpoint, serve, data, train, demo, agent, eval_verb, quant):
         family.add_parsers(verbs)
     return parser
 
