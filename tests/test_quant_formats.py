@@ -25,6 +25,7 @@ from qwenkit.quant.formats import (
     unpack_awq,
     unpack_gptq,
 )
+from qwenkit.quant.linear import QuantLinear
 
 IDS = torch.tensor([[1, 7, 200, 13, 99, 255, 3, 42, 42, 0, 128]])
 AWQ_ORDER_SPEC = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ: field k of a word holds output column 8c + order[k]
@@ -261,6 +262,14 @@ def test_published_formats_load_with_the_dequantized_logits(variant, tmp_path, b
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     assert (got - original).abs().max() < 0.5 * original.abs().max()  # close to the float model too
     assert all(t.device.type == "cpu" for t in [*quantized_model.parameters(), *quantized_model.buffers()])
+    layer = quantized_model.model.layers[1]
+    linears = [layer.self_attn.q_proj, layer.self_attn.v_proj, layer.self_attn.o_proj, layer.mlp.down_proj]
+    assert all(isinstance(m, QuantLinear) and m.bits == bits for m in linears)
+    assert not any(  # the weight stays packed: no float copy of it
+        b.is_floating_point() and b.shape == (m.out_features, m.in_features)
+        for m in linears
+        for b in m.buffers()
+    )
     torch.testing.assert_close(quantized_model.model.embed_tokens.weight, model.model.embed_tokens.weight)
 
     table = info_table(describe(directory))

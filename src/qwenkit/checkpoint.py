@@ -23,6 +23,7 @@ from qwenkit.devices import pick_device
 from qwenkit.errors import QwenkitError
 from qwenkit.model import Qwen, cpu_decode_layout
 from qwenkit.quant.formats import QuantConfig, read_quant_config, unpack_layer
+from qwenkit.quant.linear import QuantLinear
 from qwenkit.quant.weights import QuantizedWeight
 from qwenkit.tokenizer import Tokenizer
 
@@ -399,12 +400,7 @@ def load_weights(
     for module_name, weight in quantized.items():
         parent_name, _, child = module_name.rpartition(".")
         bias = model.get_submodule(module_name).bias
-        linear = torch.nn.Linear(
-            weight.in_features, weight.out_features, bias=bias is not None, device="meta"
-        )
-        linear.weight = torch.nn.Parameter(weight.dequantize(dtype), requires_grad=False)  # until QuantLinear
-        linear.bias = bias
-        setattr(model.get_submodule(parent_name), child, linear)
+        setattr(model.get_submodule(parent_name), child, QuantLinear.from_weight(weight, bias))
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
 
