@@ -280,3 +280,13 @@ def test_load_and_command_line_switch(small_checkpoint, monkeypatch, capsys):
     assert 1.85 < reports["int8"]["tokens"] / reports["float"]["tokens"] < 1.9
     assert main(["serve", "--kv-cache", "int9"]) == 2
     assert "invalid choice: 'int9'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_decoding_in_int8_equals_eager():
+    """The captured graph writes and reads the int8 records of its static cache tensors."""
+    model = make_tiny_model("tiny-gqa", hidden_size=256, use_cache_quantization=True).to("cuda")
+    prompts = [list(range(100, 300)), list(range(7, 20))]
+    graphed = model.generate(prompts, max_new_tokens=24, do_sample=False, stop=[])
+    eager = model.generate(prompts, max_new_tokens=24, do_sample=False, stop=[], cuda_graph=False)
+    assert graphed.tolist() == eager.tolist()
