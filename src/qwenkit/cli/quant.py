@@ -146,4 +146,9 @@ def run_quantize(args: argparse.Namespace) -> int:
         f"{', act-order' if args.act_order else ''}), {len(result.weights)} layers in "
         f"{time.perf_counter() - start:.0f} s, weights {size / 2**20:.1f} MiB"
     )
+    if args.quantize_head:
+        print(
+            "note: the quantized head (lm_head.qweight, quantization_config lm_head: true) loads in qwenkit; "
+            "transformers' GPTQ integration does not read it (it leaves lm_head randomly initialized)"
+        )
     return 0
