@@ -170,7 +170,9 @@ class Benchmark:
     answer_label: str  # after the options, before the answer letter (a shot) or the end (the question)
     answer_space: str  # between answer_label and a shot's letter
     choice_text: str  # how each letter is tokenized for its logit (" A" after "Answer:", "A" after "答案：")
-    averaging: str  # "micro": over all questions; "macro": mean of the subjects' accuracies
+    averaging: (
+        str  # "micro": over all questions; "macro": mean of the subjects' accuracies (settings say which)
+    )
     max_length: int | None  # evaluate_mmlu.py --max-seq-len: longer prompts keep their last max_length - 1
     hard: tuple[str, ...] = ()
     chat_language: str = "en"
@@ -264,6 +266,10 @@ CMMLU = Benchmark(
     chat_language="zh",  # no official chat script for CMMLU: C-Eval's, whose format it shares
 )
 BENCHMARKS = {b.name: b for b in (MMLU, CEVAL, CMMLU)}
+AVERAGING = {  # what `accuracy` and the categories are, as each script computes them
+    "micro": "micro: over all questions, as evaluate_{}.py",
+    "macro": "macro: mean of the subjects' accuracies, as evaluate_{}.py",
+}
 
 
 def _text(value: Any) -> str:
@@ -285,7 +291,7 @@ def read_rows(
     if not path.is_file():
         raise QwenkitError(f"{path}: no such file")
     try:
-        with path.open(encoding="utf-8", newline="") as f:
+        with path.open(encoding="utf-8-sig", newline="") as f:
             reader = csv.reader(f)
             line = 1
             header = list(columns) if columns is not None else None
@@ -558,7 +564,7 @@ def run_choice_task(benchmark: Benchmark, backend: Backend, settings: EvalSettin
         "limit": settings.limit,
         "subjects": len(subjects),
         "missing_subjects": [s for s in benchmark.subjects if s not in subjects],
-        "averaging": benchmark.averaging,
+        "averaging": AVERAGING[benchmark.averaging].format(benchmark.name),
         "prompts_truncated": truncated,
     }
     result.seconds = time.perf_counter() - started
