@@ -96,8 +96,8 @@ def quantize_kv(x: torch.Tensor) -> torch.Tensor:
 def dequantize_kv(records: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """uint8 records [..., D + 4] (quantize_kv) -> float [..., D] in `dtype`."""
     d = records.shape[-1] - INT8_PARAM_BYTES
-    params = records[..., d:].view(torch.float16).float()  # [..., 2]: scale, minimum
-    return torch.addcmul(params[..., 1:], records[..., :d].float(), params[..., :1]).to(dtype)
+    params = records[..., d:].view(torch.float16).to(dtype)  # [..., 2]: scale, minimum
+    return records[..., :d].to(dtype).mul_(params[..., :1]).add_(params[..., 1:])  # one new tensor
 
 
 def attend_int8(
