@@ -491,3 +491,27 @@ def test_ceval_header_must_name_the_columns(ceval_dir, backend, tmp_path):
     (broken / "val" / "law_val.csv").write_text("id,question,A,B,C,D\n0,q,a,b,c,d\n", encoding="utf-8")
     with pytest.raises(QwenkitError, match=r"law_val\.csv:1: the header has no column 'answer'"):
         run_choice_task(CEVAL, backend, EvalSettings(data=broken, progress=False))
+
+
+def test_mmlu_through_a_running_server_equals_the_local_run(mmlu_dir, backend, mmlu_result):
+    """--api: the same prompts as next-token log-probabilities from `qwenkit serve` (no shared prefix
+    there) give the local run's predictions."""
+    from conftest import LiveServer
+
+    from qwenkit.eval.remote import ApiBackend
+    from qwenkit.serve.api import create_app
+
+    live = LiveServer(create_app(backend.model, backend.tokenizer, "sharp", max_batch=4))
+    remote = ApiBackend(live.url, backend.tokenizer, batch_size=4)
+    try:
+        result = run_choice_task(MMLU, remote, EvalSettings(data=mmlu_dir, limit=2, progress=False))
+    finally:
+        remote.close()
+        live.stop()
+    local = {p.id: p for p in mmlu_result.predictions}
+    assert len(result.predictions) == 10
+    for mine in result.predictions:
+        assert mine.prediction == local[mine.id].prediction, mine.id
+        np.testing.assert_allclose(
+            list(mine.extra["probs"].values()), list(local[mine.id].extra["probs"].values()), atol=1e-5
+        )
