@@ -170,9 +170,7 @@ class Benchmark:
     answer_label: str  # after the options, before the answer letter (a shot) or the end (the question)
     answer_space: str  # between answer_label and a shot's letter
     choice_text: str  # how each letter is tokenized for its logit (" A" after "Answer:", "A" after "答案：")
-    averaging: (
-        str  # "micro": over all questions; "macro": mean of the subjects' accuracies (settings say which)
-    )
+    averaging: str  # "micro": over all questions; "macro": mean of the subjects' accuracies
     max_length: int | None  # evaluate_mmlu.py --max-seq-len: longer prompts keep their last max_length - 1
     hard: tuple[str, ...] = ()
     chat_language: str = "en"
