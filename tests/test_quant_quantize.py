@@ -20,6 +20,7 @@ from qwenkit.quant.quantize import (
     gptq_config,
     layer_error,
     quantize_model,
+    replace_linears,
     rtn,
     save_quantized,
 )
@@ -126,8 +127,9 @@ def test_gptq_matches_the_unblocked_algorithm(bits, group_size):
     assert layer_error(W, got, H) == pytest.approx(layer_error(W, ref, H), rel=0.02)
 
 
-@pytest.mark.parametrize("bits,group_size", [(4, 128), (4, 32), (4, -1), (8, -1), (8, 128)])
-@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize(
+    "bits,group_size,sym", [(4, 128, True), (4, 32, False), (4, -1, True), (8, -1, False), (8, 128, True)]
+)
 def test_gptq_output_error_below_rtn(bits, group_size, sym):
     W, X, H = correlated_layer()
     rtn_error = layer_error(W, rtn(W, bits, group_size, sym=sym).dequantize(), H)
@@ -252,18 +254,19 @@ def test_quantize_save_load_gives_the_same_logits(
 
 
 def test_replaced_layers_compute_the_dequantized_model(byte_tokenizer):
-    float_model = quantizable_model()
-    fake = quantizable_model()
+    model = quantizable_model()
     calibration = calibration_batches(byte_tokenizer, None, samples=2, seq_len=32)
-    quantize_model(fake, "gptq-int4", 32, calibration, act_order=True, progress=False, replace=False)
-    result = quantize_model(float_model, "gptq-int4", 32, calibration, act_order=True, progress=False)
+    result = quantize_model(
+        model, "gptq-int4", 32, calibration, act_order=True, progress=False, replace=False
+    )
+    ids = torch.randint(0, 256, (1, 16))
+    expected = model(ids)  # float layers holding the dequantized weights
+    replace_linears(model, result)
     from qwenkit.quant.linear import QuantLinear
 
-    assert isinstance(float_model.model.layers[0].mlp.down_proj, QuantLinear)
-    assert result.weights.keys() == {n for n, m in float_model.named_modules() if isinstance(m, QuantLinear)}
-    ids = torch.randint(0, 256, (1, 16))
-    expected = fake(ids)
-    torch.testing.assert_close(float_model(ids), expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
+    assert isinstance(model.model.layers[0].mlp.down_proj, QuantLinear)
+    assert result.weights.keys() == {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    torch.testing.assert_close(model(ids), expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
 
 
 def test_gptq_model_closer_to_float_than_rtn(byte_tokenizer):
