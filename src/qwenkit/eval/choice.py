@@ -589,7 +589,8 @@ def _base_subject(benchmark, backend, settings, subject, rows, shots, bar) -> tu
         reference = _text(row[benchmark.answer_column])
         predictions.append(
             Prediction(f"{subject}/{index}", letter, reference, letter == reference, subject,
-                       {"probs": dict(zip(CHOICES, probs, strict=True))})
+                       {"probs": dict(zip(CHOICES, probs, strict=True)),
+                        "logprobs": dict(zip(CHOICES, scores, strict=True))})
         )  # fmt: skip
     return predictions, cut
 
