@@ -337,8 +337,11 @@ def test_one_default_system_prompt():
     from qwenkit.model import Qwen
 
     defaults = [inspect.signature(f).parameters["system"].default
-                for f in (chat.chat, chat.chat_stream, Qwen.chat, Qwen.chat_stream, loop.run_agent, loop.react_messages)]  # fmt: skip
+                for f in (chat.chat, chat.chat_stream, Qwen.chat, Qwen.chat_stream, loop.react_messages)]  # fmt: skip
     assert all(d is chatml.DEFAULT_SYSTEM for d in defaults)
+    # run_agent's None means "the format's own": the template's default (Hermes), DEFAULT_SYSTEM (ReAct)
+    assert inspect.signature(loop.run_agent).parameters["system"].default is None
+    assert "DEFAULT_SYSTEM if system is None else system" in inspect.getsource(loop.run_agent)
     assert chat.DEFAULT_SYSTEM is loop.DEFAULT_SYSTEM is chatml.DEFAULT_SYSTEM
     assert f"system\\n{chatml.DEFAULT_SYSTEM}<|im_end|>" in chatml.CHAT_TEMPLATE
     package = Path(chatml.__file__).parent
