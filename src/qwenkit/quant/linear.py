@@ -268,11 +268,11 @@ def use_half_weights(model: nn.Module, dtype: torch.dtype = torch.float16, head:
     """
     if dtype not in (torch.float16, torch.bfloat16):
         raise QwenkitError(f"use_half_weights: dtype must be float16 or bfloat16, got {dtype}")
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    for name, linear in targets:
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for name in names:  # one at a time, so each fp32 weight is freed as soon as it is replaced
         if name == "lm_head" and not head:
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, HalfLinear.from_linear(linear, dtype))
+        setattr(parent, child, HalfLinear.from_linear(getattr(parent, child), dtype))
     return model
