@@ -165,12 +165,11 @@ def official_predictions(reference, prompts: list[str], letters: list[str], max_
             ids = torch.tensor([tokenizer(prompt)["input_ids"]])
             if max_seq_len is not None and ids.shape[1] > max_seq_len:
                 ids = ids[:, ids.shape[1] - max_seq_len + 1 :]
-            probs = torch.softmax(
-                model(ids, logits_to_keep=1).logits[:, -1, :], dim=-1
-            )  # the last position's
-            soft = probs.gather(1, torch.tensor([choice_ids])).softmax(1).numpy()[0]
+            logits = model(ids, logits_to_keep=1).logits[:, -1, :]  # the last position's
+            letters = torch.softmax(logits, dim=-1).gather(1, torch.tensor([choice_ids]))
+            soft = letters.softmax(1).numpy()[0]
             predictions.append("ABCD"[int(np.argmax(soft))])
-            all_probs.append(soft)
+            all_probs.append((soft, letters.log().numpy()[0]))
     return predictions, all_probs
 
 
@@ -227,7 +226,8 @@ def test_mmlu_predictions_equal_the_official_procedure_in_transformers(mmlu_dir,
             mine = by_id[f"{subject}/{i}"]
             assert (mine.prediction, mine.reference, mine.subject) == (letter, answer, subject), mine.id
             assert mine.correct == (letter == answer)
-            np.testing.assert_allclose(list(mine.extra["probs"].values()), p, rtol=0, atol=1e-5)
+            np.testing.assert_allclose(list(mine.extra["probs"].values()), p[0], rtol=0, atol=1e-5)
+            np.testing.assert_allclose(list(mine.extra["logprobs"].values()), p[1], rtol=0, atol=1e-4)
     assert (
         "\nA. 2.0\nB. 3.5\n" in mmlu_prompts(mmlu_dir, "abstract_algebra")[0][1]
     )  # pandas' floats reach the prompt
@@ -280,7 +280,7 @@ def test_shots_limit_and_truncation_follow_the_script(mmlu_dir, backend, referen
     expected, probs = official_predictions(reference, prompts, [" A", " B", " C", " D"], 2048)
     assert [p.prediction for p in result.predictions] == expected
     for mine, theirs in zip(result.predictions, probs, strict=True):
-        np.testing.assert_allclose(list(mine.extra["probs"].values()), theirs, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(list(mine.extra["probs"].values()), theirs[0], rtol=0, atol=1e-5)
 
 
 def test_ceval_reads_its_layout_and_averages_over_subjects(ceval_dir, backend, reference):
