@@ -99,8 +99,10 @@ def test_the_default_model_is_the_shipped_demo_model(shipped):
 def test_shipped_model_abilities_on_held_out_prompts(shipped):
     """The model card's targets, on a fixed held-out sample (greedy decoding is deterministic)."""
     model, tokenizer = shipped
-    train = {demo.prompt_key(e) for e in demo.generate_examples(demo.BuildSettings.sft_examples, seed=1)}
-    held = demo.held_out_examples(48, seed=1000, train_prompts=train)
+    from qwenkit.demo.evaluate import training_prompts
+
+    assert demo.BuildSettings.sft_examples == demo.SFT_EXAMPLES
+    held = demo.held_out_examples(48, seed=1000, train_prompts=training_prompts(1))
     scores = demo.evaluate_examples(model, tokenizer, held)["scores"]
     rates = {k: v["rate"] for k, v in scores.items()}
     assert scores["react_action"]["n"] >= 10
@@ -182,8 +184,8 @@ def test_eval_task_demo_is_the_card_measurement(shipped):
     from qwenkit.eval import TASKS, EvalSettings, LocalBackend
 
     model, tokenizer = shipped
-    result = TASKS["demo"].run(LocalBackend(model, tokenizer), EvalSettings(limit=16, progress=False))
-    card = demo.evaluate_held_out(model, tokenizer, 16)
+    result = TASKS["demo"].run(LocalBackend(model, tokenizer), EvalSettings(limit=4, progress=False))
+    card = demo.evaluate_held_out(model, tokenizer, 4)
     assert result.metrics == {k: v["rate"] for k, v in card["scores"].items()}
     assert next(iter(result.metrics)) == "language"
     assert [p.prediction for p in result.predictions] == [s["reply"] for s in card["samples"]]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from qwenkit.agent.react import calculator, observation_text, parse_reply
 from qwenkit.chatml import render_messages
@@ -151,5 +152,12 @@ def score_table(scores: dict) -> str:
 
 def evaluate_held_out(model, tokenizer, count: int, seed: int = 0) -> dict:
     """Measure a model on `count` held-out prompts of the build with `seed` (none of its training prompts)."""
-    train = {prompt_key(e) for e in generate_examples(SFT_EXAMPLES, seed + 1)}
-    return evaluate_examples(model, tokenizer, held_out_examples(count, seed + 1000, train))
+    return evaluate_examples(
+        model, tokenizer, held_out_examples(count, seed + 1000, training_prompts(seed + 1))
+    )
+
+
+@lru_cache(maxsize=2)
+def training_prompts(seed: int) -> frozenset:
+    """The prompts of the build's SFT examples with `seed` (generating them takes a while: kept)."""
+    return frozenset(prompt_key(e) for e in generate_examples(SFT_EXAMPLES, seed))
