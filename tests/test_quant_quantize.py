@@ -253,6 +253,23 @@ def test_quantize_save_load_gives_the_same_logits(
     torch.testing.assert_close(loaded(ids), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
+def test_quantized_head_of_a_tied_model_is_stored_apart(tmp_path, byte_tokenizer):
+    model = make_tiny_model(vocab_size=512, hidden_size=64, intermediate_size=128, tie_word_embeddings=True)
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    result = quantize_model(model, "int4", 32, quantize_head=True, progress=False, replace=False)
+    assert torch.equal(model.model.embed_tokens.weight, embedding)  # the embedding stays float
+    assert torch.equal(model.lm_head.weight, result.weights["lm_head"].dequantize())
+    out = save_quantized(model, byte_tokenizer, tmp_path / "q", result)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    assert json.loads((out / "quantize_config.json").read_text())["lm_head"] is True
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(embedding.half().float())
+        expected = model(ids)
+    loaded, _ = qwenkit.load(out)
+    torch.testing.assert_close(loaded(ids), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
 def test_replaced_layers_compute_the_dequantized_model(byte_tokenizer):
     model = quantizable_model()
     calibration = calibration_batches(byte_tokenizer, None, samples=2, seq_len=32)
