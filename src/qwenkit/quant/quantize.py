@@ -345,7 +345,7 @@ def _gptq_blocks(model, layers, calibration, quantize_head: bool, quantize: Call
 
 
 class _Captured(Exception):
-    """Raised by the hook that records the first block's inputs, to stop the forward there."""
+    """Raised by a hook once it has recorded what it needs, to stop the forward pass there."""
 
 
 def _block_inputs(model, calibration: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[tuple]]:
@@ -379,15 +379,16 @@ def _block_inputs(model, calibration: Sequence[torch.Tensor]) -> tuple[list[torc
 def _collect_hessians(
     linears: Iterable[nn.Linear], run: Callable, inputs: Sequence[torch.Tensor], args: Sequence[tuple]
 ) -> dict:
-    """H = X^T X / tokens of each linear layer's inputs (forward hooks) while `run(x, *args)` runs each
-    calibration sample. Layers fed the very same tensor (q/k/v, gate/up) share one
-    product, computed once per sample."""
+    """H = X^T X / tokens of each linear layer's inputs (forward pre-hooks) while `run(x, *args)` runs
+    each calibration sample; the run stops as soon as every layer has seen its input (the rest of the
+    block is not needed). Layers fed the very same tensor (q/k/v, gate/up) share one product."""
     linears = list(linears)
     totals = {linear: 0.0 for linear in linears}
     tokens = dict.fromkeys(linears, 0)
     products: dict[tuple, tuple] = {}  # this sample's inputs, kept alive so their addresses stay unique
+    seen: set[nn.Module] = set()
 
-    def record(module, positional, output):
+    def record(module, positional):
         x = positional[0]
         key = (x.data_ptr(), tuple(x.shape))
         if key not in products:
@@ -396,12 +397,17 @@ def _collect_hessians(
         _, xtx, n = products[key]
         totals[module] = totals[module] + xtx
         tokens[module] += n
+        seen.add(module)
+        if len(seen) == len(linears):
+            raise _Captured
 
-    handles = [linear.register_forward_hook(record) for linear in linears]
+    handles = [linear.register_forward_pre_hook(record) for linear in linears]
     try:
         for x, a in zip(inputs, args, strict=True):
-            run(x, *a)
+            with contextlib.suppress(_Captured):
+                run(x, *a)
             products.clear()
+            seen.clear()
     finally:
         for h in handles:
             h.remove()
