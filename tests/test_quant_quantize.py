@@ -302,6 +302,20 @@ def test_gptq_model_closer_to_float_than_rtn(byte_tokenizer):
     assert errors["gptq-int4"] < errors["int4"]
 
 
+def test_quantize_model_errors(tmp_path, byte_tokenizer):
+    model = quantizable_model()
+    with pytest.raises(QwenkitError, match="tokenizer"):
+        quantize_model(model, "gptq-int4", progress=False)
+    text = tmp_path / "cal.txt"
+    text.write_text("calibration text " * 20)
+    result = quantize_model(
+        model, "gptq-int4", 32, text, samples=2, seq_len=16, tokenizer=byte_tokenizer, progress=False
+    )
+    assert len(result.weights) == 14
+    with pytest.raises(QwenkitError, match="already quantized"):
+        quantize_model(model, "int8", progress=False)
+
+
 def test_calibration_from_chat_and_text_files(tmp_path, byte_tokenizer):
     from qwenkit.chatml import render_messages
 

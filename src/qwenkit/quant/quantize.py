@@ -246,7 +246,7 @@ def quantize_model(
     model: nn.Module,
     method: str,
     group_size: int | None = None,
-    calibration: Sequence[torch.Tensor] | None = None,
+    calibration: Sequence[torch.Tensor] | str | Path | None = None,
     samples: int = 128,
     seq_len: int = 512,
     quantize_head: bool = False,
@@ -260,9 +260,9 @@ def quantize_model(
     """Quantize the linear layers of `model`'s blocks (and its head with `quantize_head`) in place.
 
     method: int8 | int4 (RTN) | gptq-int8 | gptq-int4. group_size: None = the method's default
-    (default_group_size), -1 = per channel. GPTQ calibrates on `calibration` (token id tensors, e.g.
-    from calibration_batches) or, when None, on the built-in mix (needs `tokenizer`; a warning says
-    real data is better). Block by block with bounded memory, as auto-gptq: the calibration inputs of
+    (default_group_size), -1 = per channel. GPTQ calibrates on `calibration`: token id tensors (e.g.
+    from calibration_batches), a file (read by calibration_batches with `tokenizer`, `samples`,
+    `seq_len`) or None, the built-in mix (needs `tokenizer`; a warning says real data is better). Block by block with bounded memory, as auto-gptq: the calibration inputs of
     block i go through it once per sub-layer group (SEQUENTIAL_GROUPS) to collect H = X^T X of the
     next group's inputs, the group is quantized (its weights replaced by the dequantized ones), and
     the outputs of the quantized block are block i+1's inputs. With `replace`, the layers then become
@@ -276,6 +276,11 @@ def quantize_model(
     ]
     if quantize_head:
         names.append("lm_head")
+    for name in names:
+        if type(model.get_submodule(name)) is not nn.Linear:
+            raise QwenkitError(
+                f"{name} is not a float nn.Linear (already quantized?); quantize a float model"
+            )
     bar = _progress(len(names), f"quantizing ({method})", progress)
 
     def quantize(named: dict[str, nn.Linear], H: torch.Tensor | None) -> None:
@@ -310,10 +315,12 @@ def quantize_model(
                 for name in names:
                     quantize({name: model.get_submodule(name)}, None)
             else:
-                if calibration is None:
+                if calibration is None or isinstance(calibration, (str, Path)):
                     if tokenizer is None:
-                        raise QwenkitError("GPTQ needs calibration data, or a tokenizer for the built-in mix")
-                    calibration = calibration_batches(tokenizer, None, samples, seq_len)
+                        raise QwenkitError(
+                            "GPTQ needs calibration token ids, or a tokenizer to read its data"
+                        )
+                    calibration = calibration_batches(tokenizer, calibration, samples, seq_len)
                 if not calibration:
                     raise QwenkitError("GPTQ needs at least one calibration sample")
                 _gptq_blocks(model, layers, calibration, quantize_head, quantize)
