@@ -221,7 +221,9 @@ def main() -> None:
         f"tokens, {args.new} new tokens greedy; torch {torch.__version__}. Read bandwidth "
         f"({args.threads} threads, STREAM-like sum): {bandwidth / 1e9:.1f} GB/s. Roofline = weight bytes "
         "read per token x decode tokens/s / bandwidth. qwenkit int8/int4 quantize the head too (RTN; int8 "
-        "per channel, int4 groups of 128); fp16 weights keep fp32 activations.",
+        "per channel, int4 groups of 128); fp16 weights keep fp32 activations. The last column counts "
+        "greedy tokens equal to qwenkit fp32's: random weights give near-tied logits, so it is no measure "
+        "of quality (tests and benchmarks/verify_gguf.py check each engine's logits).",
         "",
         "| engine | prefill tok/s | decode tok/s | x qwenkit fp32 | weights read / token, MB | "
         "of roofline | peak memory, MB | greedy = fp32's |",
