@@ -14,6 +14,8 @@ It builds prompts as token ids and asks the backend for one of three things, eac
 
 from __future__ import annotations
 
+import gzip
+import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -113,6 +115,31 @@ def get_task(name: str) -> Task:
     if name not in TASKS:
         raise QwenkitError(f"unknown evaluation task {name!r}; known: {', '.join(sorted(TASKS))}")
     return TASKS[name]
+
+
+def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-blank line of a JSONL file (gzipped when it ends in .gz)."""
+    path = Path(path)
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as file:
+            lines = file.read().splitlines()
+    except FileNotFoundError:
+        raise QwenkitError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, EOFError) as e:
+        raise QwenkitError(f"{path}: cannot read it: {e}") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise QwenkitError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise QwenkitError(f"{path}:{number}: expected a JSON object")
+        rows.append((number, row))
+    return rows
 
 
 def accuracy(predictions: Sequence[Prediction]) -> float:

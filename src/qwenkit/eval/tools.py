@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from qwenkit.errors import QwenkitError
-from qwenkit.eval.base import Backend, EvalSettings, Prediction, TaskResult, progress, task
+from qwenkit.eval.base import Backend, EvalSettings, Prediction, TaskResult, progress, read_jsonl, task
 from qwenkit.eval.gsm8k import chat_prompt, generate_all, python_number
 
 # --- data files ------------------------------------------------------------------------------------
@@ -45,24 +45,13 @@ def packaged_data(name: str) -> Path:
 
 def read_cases(path: Path, required: Sequence[str]) -> list[dict[str, Any]]:
     """The JSON objects of a JSONL file, each with the `required` keys; one-line errors name file and line."""
-    if not path.is_file():
-        raise QwenkitError(f"{path}: no such file")
     rows = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise QwenkitError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise QwenkitError(f"{path}:{number}: each line must be a JSON object")
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise QwenkitError(f"{path}:{number}: missing {', '.join(repr(k) for k in missing)}")
-            row["_where"] = f"{path}:{number}"
-            rows.append(row)
+    for number, row in read_jsonl(path):
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise QwenkitError(f"{path}:{number}: missing {', '.join(repr(k) for k in missing)}")
+        row["_where"] = f"{path}:{number}"
+        rows.append(row)
     return rows
 
 
