@@ -254,22 +254,16 @@ def _tool_choice(body: ChatRequest) -> tuple[bool, list[FunctionSpec], str, str 
 def template_messages(messages: list[Message]) -> list[dict[str, Any]]:
     """Request messages as a chat template reads them (OpenAI's current form): legacy function_call
     becomes tool_calls, role "function" becomes "tool" (its name kept); calls keep their ids."""
-    out = []
-    for i, m in enumerate(messages):
-        entry: dict[str, Any] = {"role": "tool" if m.role == "function" else m.role, "content": _text(m)}
-        calls = m.tool_calls or ([ToolCallIn(function=m.function_call)] if m.function_call else [])
-        if calls and m.role != "assistant":
-            raise APIError(f"messages[{i}]: only assistant messages carry tool calls", param=f"messages.{i}")
-        if calls:
-            entry["tool_calls"] = [
-                {**({"id": c.id} if c.id else {}), "type": "function", "function": c.function.model_dump()}
-                for c in calls
-            ]
-            entry["content"] = _text(m) if m.content is not None else None
+    out = _legacy_to_current(messages)
+    for entry, m in zip(out, messages, strict=True):
+        if "tool_calls" in entry:
+            ids = [c.id for c in m.tool_calls] if m.tool_calls else [None]
+            entry["tool_calls"] = [{**({"id": i} if i else {}), "type": "function", **call}
+                                   for i, call in zip(ids, entry["tool_calls"], strict=True)]  # fmt: skip
+            entry["content"] = entry["content"] if m.content is not None else None
         for key in ("name", "tool_call_id"):
             if getattr(m, key) is not None:
                 entry[key] = getattr(m, key)
-        out.append(entry)
     if out[-1]["role"] not in ("user", "tool"):
         raise APIError("the last message must be from the user, or a tool result", param="messages")
     return out
