@@ -160,6 +160,40 @@ def stop_token_ids(tokenizer: Tokenizer) -> list[int]:
     return sorted({special[n] for n in names if n in special})
 
 
+def chat_prompt(tokenizer: Tokenizer, query: str, window: int) -> list[int]:
+    """The ids of `model.chat(tokenizer, query, history=None)`'s prompt: ChatML with the default
+    system prompt (or the checkpoint's own chat template), ending where the assistant answers."""
+    from qwenkit.chat import make_context
+    from qwenkit.chatml import DEFAULT_SYSTEM
+
+    return make_context(tokenizer, query, None, DEFAULT_SYSTEM, window, chat_format="auto")[1]
+
+
+def generate_all(
+    backend: Backend,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    stop: Sequence[str],
+    settings: EvalSettings,
+    desc: str,
+) -> list[str]:
+    """Every prompt's continuation, `settings.batch_size` prompts per call (sorted by length so
+    batches pad little), with a progress bar."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    texts = [""] * len(prompts)
+    size = max(1, settings.batch_size)
+    with progress(len(prompts), desc, settings.progress) as bar:
+        for start in range(0, len(order), size):
+            batch = order[start : start + size]
+            replies = backend.generate(
+                [prompts[i] for i in batch], max_new_tokens, stop, settings.temperature, settings.seed
+            )
+            for i, reply in zip(batch, replies, strict=True):
+                texts[i] = reply
+            bar.update(len(batch))
+    return texts
+
+
 class Backend(ABC):
     """Runs a model for evaluation tasks; every method takes a batch of prompts as token ids."""
 

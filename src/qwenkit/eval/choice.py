@@ -37,6 +37,7 @@ from qwenkit.eval.base import (
     Prediction,
     TaskResult,
     accuracy,
+    chat_prompt,
     progress,
     task,
 )
@@ -596,15 +597,8 @@ def _base_subject(benchmark, backend, settings, subject, rows, shots, bar) -> tu
 
 
 def _chat_subject(benchmark, backend, settings, subject, rows, bar) -> list[Prediction]:
-    from qwenkit.chat import make_context
-    from qwenkit.chatml import DEFAULT_SYSTEM
-
-    prompts = [  # as model.chat builds them: its default system prompt, the checkpoint's chat format
-        make_context(
-            backend.tokenizer, benchmark.chat_question(r), system=DEFAULT_SYSTEM, chat_format="auto"
-        )[1]
-        for r in rows
-    ]
+    window = backend.context_length
+    prompts = [chat_prompt(backend.tokenizer, benchmark.chat_question(r), window) for r in rows]
     max_new = settings.max_new_tokens or CHAT_MAX_NEW_TOKENS
     predictions = []
     for start in range(0, len(rows), max(1, settings.batch_size)):

@@ -28,7 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from qwenkit.errors import QwenkitError
-from qwenkit.eval.base import Backend, EvalSettings, Prediction, TaskResult, progress, read_jsonl, task
+from qwenkit.eval.base import (
+    Backend,
+    EvalSettings,
+    Prediction,
+    TaskResult,
+    chat_prompt,
+    progress,
+    read_jsonl,
+    task,
+)
 from qwenkit.eval.sandbox import ProgramResult, ProgramRunner
 
 HUMANEVAL_STOP = ("\n\n\n", "\n\n", "def ")  # evaluate_humaneval.py's decode splits at these, in order
@@ -295,11 +304,10 @@ def humaneval(backend: Backend | None, settings: EvalSettings) -> TaskResult:
     ProgramRunner(unsafe=settings.unsafe).close()  # no bubblewrap: fail before generating, not after
     chosen = list(problems.values())[: settings.limit]
     if settings.chat:
-        from qwenkit.chat import DEFAULT_SYSTEM, make_context
-
         window = backend.context_length
-        items = [(p["task_id"], make_context(backend.tokenizer, humaneval_chat_prompt(p), None, DEFAULT_SYSTEM,
-                                             window, "auto")[1]) for p in chosen]  # fmt: skip
+        items = [
+            (p["task_id"], chat_prompt(backend.tokenizer, humaneval_chat_prompt(p), window)) for p in chosen
+        ]
         samples = generate_samples(backend, items, settings, (), "humaneval chat")
         for sample in samples:
             sample["response"] = sample["raw"].strip()  # the official model.chat strips its reply

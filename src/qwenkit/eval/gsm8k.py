@@ -33,11 +33,11 @@ from qwenkit.eval.base import (
     Prediction,
     TaskResult,
     accuracy,
-    progress,
+    chat_prompt,
+    generate_all,
     read_jsonl,
     task,
 )
-from qwenkit.tokenizer import Tokenizer
 
 INVALID = "[invalid]"  # the official scripts' answer for a completion without one
 GOLD_ANSWER = re.compile(r"#### (\-?[0-9\.\,]+)")  # evaluate_gsm8k.py's ANS_RE
@@ -195,40 +195,6 @@ def chat_query(examples: Sequence[str], question: str) -> str:
     if not examples:
         return question
     return "".join(e + SHOT_SEPARATOR for e in examples) + f"Question: {question}\nLet's think step by step"
-
-
-def chat_prompt(tokenizer: Tokenizer, query: str, window: int) -> list[int]:
-    """The ids of `model.chat(tokenizer, query, history=None)`'s prompt: ChatML with the default
-    system prompt (or the checkpoint's own chat template), ending where the assistant answers."""
-    from qwenkit.chat import make_context
-    from qwenkit.chatml import DEFAULT_SYSTEM
-
-    return make_context(tokenizer, query, None, DEFAULT_SYSTEM, window, chat_format="auto")[1]
-
-
-def generate_all(
-    backend: Backend,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    stop: Sequence[str],
-    settings: EvalSettings,
-    desc: str,
-) -> list[str]:
-    """Every prompt's continuation, `settings.batch_size` prompts per call (sorted by length so
-    batches pad little), with a progress bar."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    texts = [""] * len(prompts)
-    size = max(1, settings.batch_size)
-    with progress(len(prompts), desc, settings.progress) as bar:
-        for start in range(0, len(order), size):
-            batch = order[start : start + size]
-            replies = backend.generate(
-                [prompts[i] for i in batch], max_new_tokens, stop, settings.temperature, settings.seed
-            )
-            for i, reply in zip(batch, replies, strict=True):
-                texts[i] = reply
-            bar.update(len(batch))
-    return texts
 
 
 # --- the task --------------------------------------------------------------------------------------

@@ -32,8 +32,18 @@ from pathlib import Path
 from typing import Any
 
 from qwenkit.errors import QwenkitError
-from qwenkit.eval.base import Backend, EvalSettings, Prediction, TaskResult, progress, read_jsonl, task
-from qwenkit.eval.gsm8k import chat_prompt, generate_all, python_number
+from qwenkit.eval.base import (
+    Backend,
+    EvalSettings,
+    Prediction,
+    TaskResult,
+    chat_prompt,
+    generate_all,
+    progress,
+    read_jsonl,
+    task,
+)
+from qwenkit.eval.gsm8k import python_number
 
 # --- data files ------------------------------------------------------------------------------------
 
