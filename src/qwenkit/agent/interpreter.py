@@ -369,7 +369,9 @@ class CodeInterpreter:
             if self.process.poll() is not None:
                 client.stop_channels()
                 reason = _last_error(log)
-                if "MemoryError" in _read(log):
+                # a MemoryError in the log, or SIGKILL (the memory cgroup's OOM killer; bwrap passes
+                # it on as 128 + 9) before the kernel could write one
+                if "MemoryError" in _read(log) or self.process.returncode in (-9, 137):
                     reason = f"out of memory (memory_mb={self.memory_mb} is too small)"
                 raise QwenkitError(f"the code interpreter's kernel failed to start: {reason}")
             try:
