@@ -61,7 +61,9 @@ class Task:
     held_out: Sequence | None  # held-out samples; None or empty: no evaluation
     collate: Callable[[list], Batch]  # samples -> a micro-batch whose first tensor is the input ids
     seq_len: int  # the longest sample in tokens (for FLOPs per token)
-    loss: Callable[[torch.nn.Module, Batch], torch.Tensor] = next_token_loss  # model, batch on the device
+    # model, batch on the device -> the loss, or (loss, {name: scalar tensor}) for metrics logged beside
+    # it (a reward model's accuracy and margin), averaged like the loss, held-out ones as val_<name>
+    loss: Callable[[torch.nn.Module, Batch], torch.Tensor | tuple[torch.Tensor, dict]] = next_token_loss
     adapter: bool = False  # a LoRA model: checkpoints hold the adapter (peft's format), not the whole model
 
 
@@ -131,6 +133,11 @@ class StepBatches:
         return batches
 
 
+def split_loss(result) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A task's loss result -> (loss, extra metrics)."""
+    return result if isinstance(result, tuple) else (result, {})
+
+
 def autocast(device: torch.device):
     """bf16 autocast on GPUs; fp32 on CPUs."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -146,27 +153,32 @@ def gradient_sync(model, enabled: bool):
 
 
 @torch.no_grad()
-def evaluate(model, task: Task, micro: int, max_batches: int, env: Distributed) -> float | None:
-    """Mean loss of the first `max_batches` micro-batches of the held-out samples (None without
-    any), each process computing its share (`env.share`). Every process runs as many forward passes
-    as the longest share, since FSDP gathers weights collectively; a pass past a process's share
-    repeats one of its batches (or batch 0) and is not counted."""
+def evaluate(model, task: Task, micro: int, max_batches: int, env: Distributed) -> dict[str, float] | None:
+    """Mean loss (and the task's extra metrics) of the first `max_batches` micro-batches of the
+    held-out samples (None without any), each process computing its share (`env.share`). Every
+    process runs as many forward passes as the longest share, since FSDP gathers weights
+    collectively; a pass past a process's share repeats one of its batches (or batch 0) and is not
+    counted."""
     if not task.held_out:
         return None
     size = len(task.held_out)
     count = min(max_batches, math.ceil(size / micro))
     share = env.share(count)
     model.eval()
-    total = 0.0
+    totals: dict[str, float] = {}
     for k in range(math.ceil(count / env.world_size)):
         b = share[min(k, len(share) - 1)] if share else 0
         batch = task.collate([task.held_out[i] for i in range(b * micro, min((b + 1) * micro, size))])
         with autocast(env.device):
-            loss = task.loss(model, tuple(x.to(env.device) for x in batch)).item()
-        total += loss if k < len(share) else 0.0
+            loss, extra = split_loss(task.loss(model, tuple(x.to(env.device) for x in batch)))
+        for name, value in {"loss": loss, **extra}.items():
+            totals[name] = totals.get(name, 0.0) + (float(value) if k < len(share) else 0.0)
     model.train()
-    total, evaluated = env.sum(total, len(share))
-    return total / evaluated
+    means = {}
+    for name, total in totals.items():
+        total, evaluated = env.sum(total, len(share))
+        means[name] = total / evaluated
+    return means
 
 
 def fit(model, optimizer, batches: StepBatches, task: Task, recipe: Recipe, out: Path, env: Distributed,
@@ -182,14 +194,16 @@ def fit(model, optimizer, batches: StepBatches, task: Task, recipe: Recipe, out:
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro_batches = batches.micro_batches(step)
-        losses = []
+        losses, extras = [], {}
         for m, batch in enumerate(micro_batches):
             batch = tuple(x.to(env.device) for x in batch)
             with gradient_sync(model, m == len(micro_batches) - 1):
                 with autocast(env.device):
-                    loss = task.loss(model, batch)
+                    loss, extra = split_loss(task.loss(model, batch))
                 (loss / len(micro_batches)).backward()
             losses.append(loss.detach())
+            for name, value in extra.items():
+                extras.setdefault(name, []).append(float(value))
             throughput.add(batch[0].numel() * env.world_size)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         optimizer.step()
@@ -199,12 +213,14 @@ def fit(model, optimizer, batches: StepBatches, task: Task, recipe: Recipe, out:
             norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             record = {"step": done, "loss": env.mean(torch.stack(losses).mean().item()), "lr": lr,
                       "grad_norm": float(norm)}  # fmt: skip
+            record.update({name: env.mean(sum(values) / len(values)) for name, values in extras.items()})
             record.update(throughput.read())
             if (recipe.eval.every and done % recipe.eval.every == 0) or done == t.max_steps:
-                val_loss = evaluate(model, task, t.micro_batch_size, recipe.eval.batches, env)
-                if val_loss is not None:
-                    record["val_loss"] = val_loss
-                    record["val_ppl"] = math.exp(min(val_loss, 50.0))
+                held_out = evaluate(model, task, t.micro_batch_size, recipe.eval.batches, env)
+                if held_out is not None:
+                    record.update({f"val_{name}": value for name, value in held_out.items()})
+                    if not extras and not set(held_out) - {"loss"}:  # a language-model loss
+                        record["val_ppl"] = math.exp(min(held_out["loss"], 50.0))
             metrics.log(record)
             shown = {
                 "loss": f"{record['loss']:.4f}",
