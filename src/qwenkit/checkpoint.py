@@ -472,8 +472,10 @@ def save_state_dict(
     path: str | os.PathLike,
     dtype: torch.dtype,
     max_shard_bytes: int = 4 * 1024**3,
+    hf_config: dict | None = None,
 ) -> Path:
-    """`save` for a state dict (what distributed training gathers) rather than a model object."""
+    """`save` for a state dict (what distributed training gathers) rather than a model object.
+    `hf_config`: config.json keys to set besides the Qwen2 ones (a reward model's architecture)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -504,7 +506,8 @@ def save_state_dict(
             total = sum(t.numel() * t.element_size() for t in state.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        (staging / "config.json").write_text(json.dumps(config_to_hf(config, dtype, tokenizer), indent=2))
+        hf = {**config_to_hf(config, dtype, tokenizer), **(hf_config or {})}
+        (staging / "config.json").write_text(json.dumps(hf, indent=2))
         from qwenkit.generation import QWENKIT_GENERATION_FILE, GenerationConfig, context_length
         from qwenkit.hf_tokenizer import write_hf_tokenizer
 

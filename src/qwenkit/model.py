@@ -396,7 +396,19 @@ class Qwen(nn.Module):
         last_only: bool = False,
         segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits for input_ids [B, T].
+        """Logits for input_ids [B, T] (arguments: `hidden_states`)."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, cache, last_only, segment_ids))
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+        segment_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final (normalized) hidden states [B, T, hidden] the LM head reads; a reward model's
+        score head reads them too (qwenkit.train.reward).
 
         attention_mask [B, T] (1 = token, 0 = left padding) is only needed for padded batches.
         With a cache, the tokens are appended after what it holds; pass `attention_mask` only with
@@ -465,7 +477,7 @@ class Qwen(nn.Module):
             cache.length += t
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.model.norm(x))
+        return self.model.norm(x)
 
     def decode_step(self, tokens: torch.Tensor, cache: KVCache, width: int | None = None) -> torch.Tensor:
         """Logits [B, V] for one new token per row, written at each row's `cache.slot` and seen at

@@ -153,7 +153,11 @@ def save_model(out: Path, step: int, model, optimizer, tokenizer, recipe: Recipe
     if not env.main:
         return
     staging = staging_dir(out, step)
-    save_state_dict(model_state, unwrap(model).config, None, tokenizer, staging, torch.float32)
+    network = unwrap(model)
+    if hasattr(network, "save_state"):  # a model with a layout of its own (qwenkit.train.reward)
+        network.save_state(model_state, tokenizer, staging)
+    else:
+        save_state_dict(model_state, network.config, None, tokenizer, staging, torch.float32)
     commit_trainer_state(out, staging, step, optimizer_state, recipe, **extra)
 
 
@@ -166,7 +170,10 @@ def resume_model(out: Path, model, optimizer) -> int:
         return 0
     state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
     model_state = dict(iter_tensors(weight_files(path)))
-    if unwrap(model).config.tie_word_embeddings:
+    network = unwrap(model)
+    if hasattr(network, "state_from_checkpoint"):  # stored names -> the module's (qwenkit.train.reward)
+        model_state = network.state_from_checkpoint(model_state)
+    elif network.config.tie_word_embeddings:
         model_state["lm_head.weight"] = model_state["model.embed_tokens.weight"]
     restore_state(model, optimizer, model_state, state["optimizer"])
     set_rng_state(state["rng"])
