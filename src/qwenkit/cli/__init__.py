@@ -15,6 +15,7 @@ on one line and exits 1.
   agent.py       agent
   eval.py        eval (benchmarks, qwenkit.eval)
   quant.py       quantize (int8/int4 round-to-nearest and GPTQ, qwenkit.quant)
+  arena.py       arena, arena report|export (human pairwise evaluation, qwenkit.arena)
   common.py      what several verbs share: model options, argument types, check_destination
 """
 
@@ -25,7 +26,7 @@ import io
 import os
 import sys
 
-from qwenkit.cli import agent, chat, checkpoint, data, demo, quant, serve, train
+from qwenkit.cli import agent, arena, chat, checkpoint, data, demo, quant, serve, train
 from qwenkit.cli import eval as eval_verb
 from qwenkit.errors import QwenkitError
 
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'qwenkit VERB --help' for the options and examples of one verb.",
     )
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-    for family in (chat, checkpoint, serve, data, train, demo, agent, eval_verb, quant):
+    for family in (chat, checkpoint, serve, data, train, demo, agent, eval_verb, quant, arena):
         family.add_parsers(verbs)
     return parser
 
