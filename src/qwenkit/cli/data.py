@@ -63,6 +63,75 @@ def add_parsers(verbs) -> None:
     )
     add_pack_arguments(q)
     q.set_defaults(run=run_pack)
+    q = add_verb(
+        steps,
+        "process",
+        "clean raw documents with the datatrove pipeline: extraction, language ID, exact and MinHash dedup, "
+        "quality rules, decontamination (see docs/data.md)",
+        "  qwenkit data process --input crawl.warc.gz pages/ books.jsonl:2 --out data/clean\n"
+        "  qwenkit data process --input web/ --out data/clean --config configs/data/default.yaml --workers 8 "
+        "--decontaminate my_eval.jsonl --language.keep '[zh, en, ja]'\n"
+        "  qwenkit data process --input /shared/web/ --out /shared/clean --executor slurm --workers 64 "
+        "--executor.slurm_partition cpu",
+    )
+    add_process_arguments(q)
+    q.set_defaults(run=run_process, dotted_overrides=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# data process
+
+
+def add_process_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--input",
+        dest="inputs",
+        nargs="+",
+        action="extend",
+        required=True,
+        metavar="PATH[:WEIGHT]",
+        help="JSONL ('text', optional 'id'), Parquet, .txt (one document), .html/.htm or WARC files, or "
+        "directories of them; each file name (before its first dot) or directory name is a source, and "
+        "':WEIGHT' is that source's weight for `data pack` (default 1, or sources.weights in the config)",
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory (see docs/data.md)")
+    parser.add_argument(
+        "--config", metavar="FILE", help="YAML pipeline config, e.g. configs/data/default.yaml"
+    )
+    parser.add_argument(
+        "--decontaminate",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="FILE",
+        help="evaluation sets (JSONL / CSV / text) whose 13-grams are removed, besides HumanEval",
+    )
+    parser.add_argument("--executor", choices=("local", "slurm", "ray"), help="default: the config's (local)")
+    parser.add_argument("--workers", type=positive_int, metavar="N", help="tasks run at once (default 1)")
+
+
+def run_process(args: argparse.Namespace) -> int:
+    """`qwenkit data process`: run the pipeline, print the report's summary and the pack command."""
+    from qwenkit.data.pipeline import load_process_config, process
+
+    config = load_process_config(args.config, args.overrides)
+    report = process(args.inputs, args.out, config, args.decontaminate, args.executor, args.workers)
+    if report is None:
+        print(f"submitted the Slurm jobs (logs in {args.out}/logs/); when they finish, write the report with")
+        print(f"  python -c \"from qwenkit.data.pipeline import write_report; write_report('{args.out}')\"")
+        return 0
+    print(
+        f"kept {report['documents_out']:,} of {report['documents_in']:,} documents "
+        f"({report['bytes_out'] / 1e6:.2f} of {report['bytes_in'] / 1e6:.2f} MB) -> {args.out}/output/"
+    )
+    for stage in report["stages"]:
+        reasons = ", ".join(f"{k} {v:,}" for k, v in stage["reasons"].items())
+        print(f"  {stage['stage']:<14} -{stage['removed']:>8,}  {reasons}")
+    print(f"report: {args.out}/report.md, {args.out}/funnel.png")
+    if report["pack_inputs"]:
+        inputs = " ".join(report["pack_inputs"])
+        print(f"pack: qwenkit data pack --input {inputs} --tokenizer TOKENIZER --seq-len N --out DIR")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
