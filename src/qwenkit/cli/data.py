@@ -76,6 +76,23 @@ def add_parsers(verbs) -> None:
     )
     add_process_arguments(q)
     q.set_defaults(run=run_process, dotted_overrides=True)
+    q = add_verb(
+        steps,
+        "train-classifier",
+        "train the fastText quality classifier that `data process` can filter with (classifier section)",
+        "  qwenkit data train-classifier --positive wiki.jsonl books/ --negative spam.jsonl --out quality-clf",
+    )
+    add_train_classifier_arguments(q)
+    q.set_defaults(run=run_train_classifier)
+    q = add_verb(
+        steps,
+        "review",
+        "random kept and removed documents of a `data process` output, with scores and reasons "
+        "(terminal and OUT/review.html)",
+        "  qwenkit data review processed/\n  qwenkit data review processed/ --stage decontaminate --n 50 --seed 1",
+    )
+    add_review_arguments(q)
+    q.set_defaults(run=run_review)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,4 +357,79 @@ def run_pack(args: argparse.Namespace) -> int:
         f"  tokenized {stats.documents / seconds:,.0f} documents/s, {stats.tokenized_tokens / seconds:,.0f} tokens/s; "
         f"{stats.seconds:.1f} s in all"
     )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# data train-classifier, data review
+
+
+def add_train_classifier_arguments(parser: argparse.ArgumentParser) -> None:
+    for name, what in (("positive", "keep"), ("negative", "remove")):
+        parser.add_argument(
+            f"--{name}",
+            nargs="+",
+            required=True,
+            metavar="FILE",
+            help=f"examples of documents to {what}: .jsonl/.ndjson ('text' field), .parquet or .txt files, "
+            "or directories of them",
+        )
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", help="writes DIR/classifier.bin and classifier.json"
+    )
+    parser.add_argument(
+        "--held-out", type=fraction, default=0.1, metavar="F",
+        help="fraction of each class held out to measure accuracy (default 0.1)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--epoch", type=positive_int, default=10, metavar="N", help="fastText epochs (default 10)"
+    )
+    parser.add_argument(
+        "--seed", type=seed_value, default=0, help="held-out split and training seed (default 0)"
+    )
+
+
+def run_train_classifier(args: argparse.Namespace) -> int:
+    from qwenkit.data.quality_model import CLASSIFIER_INFO, train_classifier
+
+    path = train_classifier(
+        args.positive,
+        args.negative,
+        args.out,
+        held_out_fraction=args.held_out,
+        epoch=args.epoch,
+        seed=args.seed,
+    )
+    info = json.loads((path.parent / CLASSIFIER_INFO).read_text(encoding="utf-8"))
+    accuracy = info["held_out_accuracy"]
+    measured = (
+        f"held-out accuracy {accuracy:.3f} on {info['held_out']:,} documents"
+        if accuracy is not None
+        else "no documents held out"
+    )
+    print(
+        f"trained on {info['trained_on']:,} documents ({info['positive']:,} positive, {info['negative']:,} negative "
+        f"in all); {measured} -> {path}"
+    )
+    return 0
+
+
+def add_review_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", metavar="OUT", help="the --out directory of `qwenkit data process`")
+    parser.add_argument(
+        "--stage", metavar="S", help="only this removal stage (or 'kept'); default: all of them"
+    )
+    parser.add_argument(
+        "--n", type=positive_int, default=20, metavar="N", help="documents per group (default 20)"
+    )
+    parser.add_argument("--seed", type=seed_value, default=0, help="sampling seed (default 0)")
+
+
+def run_review(args: argparse.Namespace) -> int:
+    from qwenkit.data.review import REVIEW_FILE, collect_review, format_review, write_review_html
+
+    groups = collect_review(args.out, stage=args.stage, n=args.n, seed=args.seed)
+    print(format_review(groups))
+    page = write_review_html(groups, Path(args.out) / REVIEW_FILE, out=args.out, seed=args.seed)
+    print(f"wrote {page}")
     return 0
