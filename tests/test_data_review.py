@@ -1,0 +1,122 @@
+"""`qwenkit data review` (qwenkit.data.review): random kept and removed documents of a `data process`
+output directory (written here with datatrove's own JsonlWriter), in the terminal and as escaped HTML."""
+
+import gzip
+from html.parser import HTMLParser
+
+import pytest
+from datatrove.data import Document
+from datatrove.pipeline.writers import JsonlWriter
+
+from qwenkit.cli import main
+from qwenkit.data.review import collect_review, format_review
+from qwenkit.errors import QwenkitError
+
+HOSTILE = '<script>alert("x")</script> & <b>bold</b>\nsecond line'
+
+
+def write_docs(folder, docs, expand_metadata=False):
+    with JsonlWriter(
+        str(folder), expand_metadata=expand_metadata
+    ) as writer:  # gzip, as `data process` writes
+        for doc in docs:
+            writer.write(doc)
+
+
+@pytest.fixture
+def out(tmp_path):
+    kept = [Document(text=f"kept document {i}", id=f"k{i}", metadata={"language": "en", "perplexity": 12.5 + i})
+            for i in range(40)]  # fmt: skip
+    kept.append(Document(text=HOSTILE, id="hostile", metadata={"language": "en", "source": "<web>"}))
+    write_docs(tmp_path / "output", kept)
+    contaminated = [
+        Document(text=f"leaked test {i}", id=f"c{i}",
+                 metadata={"filter_reason": "contamination", "contamination": {"set": "humaneval", "ngram": "a b"}})
+        for i in range(3)
+    ]  # fmt: skip
+    write_docs(tmp_path / "removed" / "decontaminate", contaminated)
+    junk = [Document(text=f"buy buy buy {i}", id=f"j{i}", metadata={"filter_reason": "quality_classifier",
+                                                                    "quality_score": 0.01}) for i in range(30)]  # fmt: skip
+    write_docs(tmp_path / "removed" / "classifier", junk, expand_metadata=True)
+    with gzip.open(tmp_path / "removed" / "classifier" / "broken.jsonl.gz", "wt") as f:
+        f.write('{"text": "fine", "id": "j-extra"}\n{broken\n[1, 2]\n')
+    return tmp_path
+
+
+class PageText(HTMLParser):
+    """The tags and the text inside <pre> of a page (an HTML parser, independent of how it was written)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags, self.pre, self._in_pre = [], [], False
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self._in_pre = tag == "pre"
+        if self._in_pre:
+            self.pre.append("")
+
+    def handle_endtag(self, tag):
+        self._in_pre = False if tag == "pre" else self._in_pre
+
+    def handle_data(self, data):
+        if self._in_pre:
+            self.pre[-1] += data
+
+
+def test_review_draws_from_every_stage_with_scores_and_reasons(out, capsys):
+    assert main(["data", "review", str(out), "--n", "50"]) == 0
+    printed = capsys.readouterr().out
+    assert "=== kept: 41 of 41 documents" in printed
+    assert "=== classifier: 31 of 31 documents, 2 unreadable lines skipped" in printed
+    assert "=== decontaminate: 3 of 3 documents" in printed
+    assert "reason=contamination" in printed and '{"set": "humaneval", "ngram": "a b"}' in printed
+    assert "reason=quality_classifier  quality_score=0.01" in printed
+    assert "perplexity=13.5" in printed and "id=hostile" in printed
+    assert "second line" in printed and "\nsecond line" not in printed  # one line per document
+
+    page = out / "review.html"
+    parser = PageText()
+    parser.feed(page.read_text(encoding="utf-8"))
+    assert "script" not in parser.tags and "b" not in parser.tags  # the text's markup stays text
+    assert HOSTILE in parser.pre  # and reads back exactly
+    assert "&lt;script&gt;" in page.read_text() and "&lt;web&gt;" in page.read_text()
+    assert len(parser.pre) == 41 + 31 + 3
+
+
+def test_samples_are_random_reproducible_and_limited(out):
+    first = collect_review(out, n=5, seed=1)
+    assert [(g.name, len(g.samples), g.total) for g in first] == [
+        ("kept", 5, 41), ("classifier", 5, 31), ("decontaminate", 3, 3)
+    ]  # fmt: skip
+    ids = [[s.id for s in g.samples] for g in first]
+    assert ids == [[s.id for s in g.samples] for g in collect_review(out, n=5, seed=1)]
+    draws = {
+        tuple(s.id for s in collect_review(out, stage="kept", n=5, seed=seed)[0].samples)
+        for seed in range(20)
+    }
+    assert len(draws) > 15  # different seeds, different documents
+    seen = {i for d in draws for i in d}
+    assert len(seen) > 30  # not just the first files' documents
+    assert all(s.reason == "quality_classifier" and s.metadata == {"quality_score": 0.01}
+               for s in first[1].samples if s.id != "j-extra")  # fmt: skip
+
+
+def test_one_stage_only(out, capsys):
+    assert main(["data", "review", str(out), "--stage", "decontaminate", "--n", "2", "--seed", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "=== decontaminate: 2 of 3 documents" in printed and "=== kept" not in printed
+    groups = collect_review(out, stage="kept", n=1)
+    assert [g.name for g in groups] == ["kept"]
+    assert "=== kept: 1 of 41 documents" in format_review(groups)
+
+
+def test_bad_directories_and_stages(out, tmp_path_factory, capsys):
+    assert main(["data", "review", str(out), "--stage", "nope"]) == 1
+    assert "no stage 'nope' in" in capsys.readouterr().err
+    with pytest.raises(QwenkitError, match="choose from kept, classifier, decontaminate"):
+        collect_review(out, stage="nope")
+    empty = tmp_path_factory.mktemp("empty")
+    with pytest.raises(QwenkitError, match="not a `qwenkit data process` output"):
+        collect_review(empty)
+    assert main(["data", "review", str(out), "--n", "0"]) == 2  # argparse refuses it
