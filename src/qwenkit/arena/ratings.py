@@ -4,8 +4,9 @@ intervals, the same per prompt category, a PNG chart; and the ratings as TRL pre
 A tie and a "both bad" count as half a win for each side, in the pair tables' win rates and in the
 ratings (as the LMSYS arena counts ties). Ratings are on the Elo scale: 1000 + 400 * log10 of a
 model's Bradley-Terry strength, centred so the models average 1000; a 400-point gap means the
-stronger model wins 10 times out of 11. The fit is choix's maximum likelihood with a tiny L2 prior
-(ALPHA), which keeps a model that won or lost every comparison finite.
+stronger model wins 10 times out of 11. The fit is choix's iterative Luce spectral ranking (the
+maximum-likelihood estimate, fast enough for a thousand bootstrap refits), with a tiny prior (ALPHA)
+that keeps a model that won or lost every comparison finite.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 from qwenkit.arena.store import ArenaStore, Rating
 from qwenkit.errors import QwenkitError
 
-ALPHA = 1e-4  # choix's L2 regularization of the log-strengths
+ALPHA = 1e-4  # choix's regularization: a pseudo-count of comparisons between every two models
 ELO_SCALE = 400 / math.log(10)
 ELO_BASE = 1000.0
 
@@ -140,7 +141,7 @@ def pair_results(ratings: Sequence[Rating], models: Sequence[str]) -> list[PairR
 
 def bradley_terry(scores: Sequence[tuple[str, str, float]], models: Sequence[str]) -> np.ndarray:
     """Elo-scale ratings of `models` (in that order) from (a, b, a's score) outcomes: the maximum
-    likelihood Bradley-Terry fit (choix), a win counted as two wins of the pair and a tie as one
+    likelihood Bradley-Terry fit (choix.ilsr_pairwise), a win counted as two wins of the pair and a tie as one
     each way, which is the same likelihood as half a win each."""
     import choix
 
@@ -151,7 +152,7 @@ def bradley_terry(scores: Sequence[tuple[str, str, float]], models: Sequence[str
         data += [(i, j)] * round(2 * score) + [(j, i)] * round(2 * (1 - score))
     if not data:
         return np.full(len(models), ELO_BASE)
-    theta = choix.opt_pairwise(len(models), data, alpha=ALPHA)
+    theta = choix.ilsr_pairwise(len(models), data, alpha=ALPHA, tol=1e-10, max_iter=1000)
     return ELO_BASE + ELO_SCALE * (theta - theta.mean())
 
 
