@@ -86,6 +86,7 @@ def test_implicit_prompt_with_several_turns(tmp_path, byte_tokenizer):
         ("{broken", "bad JSON"),
         ({"prompt": "x", "chosen": "y"}, "missing 'rejected'"),
         ({"prompt": "x", "chosen": "y", "rejected": 3}, "all strings"),
+        ({"prompt": "x", "chosen": "y", "rejected": "y"}, "the same answer"),
         ({"prompt": [USER], "chosen": [user("y")], "rejected": [assistant("n")]}, "start with an assistant"),
         (
             {"prompt": [USER], "chosen": [{"role": "robot", "content": "y"}], "rejected": [assistant("n")]},

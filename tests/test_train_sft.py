@@ -94,12 +94,17 @@ def test_malformed_samples_are_skipped_or_fail_with_strict(setup, tmp_path, caps
     "path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.parent.name + "/" + p.name
 )
 def test_every_shipped_recipe_parses(path):
+    from qwenkit.train.dpo import DPORecipe
+    from qwenkit.train.ppo import PPORecipe
     from qwenkit.train.pretrain import PretrainRecipe
     from qwenkit.train.settings import load_recipe
+    from qwenkit.train.reward import RewardRecipe
     from qwenkit.train.sft import SFTRecipe
 
-    sft = "sft" in str(path.relative_to(ROOT / "configs"))
-    recipe = load_recipe(SFTRecipe if sft else PretrainRecipe, path, [])
+    relative = path.relative_to(ROOT / "configs")
+    recipes = {"reward": RewardRecipe, "ppo": PPORecipe, "dpo": DPORecipe}  # configs/<verb>/ -> its recipe
+    sft = "sft" in str(relative)
+    recipe = load_recipe(recipes.get(relative.parts[0], SFTRecipe if sft else PretrainRecipe), path, [])
     assert recipe.train.max_steps > 0 and recipe.train.lr > 0
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from qwenkit.cli.common import add_verb
+from qwenkit.cli.common import add_verb, device_name
 
 
 def add_parsers(verbs) -> None:
@@ -49,6 +49,29 @@ def add_parsers(verbs) -> None:
     )
     p.set_defaults(run=run_sft, dotted_overrides=True)
 
+    p = add_verb(
+        verbs,
+        "reward",
+        "train a reward model on preference pairs (pairwise loss), or score one (`reward score`)",
+        "  qwenkit reward --config configs/reward/pmp.yaml --model ./Qwen-7B --data pmp.jsonl --out runs/pmp\n"
+        "  qwenkit reward --config configs/reward/rm.yaml --model runs/pmp --data hq.jsonl --eval-data held.jsonl "
+        "--out runs/rm\n"
+        "  qwenkit reward score --model runs/rm --data held.jsonl --out scores.jsonl  "
+        "(options: --max-len N, --batch-size N, --device D)\n"
+        'data: JSONL in TRL\'s formats: {"prompt", "chosen", "rejected"} as strings or message lists, or '
+        '{"chosen", "rejected"} message lists sharing their prompt',
+    )
+    p.add_argument(
+        "--config", metavar="FILE", help="YAML recipe (sections model, data, train, eval, checkpoint, log)"
+    )
+    p.add_argument(
+        "--model", metavar="DIR", help="causal LM or reward model to start from, or a run (model.path)"
+    )
+    p.add_argument("--data", metavar="FILE", help="training preference pairs (data.path)")
+    p.add_argument("--eval-data", metavar="FILE", help="held-out preference pairs (data.eval_path)")
+    p.add_argument("--out", metavar="DIR", help="run directory: checkpoints, metrics.jsonl, loss.png")
+    p.set_defaults(run=run_reward, dotted_overrides=True)
+
 
 def run_pretrain(args: argparse.Namespace) -> int:
     from qwenkit.train.pretrain import main as pretrain
@@ -62,3 +85,36 @@ def run_sft(args: argparse.Namespace) -> int:
     given = {"--model.path": args.model, "--data.path": args.data, "--model.method": args.method}
     overrides = [item for key, value in given.items() if value is not None for item in (key, value)]
     return sft(args.config, args.out, overrides + args.overrides)
+
+
+def run_reward(args: argparse.Namespace) -> int:
+    if args.overrides[:1] == ["score"]:  # `qwenkit reward score`: its own few options
+        return run_reward_score(args)
+    from qwenkit.errors import QwenkitError
+    from qwenkit.train.reward import main as reward
+
+    if args.out is None:
+        raise QwenkitError("qwenkit reward needs --out DIR (or use `qwenkit reward score`)")
+    given = {"--model.path": args.model, "--data.path": args.data, "--data.eval_path": args.eval_data}
+    overrides = [item for key, value in given.items() if value is not None for item in (key, value)]
+    return reward(args.config, args.out, overrides + args.overrides)
+
+
+def run_reward_score(args: argparse.Namespace) -> int:
+    from qwenkit.errors import QwenkitError
+    from qwenkit.train.reward import score_main
+
+    options = argparse.ArgumentParser(prog="qwenkit reward score", add_help=False, exit_on_error=False)
+    options.add_argument("--max-len", type=int, default=2048)
+    options.add_argument("--batch-size", type=int, default=8)
+    options.add_argument("--device", type=device_name)
+    try:
+        extra, unknown = options.parse_known_args(args.overrides[1:])
+    except argparse.ArgumentError as e:
+        raise QwenkitError(f"reward score: {e}") from None
+    if unknown or args.config or args.eval_data:
+        raise QwenkitError(f"reward score takes --model, --data, --out, --max-len, --batch-size, --device; "
+                           f"not {' '.join(unknown) or '--config/--eval-data'}")  # fmt: skip
+    if not args.model or not args.data:
+        raise QwenkitError("reward score needs --model DIR and --data FILE")
+    return score_main(args.model, args.data, args.out, extra.max_len, extra.batch_size, extra.device)

@@ -141,6 +141,8 @@ def tokenize_pair(
             raise AssertionError("a rendered conversation does not start with its rendered prompt")
         parts.append((whole.input_ids[len(head) :], whole.labels[len(head) :]))
     (chosen_ids, chosen_labels), (rejected_ids, rejected_labels) = parts
+    if chosen_ids == rejected_ids:  # nothing to prefer: such a pair would only teach ties
+        raise QwenkitError("'chosen' and 'rejected' are the same answer")
     return PreferencePair(head, chosen_ids, rejected_ids, chosen_labels, rejected_labels)
 
 
