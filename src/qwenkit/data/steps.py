@@ -155,8 +155,8 @@ def lsh_probability(similarity: float, bands: int, rows: int) -> float:
     return 1.0 - (1.0 - similarity**rows) ** bands
 
 
-class _NoWordTokenizer(WordTokenizer):
-    """datatrove's MinHash step loads a word tokenizer at construction; ours shingles with `words`."""
+class CjkWordTokenizer(WordTokenizer):
+    """`words` as a datatrove word tokenizer (its English one needs spaCy, its Chinese one jieba too)."""
 
     def word_tokenize(self, text: str) -> list[str]:
         return words(text)
@@ -175,7 +175,8 @@ class CjkMinhashSignature(MinhashDedupSignature):
     name = "🎯 MinHash stage 1 (CJK-aware)"
 
     def __init__(self, output_folder, config: MinhashConfig):
-        super().__init__(output_folder, config, language=_NoWordTokenizer("multilingual"))
+        folder = str(output_folder) if isinstance(output_folder, Path) else output_folder
+        super().__init__(folder, config, language=CjkWordTokenizer("multilingual"))
 
     def get_shingles(self, text: str) -> np.ndarray:
         return shingles(text, self.config.n_grams).reshape(-1, 1)
@@ -259,8 +260,10 @@ class InputReader(PipelineStep):
             from datatrove.pipeline.readers.warc import WarcReader as reader_cls
 
             metadata = {**metadata, "format": "html"}
-        reader = reader_cls(folder, glob_pattern=name, default_metadata=metadata, add_file_path=False)
-        yield from reader.read_file(name)
+        reader = reader_cls(folder, glob_pattern=name, default_metadata=metadata)
+        for doc in reader.read_file(name):
+            doc.metadata.pop("file_path", None)  # the source names the input; paths leak machine layout
+            yield doc
 
 
 class RankJsonlReader(JsonlReader):
@@ -365,7 +368,9 @@ class NormalizeText(BaseFormatter):
     def format(self, text: str) -> str:
         import ftfy
 
-        text = ftfy.fix_text(text.replace("\r\n", "\n").replace("\r", "\n"), normalization="NFC")
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        # ftfy's width and quote fixes would turn Chinese full-width punctuation and curly quotes into ASCII
+        text = ftfy.fix_text(text, normalization="NFC", fix_character_width=False, uncurl_quotes=False)
         text = _CONTROL.sub("", text)
         text = _TRAILING_SPACE.sub("\n", text)
         return _BLANK_RUNS.sub("\n\n", text).strip()
