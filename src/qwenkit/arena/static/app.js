@@ -70,6 +70,7 @@ function render(item) {
   const same = draft && draft.id === item.id;
   $("reason").value = same ? draft.reason : "";
   choose(same ? draft.verdict : null);
+  if (document.activeElement === $("reason")) $("reason").blur();  // the keys rate the new comparison
   $("comparison").scrollIntoView({ block: "start" });
 }
 
@@ -118,6 +119,7 @@ function start(name) {
   $("rater-name").textContent = rater;
   $("who").hidden = false;
   $("rater-form").hidden = true;
+  if (document.activeElement instanceof HTMLElement) document.activeElement.blur();  // keys rate now
   next();
 }
 
