@@ -176,6 +176,9 @@ def reward_model_from(path: str, device: torch.device) -> tuple[RewardModel, Tok
         from qwenkit.checkpoint import load
 
         qwen, tokenizer = load(resolve_run(path), device=device, dtype="float32")
+        with torch.no_grad():  # the loader lays some CPU weights out for decoding; FSDP needs them contiguous
+            for parameter in qwen.parameters():
+                parameter.data = parameter.data.contiguous()
         model = RewardModel(qwen)
     return model.train(), tokenizer
 
