@@ -248,13 +248,14 @@ def write_report(report: Report, out: str | Path) -> dict[str, Path]:
 def preference_rows(store: ArenaStore) -> tuple[list[dict], int]:
     """Every decisive rating as a TRL conversational preference pair {"prompt": messages, "chosen":
     [assistant message], "rejected": [assistant message]}, oldest first, and how many ratings were
-    left out (ties and both-bad say nothing about which answer is better)."""
+    left out: ties and both-bad say nothing about which answer is better, nor does a choice between
+    two identical answers (the reward model's reader refuses those)."""
     rows, skipped = [], 0
     for r in store.ratings():
-        if r.winner is None:
+        answers = store.answers(r.prompt.id)
+        if r.winner is None or answers[r.winner] == answers[r.loser]:
             skipped += 1
             continue
-        answers = store.answers(r.prompt.id)
         rows.append({
             "prompt": r.prompt.messages,
             "chosen": [{"role": "assistant", "content": answers[r.winner]}],

@@ -133,5 +133,5 @@ def run_export(args: argparse.Namespace) -> int:
     store = open_store(args.db, must_exist=True)
     written, skipped = export_pairs(store, args.out)
     print(f"qwenkit arena export: {written} preference pairs to {args.out} "
-          f"({skipped} ties and both-bad ratings left out)")  # fmt: skip
+          f"({skipped} ties, both-bad ratings and choices between identical answers left out)")  # fmt: skip
     return 0
