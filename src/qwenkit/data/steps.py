@@ -20,6 +20,7 @@ which datatrove stores in the removed document's metadata["filter_reason"]):
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import json
 import unicodedata
@@ -376,6 +377,14 @@ class NormalizeText(BaseFormatter):
         return _BLANK_RUNS.sub("\n\n", text).strip()
 
 
+@functools.cache
+def _language_identifier():
+    """py3langid's model, loaded once per process (a few seconds; datatrove copies steps per task)."""
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+
+
 class LanguageFilter(BaseFilter):
     """Language ID with py3langid (offline: the model is in the package; datatrove's fastText filter
     downloads its model). Sets metadata["language"] and ["language_score"] (probability, 0..1) and keeps
@@ -394,14 +403,9 @@ class LanguageFilter(BaseFilter):
         self.languages = set(languages or ())
         self.min_score = min_score
         self.max_chars = max_chars
-        self._identifier = None
 
     def identify(self, text: str) -> tuple[str, float]:
-        if self._identifier is None:
-            from py3langid.langid import MODEL_FILE, LanguageIdentifier
-
-            self._identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
-        language, score = self._identifier.classify(text[: self.max_chars])
+        language, score = _language_identifier().classify(text[: self.max_chars])
         return language, float(score)
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
@@ -420,7 +424,7 @@ class LanguageFilter(BaseFilter):
 
 ENGLISH_STOP_WORDS = frozenset(("the", "be", "to", "of", "and", "that", "have", "with"))  # Gopher's list
 CHINESE_STOP_WORDS = frozenset("的是了在和有我不这也就人都一")  # the commonest function characters
-BULLETS = ("•", "●", "○", "■", "□", "▪", "▫", "*", "-", "–", "·", "◦")
+BULLETS = tuple(f"{b} " for b in "•●○■□▪▫*-–·◦")  # a bullet is followed by a space ("**bold**" is not one)
 TERMINAL_PUNCTUATION = (
     ".",
     "!",
@@ -550,7 +554,7 @@ class QualityFilter(BaseFilter):
         if symbols / n > self.max_symbol_ratio:
             return "symbol_ratio"
         lines = [line.strip() for line in text.split("\n") if line.strip()]
-        if lines:
+        if len(lines) >= 3:  # line shares of a one- or two-line document say nothing about its layout
             if sum(line.startswith(BULLETS) for line in lines) / len(lines) > self.max_bullet_lines:
                 return "bullet_lines"
             if sum(line.endswith(("...", "…")) for line in lines) / len(lines) > self.max_ellipsis_lines:
