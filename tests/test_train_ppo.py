@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny_model, run_until_killed, to_transformers
 
+import qwenkit
+from qwenkit.cli import main
 from qwenkit.train.ppo import (
     RunningMoments,
     entropy_of,
@@ -36,7 +39,9 @@ def test_kl_shaped_rewards_match_a_loop():
     got = kl_shaped_rewards(scores, logprobs, ref, MASK, 0.04)
     for i, n in enumerate(LENGTHS):
         for t in range(7):
-            expected = 0.0 if t >= n else -0.04 * (logprobs[i, t] - ref[i, t]) + (scores[i] if t == n - 1 else 0)
+            expected = (
+                0.0 if t >= n else -0.04 * (logprobs[i, t] - ref[i, t]) + (scores[i] if t == n - 1 else 0)
+            )
             assert float(got[i, t]) == pytest.approx(float(expected), abs=1e-12)
 
 
@@ -113,7 +118,10 @@ def test_running_moments_equal_the_statistics_of_everything_seen():
     x = fixed(30, 6)
     torch.testing.assert_close(moments.normalize(x, "mean"), x - float(everything.mean()))
     torch.testing.assert_close(
-        moments.normalize(x, "mean_std"), (x - float(everything.mean())) / float(everything.std()), atol=1e-6, rtol=0
+        moments.normalize(x, "mean_std"),
+        (x - float(everything.mean())) / float(everything.std()),
+        atol=1e-6,
+        rtol=0,
     )
     restored = RunningMoments()
     restored.load_state_dict(moments.state_dict())
@@ -123,6 +131,132 @@ def test_running_moments_equal_the_statistics_of_everything_seen():
 def test_token_logprobs_and_entropy_match_trl():
     from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
-    logits, tokens = fixed(40, 3, 5, 11).float(), torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(0))
+    logits, tokens = (
+        fixed(40, 3, 5, 11).float(),
+        torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(0)),
+    )
     torch.testing.assert_close(token_logprobs(logits, tokens), selective_log_softmax(logits, tokens))
     torch.testing.assert_close(entropy_of(logits), entropy_from_logits(logits))
+
+
+# --- end to end ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, byte_tokenizer) -> Path:
+    """A tiny policy whose <|im_end|> comes often enough that some responses end within 8 tokens and
+    some do not, a tiny reward model on the same vocabulary, and 16 prompts."""
+    from qwenkit.train.reward import RewardModel, save_reward_model
+
+    directory = tmp_path_factory.mktemp("ppo")
+    policy = make_tiny_model(vocab_size=512)
+    with torch.no_grad():  # a head row for <|im_end|> along the mean final hidden state: logit about 4.5
+        hidden = policy.hidden_states(
+            torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+        )
+        mean = hidden.flatten(0, 1).mean(dim=0)
+        policy.lm_head.weight[byte_tokenizer.im_end_id] = 4.5 * mean / mean.dot(mean)
+    qwenkit.save(policy, byte_tokenizer, directory / "policy")
+    reward = RewardModel(make_tiny_model(vocab_size=512, seed=1))
+    with torch.no_grad():  # the head RewardModel draws from the global RNG, drawn from a fixed one here
+        reward.score.weight.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(1))
+    save_reward_model(reward, byte_tokenizer, directory / "reward")
+    rows = [{"prompt": f"Say {i}"} for i in range(12)] + [
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": f"Count to {i}"},
+            ]
+        }
+        for i in range(4)
+    ]
+    (directory / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return directory
+
+
+def ppo(setup: Path, out: Path, *extra: str) -> list[str]:
+    return ["ppo", "--config", str(ROOT / "configs" / "ppo" / "demo.yaml"), "--policy", str(setup / "policy"),
+            "--reward", str(setup / "reward"), "--data", str(setup / "prompts.jsonl"), "--out", str(out),
+            "--rollout.queries_per_step", "2", "--rollout.max_new_tokens", "8", "--train.micro_batch_size", "2",
+            "--train.grad_accum", "1", "--ppo.value_warmup_steps", "1", "--log.progress", "false", *extra]  # fmt: skip
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+TIMING = {"rollout_tokens_per_sec", "update_tokens_per_sec", "tokens_per_sec"}
+
+
+def test_ppo_pinned_first_steps_and_outputs(setup, tmp_path):
+    out = tmp_path / "run"
+    assert main(ppo(setup, out, "--train.max_steps", "3")) == 0
+    logged = records(out)
+    assert [r["step"] for r in logged] == [1, 2, 3]
+    for name in ("reward", "kl", "policy_loss", "value_loss", "entropy", "response_length", "clipfrac", "lr"):
+        assert all(math.isfinite(r[name]) for r in logged), name
+    first = logged[0]
+    # step 1 is value warm-up: the policy has not moved, so step 2's rollouts still have KL 0
+    assert logged[0]["kl"] == logged[1]["kl"] == 0.0 and logged[2]["kl"] != 0.0
+    pinned = {"reward": -0.16597, "value_loss": 0.28435, "policy_loss": -0.08514, "entropy": 4.98578,
+              "response_length": 5.0, "unfinished": 0.25}  # fmt: skip
+    assert {k: first[k] for k in pinned} == pytest.approx(pinned, abs=1e-4)  # CPU, fp32, seed 0
+    assert (out / "reward_kl.png").is_file() and (out / "loss.png").is_file()
+    final = out / "checkpoints" / "step-0000003"
+    assert (out / "checkpoints" / "latest").read_text().strip() == final.name
+    # the policy is an ordinary checkpoint: qwenkit and transformers load it, with the same logits
+    import transformers
+
+    model, _ = qwenkit.load(final)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(final).eval()
+    ids = torch.tensor([[72, 105, 33, 257, 258]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), atol=1e-4, rtol=0)
+        start, _ = qwenkit.load(setup / "policy")
+        assert (model(ids) - start(ids)).abs().max() > 0  # PPO moved it
+    from qwenkit.train.reward import load_reward_model
+
+    value, _ = load_reward_model(final / "value")
+    assert value(ids).shape == (1, 5)
+
+
+def test_ppo_resume_after_a_kill_is_exact(setup, tmp_path):
+    settings = ["--train.max_steps", "4", "--checkpoint.every", "2"]
+    reference = tmp_path / "reference"
+    assert main(ppo(setup, reference, *settings)) == 0
+    interrupted = tmp_path / "interrupted"
+    run_until_killed(ppo(setup, interrupted, *settings), interrupted, after_step=3)
+    assert not (interrupted / "checkpoints" / "step-0000004").exists()
+    assert main(ppo(setup, interrupted, *settings)) == 0
+    strip = [{k: v for k, v in r.items() if k not in TIMING} for r in records(interrupted)]
+    assert strip == [{k: v for k, v in r.items() if k not in TIMING} for r in records(reference)]
+
+
+def test_ppo_lora_uses_the_adapter_off_as_reference(setup, tmp_path):
+    out = tmp_path / "lora"
+    argv = ppo(setup, out, "--method", "lora", "--train.max_steps", "3", "--train.lr", "1e-2",
+               "--model.lora_r", "4", "--model.lora_alpha", "8")  # fmt: skip
+    assert main(argv) == 0
+    logged = records(out)
+    assert logged[0]["kl"] == logged[1]["kl"] == 0.0  # LoRA's B starts at 0: policy = reference
+    assert logged[2]["kl"] != 0.0
+    adapter = out / "checkpoints" / "step-0000003" / "adapter"
+    adapted, _ = qwenkit.load(setup / "policy", adapter=adapter)
+    start, _ = qwenkit.load(setup / "policy")
+    ids = torch.tensor([[72, 105, 33, 257, 258]])
+    with torch.no_grad():
+        assert (adapted(ids) - start(ids)).abs().max() > 1e-4
+
+
+def test_ppo_errors_are_one_line(setup, tmp_path, capsys):
+    assert main(["ppo", "--data", str(setup / "prompts.jsonl"), "--out", str(tmp_path / "a")]) == 1
+    assert "--reward" in capsys.readouterr().err
+    assert main([*ppo(setup, tmp_path / "b"), "--rollout.responses_per_query", "3",
+                 "--train.micro_batch_size", "4"]) == 1  # fmt: skip
+    assert "multiple of" in capsys.readouterr().err
+    assert main(ppo(setup, tmp_path / "c", "--reward", str(setup / "policy"))) == 1
+    assert "not a reward model" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi"}\n{broken\n{"messages": [{"role": "assistant", "content": "x"}]}\n')
+    assert main([*ppo(setup, tmp_path / "d", "--data", str(bad)), "--data.strict", "true"]) == 1
+    assert "bad.jsonl:2" in capsys.readouterr().err

@@ -72,6 +72,56 @@ def add_parsers(verbs) -> None:
     p.add_argument("--out", metavar="DIR", help="run directory: checkpoints, metrics.jsonl, loss.png")
     p.set_defaults(run=run_reward, dotted_overrides=True)
 
+    p = add_verb(
+        verbs,
+        "ppo",
+        "align a chat model with PPO against a reward model (policy, value, reference, reward)",
+        "  qwenkit ppo --config configs/ppo/qwen-chat.yaml --policy ./Qwen-7B-Chat --reward runs/rm "
+        "--data prompts.jsonl --out runs/ppo\n"
+        "  qwenkit ppo --config configs/ppo/demo.yaml --reward runs/rlhf-demo/reward --data prompts.jsonl "
+        "--out runs/ppo --method lora\n"
+        'prompts: JSONL of {"prompt": str}, {"prompt": [messages]} or {"messages": [...]} ending with '
+        "a user turn; without --policy, the embedded demo model",
+    )
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML recipe (sections model, data, rollout, ppo, ptx, train, checkpoint, log)")  # fmt: skip
+    p.add_argument(
+        "--policy", metavar="DIR", help="chat model to align, or an SFT run directory (model.policy)"
+    )
+    p.add_argument(
+        "--reward", metavar="DIR", help="reward model, or a `qwenkit reward` run directory (model.reward)"
+    )
+    p.add_argument("--data", metavar="FILE", help="prompts, JSONL (data.path)")
+    p.add_argument("--method", choices=["full", "lora"],
+                   help="train the whole policy, or LoRA with the adapter off as the reference (model.method)")  # fmt: skip
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="run directory: checkpoints, metrics.jsonl, reward_kl.png"
+    )
+    p.set_defaults(run=run_ppo, dotted_overrides=True)
+
+    p = add_verb(
+        verbs,
+        "dpo",
+        "align a chat model on preference pairs with direct preference optimization (no reward model)",
+        "  qwenkit dpo --config configs/dpo/qwen-chat.yaml --model runs/sft/checkpoints/latest --data pairs.jsonl "
+        "--out runs/dpo\n"
+        "  qwenkit dpo --config configs/dpo/demo.yaml --model runs/sft --data pairs.jsonl --eval-data held.jsonl "
+        "--out runs/dpo-lora --method lora --dpo.beta 0.2\n"
+        "data: preference pairs in TRL's formats, as `qwenkit reward` reads them; the reference is the model "
+        "as loaded (frozen), or with --method lora the same weights with the adapter off",
+    )
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML recipe (sections model, data, dpo, train, eval, checkpoint, log)")  # fmt: skip
+    p.add_argument("--model", metavar="DIR", help="chat model to align, also the reference (model.path)")
+    p.add_argument("--data", metavar="FILE", help="training preference pairs (data.path)")
+    p.add_argument("--eval-data", metavar="FILE", help="held-out preference pairs (data.eval_path)")
+    p.add_argument("--method", choices=["full", "lora"],
+                   help="train the whole model (frozen reference) or LoRA (adapter off = reference) (model.method)")  # fmt: skip
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="run directory: checkpoints, metrics.jsonl, loss.png"
+    )
+    p.set_defaults(run=run_dpo, dotted_overrides=True)
+
 
 def run_pretrain(args: argparse.Namespace) -> int:
     from qwenkit.train.pretrain import main as pretrain
@@ -118,3 +168,21 @@ def run_reward_score(args: argparse.Namespace) -> int:
     if not args.model or not args.data:
         raise QwenkitError("reward score needs --model DIR and --data FILE")
     return score_main(args.model, args.data, args.out, extra.max_len, extra.batch_size, extra.device)
+
+
+def run_ppo(args: argparse.Namespace) -> int:
+    from qwenkit.train.ppo import main as ppo
+
+    given = {"--model.policy": args.policy, "--model.reward": args.reward, "--data.path": args.data,
+             "--model.method": args.method}  # fmt: skip
+    overrides = [item for key, value in given.items() if value is not None for item in (key, value)]
+    return ppo(args.config, args.out, overrides + args.overrides)
+
+
+def run_dpo(args: argparse.Namespace) -> int:
+    from qwenkit.train.dpo import main as dpo
+
+    given = {"--model.path": args.model, "--data.path": args.data, "--data.eval_path": args.eval_data,
+             "--model.method": args.method}  # fmt: skip
+    overrides = [item for key, value in given.items() if value is not None for item in (key, value)]
+    return dpo(args.config, args.out, overrides + args.overrides)

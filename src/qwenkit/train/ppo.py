@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
@@ -64,7 +63,7 @@ from qwenkit.train.settings import (
 
 @dataclass
 class PPOModelSection:
-    policy: str = ""  # the chat model to align (--policy); also the reference
+    policy: str = ""  # the chat model to align, or a run directory (--policy; empty: the demo model)
     reward: str = ""  # the reward model (--reward); the value model starts as a copy of it
     method: str = setting("full", choices=("full", "lora"))  # lora: the reference is the adapter off
     lora_r: int = setting(64, min=1)
@@ -74,7 +73,9 @@ class PPOModelSection:
 
 @dataclass
 class PPODataSection:
-    path: str = ""  # prompts, JSONL: {"prompt": str | messages} or {"messages": [... ending with a user turn]}
+    path: str = (
+        ""  # prompts, JSONL: {"prompt": str | messages} or {"messages": [... ending with a user turn]}
+    )
     max_prompt_len: int = setting(512, min=2)  # longer prompts are skipped and counted
     strict: bool = False  # fail on the first malformed prompt instead of skipping it
 
@@ -313,14 +314,18 @@ class PPOTrainer:
         from qwenkit.chatml import render_messages
         from qwenkit.checkpoint import load
         from qwenkit.train.preference_data import read_prompts
-        from qwenkit.train.reward import load_reward_model
+        from qwenkit.train.reward import load_reward_model, resolve_run
 
         self.recipe, self.out, self.env = recipe, out, env
         m, device = recipe.model, env.device
-        policy, tokenizer = load(m.policy, device=device, dtype="float32")
+        source = resolve_run(m.policy) if m.policy else None  # None: the embedded demo model
+        policy, tokenizer = load(source, device=device, dtype="float32")
         self.tokenizer, self.generation_config = tokenizer, policy.generation_config
         self.reward_model, reward_tokenizer = load_reward_model(m.reward, device=device, dtype="float32")
-        if reward_tokenizer.vocab_size != tokenizer.vocab_size or reward_tokenizer.im_end_id != tokenizer.im_end_id:
+        if (
+            reward_tokenizer.vocab_size != tokenizer.vocab_size
+            or reward_tokenizer.im_end_id != tokenizer.im_end_id
+        ):
             raise QwenkitError(f"the reward model {m.reward} does not share the policy's vocabulary")
         self.reward_model.requires_grad_(False).eval()
         self.value, _ = load_reward_model(m.reward, device=device, dtype="float32")
@@ -332,7 +337,7 @@ class PPOTrainer:
             self.reference = None  # the adapter off
         else:
             self.policy = policy
-            self.reference = load(m.policy, device=device, dtype="float32")[0].requires_grad_(False).eval()
+            self.reference = load(source, device=device, dtype="float32")[0].requires_grad_(False).eval()
         self.policy.eval()
         t = recipe.train
         self.policy_optimizer = make_optimizer(self.policy, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
@@ -342,7 +347,9 @@ class PPOTrainer:
 
         errors: list[str] = []
         messages = read_prompts(recipe.data.path, recipe.data.strict, errors)
-        prompts = [render_messages(tokenizer, conversation, prompt=True).input_ids for conversation in messages]
+        prompts = [
+            render_messages(tokenizer, conversation, prompt=True).input_ids for conversation in messages
+        ]
         self.prompts = [p for p in prompts if len(p) <= recipe.data.max_prompt_len]
         if env.main:
             print(f"ppo prompts: {len(self.prompts)} used, {len(errors)} malformed and "
@@ -358,7 +365,9 @@ class PPOTrainer:
             from qwenkit.train.sft import pad_conversations
             from qwenkit.train.sft_data import load_sft_samples
 
-            samples, ptx_report = load_sft_samples(recipe.ptx.path, tokenizer, recipe.ptx.max_len, "qwenkit", False)
+            samples, ptx_report = load_sft_samples(
+                recipe.ptx.path, tokenizer, recipe.ptx.max_len, "qwenkit", False
+            )
             if not samples:
                 raise QwenkitError(f"no usable ptx samples in {recipe.ptx.path}")
             if env.main:
@@ -397,12 +406,18 @@ class PPOTrainer:
         )  # fmt: skip
         responses = [c.ids or [self.tokenizer.pad_id] for c in continuations]
         finished = torch.tensor([c.finish_reason == "stop" for c in continuations])
-        sequences, lengths, positions, tokens, mask = response_batch(prompts, responses, self.tokenizer.pad_id)
+        sequences, lengths, positions, tokens, mask = response_batch(
+            prompts, responses, self.tokenizer.pad_id
+        )
         parts: dict[str, list[torch.Tensor]] = {}
         vocab, temperature = self.tokenizer.vocab_size, r.temperature
         for index in torch.arange(len(prompts)).split(t.micro_batch_size):
             width, span = int(lengths[index].max()), positions.shape[1]
-            seq, pos, tok = sequences[index, :width].to(device), positions[index].to(device), tokens[index].to(device)
+            seq, pos, tok = (
+                sequences[index, :width].to(device),
+                positions[index].to(device),
+                tokens[index].to(device),
+            )
             pos = pos.clamp(max=width - 1)
             with loop.autocast(device):
                 logits = response_logits(self.policy, seq, pos, vocab, temperature)
@@ -422,8 +437,12 @@ class PPOTrainer:
         p, r = self.recipe.ppo, self.recipe.rollout
         self.moments.update(rollouts.scores[rollouts.finished])
         normalized = self.moments.normalize(rollouts.scores, p.normalize)
-        normalized = torch.where(rollouts.finished, normalized, torch.full_like(normalized, -r.unfinished_penalty))
-        rewards = kl_shaped_rewards(normalized, rollouts.logprobs, rollouts.ref_logprobs, rollouts.mask, p.kl_coef)
+        normalized = torch.where(
+            rollouts.finished, normalized, torch.full_like(normalized, -r.unfinished_penalty)
+        )
+        rewards = kl_shaped_rewards(
+            normalized, rollouts.logprobs, rollouts.ref_logprobs, rollouts.mask, p.kl_coef
+        )
         advantages, returns = gae(rewards, rollouts.values, rollouts.mask, p.gamma, p.lam)
         if p.whiten_advantages:
             advantages = masked_whiten(advantages, rollouts.mask)
@@ -465,7 +484,7 @@ class PPOTrainer:
                     found = {"policy_loss": pg_loss, "value_loss": v_loss, "clipfrac": clipfrac,
                              "value_clipfrac": v_clipfrac}  # fmt: skip
                     for name, value in found.items():
-                        sums.setdefault(name, []).append(float(value))
+                        sums.setdefault(name, []).append(float(value.detach()))
                 if train_policy and self.ptx is not None:
                     ptx_loss = self.ptx_step(step)
                     sums.setdefault("ptx_loss", []).append(ptx_loss)
@@ -493,7 +512,10 @@ class PPOTrainer:
     def set_learning_rates(self, step: int) -> tuple[float, float]:
         t = self.recipe.train
         rates = []
-        for optimizer, peak in ((self.policy_optimizer, t.lr), (self.value_optimizer, self.recipe.ppo.value_lr)):
+        for optimizer, peak in (
+            (self.policy_optimizer, t.lr),
+            (self.value_optimizer, self.recipe.ppo.value_lr),
+        ):
             lr = learning_rate(step, peak, t.warmup_steps, t.max_steps, t.final_lr_ratio, t.decay)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -511,7 +533,9 @@ class PPOTrainer:
         if self.lora:
             staging.mkdir(parents=True, exist_ok=True)
             self.policy.save_pretrained(str(staging / "adapter"))
-            extra["trainable"] = {n: q.detach().cpu() for n, q in self.policy.named_parameters() if q.requires_grad}
+            extra["trainable"] = {
+                n: q.detach().cpu() for n, q in self.policy.named_parameters() if q.requires_grad
+            }
         else:
             save_state_dict(self.policy.state_dict(), self.policy.config, self.generation_config, self.tokenizer,
                             staging, torch.float32)  # fmt: skip
@@ -589,8 +613,8 @@ def fit(trainer: PPOTrainer, first_step: int) -> None:
                 "reward": float(rollouts.scores.mean()),
                 "kl": float(((rollouts.logprobs - rollouts.ref_logprobs) * rollouts.mask).sum(dim=1).mean()),
                 **losses,
-                "loss": losses["value_loss"] + (losses["policy_loss"] if step >= recipe.ppo.value_warmup_steps
-                                                else 0.0),  # fmt: skip
+                "loss": losses["value_loss"]
+                + (losses["policy_loss"] if step >= recipe.ppo.value_warmup_steps else 0.0),  # fmt: skip
                 "entropy": float(masked_mean(rollouts.entropy, rollouts.mask)),
                 "response_length": float(lengths.float().mean()),
                 "unfinished": float((~rollouts.finished).float().mean()),
@@ -614,7 +638,10 @@ def fit(trainer: PPOTrainer, first_step: int) -> None:
 
 def run(recipe: PPORecipe, out: Path) -> Path | None:
     m, r, t = recipe.model, recipe.rollout, recipe.train
-    for value, flag in ((m.policy, "--policy DIR"), (m.reward, "--reward DIR"), (recipe.data.path, "--data FILE")):
+    for value, flag in (
+        (m.reward, "--reward DIR"),
+        (recipe.data.path, "--data FILE"),
+    ):
         if not value:
             raise QwenkitError(f"ppo needs {flag}")
     rollouts = r.queries_per_step * r.responses_per_query
