@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_model, run_until_killed, to_transformers
+from conftest import make_tiny_model, run_until_killed
 
 import qwenkit
 from qwenkit.cli import main
