@@ -77,10 +77,20 @@ def test_pairwise_loss_on_fixed_tensors():
     torch.testing.assert_close(chosen.grad, torch.tensor([-s / 4 for s in sigmoid]))
 
 
-def test_reward_training_pinned_falling_and_held_out_accuracy(setup, tmp_path):
-    out = tmp_path / "run"
-    assert main(reward(setup, out, "--train.max_steps", "12", "--eval.every", "6")) == 0
+@pytest.fixture(scope="module")
+def trained(setup, tmp_path_factory) -> Path:
+    """Half an epoch of the 96 training pairs, 4 a step: 12 steps, evaluated and saved every 6."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    assert (
+        main(reward(setup, out, "--data.epochs", "0.5", "--eval.every", "6", "--checkpoint.every", "6")) == 0
+    )
+    return out
+
+
+def test_reward_training_pinned_falling_and_held_out_accuracy(trained):
+    out = trained
     log = records(out)
+    assert len(log) == 12  # data.epochs set train.max_steps
     assert [r["loss"] for r in log[:3]] == pytest.approx(
         [0.6882, 0.6519, 0.5596], abs=2e-3
     )  # CPU, fp32, seed 0
@@ -109,12 +119,13 @@ def learned(log: list[dict]) -> list[dict]:
     return [{k: r[k] for k in keys if k in r} for r in log]
 
 
-def test_transformers_loads_the_checkpoint_with_the_same_scores(setup, tmp_path, byte_tokenizer, capsys):
+def test_transformers_loads_the_checkpoint_with_the_same_scores(
+    setup, trained, tmp_path, byte_tokenizer, capsys
+):
     from transformers import AutoModelForSequenceClassification
 
-    out = tmp_path / "run"
-    assert main(reward(setup, out, "--train.max_steps", "4")) == 0
-    checkpoint = out / "checkpoints" / "step-0000004"
+    out = trained
+    checkpoint = out / "checkpoints" / "step-0000012"
     config = json.loads((checkpoint / "config.json").read_text())
     assert config["architectures"] == ["Qwen2ForSequenceClassification"]
     assert config["pad_token_id"] == byte_tokenizer.pad_id != byte_tokenizer.im_end_id
