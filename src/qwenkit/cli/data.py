@@ -78,6 +78,18 @@ def add_parsers(verbs) -> None:
     q.set_defaults(run=run_process, dotted_overrides=True)
     q = add_verb(
         steps,
+        "self-instruct",
+        "write tool-use (ReAct) SFT data: a model writes queries from seed samples, the agent answers them "
+        "with the tools run for real, rule-breaking samples are dropped (see docs/agents.md)",
+        "  qwenkit data self-instruct --tools calculator --rounds 2 --per-round 32 --out agent.jsonl\n"
+        "  qwenkit data self-instruct --api http://localhost:8000 --tools calculator,python,my_tools.py:weather "
+        "--seeds seeds.jsonl --rounds 4 --per-round 500 --out agent.jsonl\n"
+        "  qwenkit sft --config configs/sft/qwen-chat.yaml --model ./Qwen-7B --data agent.jsonl --out runs/agent",
+    )
+    add_self_instruct_arguments(q)
+    q.set_defaults(run=run_self_instruct)
+    q = add_verb(
+        steps,
         "train-classifier",
         "train the fastText quality classifier that `data process` can filter with (classifier section)",
         "  qwenkit data train-classifier --positive wiki.jsonl books/ --negative spam.jsonl --out quality-clf",
@@ -432,4 +444,91 @@ def run_review(args: argparse.Namespace) -> int:
     print(format_review(groups))
     page = write_review_html(groups, Path(args.out) / REVIEW_FILE, out=args.out, seed=args.seed)
     print(f"wrote {page}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# data self-instruct
+
+
+def unit_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}; use a number in (0, 1]")
+    return value
+
+
+def add_self_instruct_arguments(parser: argparse.ArgumentParser) -> None:
+    from qwenkit.cli.common import add_model_arguments
+
+    add_model_arguments(parser)
+    parser.add_argument("--api", metavar="URL",
+                        help="an OpenAI-compatible server (/v1/chat/completions with tools) instead of --model")  # fmt: skip
+    parser.add_argument("--api-key", metavar="KEY", help="bearer token for --api")
+    parser.add_argument(
+        "--model-name", metavar="NAME", help="the served model to use with --api (default: the first)"
+    )
+    parser.add_argument("--seeds", metavar="FILE",
+                        help="seed samples, JSONL as the output (default: the shipped calculator and python seeds)")  # fmt: skip
+    parser.add_argument("--tools", default="calculator", metavar="SPEC",
+                        help="comma-separated: calculator, python, module:function, file.py:function, "
+                             "spec.json=module:function (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--rounds", type=positive_int, default=2, metavar="N", help="rounds (default: 2)")
+    parser.add_argument("--per-round", type=positive_int, default=16, metavar="N",
+                        help="queries written per round (default: 16)")  # fmt: skip
+    parser.add_argument("--shots", type=positive_int, default=3, metavar="N",
+                        help="example queries in each query-writing prompt (default: 3)")  # fmt: skip
+    parser.add_argument("--max-steps", type=positive_int, default=4, metavar="N",
+                        help="tool calls per answer at most (default: 4)")  # fmt: skip
+    parser.add_argument("--max-similarity", type=unit_fraction, default=0.7, metavar="J",
+                        help="character 3-gram Jaccard at which a query is a near-duplicate (default: 0.7)")  # fmt: skip
+    parser.add_argument("--temperature", type=float, default=1.0, metavar="T",
+                        help="sampling temperature of query writing (default: 1.0; answers are greedy)")  # fmt: skip
+    parser.add_argument("--max-new-tokens", type=positive_int, default=256, metavar="N",
+                        help="tokens per answer reply at most (default: 256)")  # fmt: skip
+    parser.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                        help="seconds a python cell may run (default: 30)")  # fmt: skip
+    parser.add_argument(
+        "--seed", type=seed_value, default=0, help="seed of example choice and sampling (default 0)"
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="FILE", help="output JSONL; the report goes to FILE.report.json"
+    )
+
+
+def run_self_instruct(args: argparse.Namespace) -> int:
+    """`qwenkit data self-instruct`: run the rounds, write the samples and the report, print the counts."""
+    from qwenkit.agent import self_instruct as si
+
+    if args.api and (args.model or args.adapter):
+        raise QwenkitError("give either --model or --api, not both")
+    if not 0 < args.temperature <= 10:
+        raise QwenkitError(f"--temperature must be in (0, 10], got {args.temperature}")
+    if not 0 < args.timeout < float("inf"):
+        raise QwenkitError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise QwenkitError(f"--out {out} is a directory; give a file name")
+    with si.load_tools(args.tools, timeout=args.timeout) as tools:
+        seeds = si.read_seeds(args.seeds or si.SEED_FILE, tools)
+        if args.api:
+            generator = si.ApiGenerator(args.api, args.api_key, args.model_name, temperature=args.temperature,
+                                        agent_max_new_tokens=args.max_new_tokens)  # fmt: skip
+        else:
+            from qwenkit.cli.common import load_model
+
+            model, tokenizer, _ = load_model(args)
+            generator = si.LocalGenerator(model, tokenizer, temperature=args.temperature,
+                                          agent_settings={"max_new_tokens": args.max_new_tokens})  # fmt: skip
+        result = si.self_instruct(generator, tools, seeds, rounds=args.rounds, per_round=args.per_round,
+                                  shots=args.shots, max_steps=args.max_steps,
+                                  max_similarity=args.max_similarity, seed=args.seed)  # fmt: skip
+    report_path = si.write_samples(out, result)
+    for r in result.rounds:
+        rejected = ", ".join(f"{reason} {n}" for reason, n in sorted(r.rejected.items())) or "none"
+        print(f"round {r.round}: kept {r.kept} of {r.attempted} queries; rejected: {rejected}")
+    print(f"wrote {len(result.samples)} samples to {out} and the report to {report_path}")
     return 0
