@@ -193,6 +193,7 @@ def sign_in(page, url: str, name: str) -> None:
     page.fill("#rater", name)
     page.press("#rater", "Enter")
     expect(page.locator("#comparison")).to_be_visible()
+    expect(page.locator("#rater-form")).to_be_hidden()
     expect(page.locator("#rater-name")).to_have_text(name)
 
 
@@ -278,6 +279,7 @@ def test_reload_resumes_the_same_comparison_and_draft(store, server, new_page):
     assert matches(store, last, shown)
     # switching rater: another name starts from the beginning
     page.click("#switch-rater")
+    expect(page.locator("#comparison")).to_be_hidden()
     page.fill("#rater", "carol")
     page.click("#start")
     expect_progress(page, 0)

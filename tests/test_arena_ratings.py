@@ -146,7 +146,10 @@ def test_report_files(store, tmp_path):
     )
     assert data["overall"]["pairs"][0] == {"a": "alpha", "b": "beta", "a_wins": 7, "b_wins": 2, "ties": 2,
                                            "both_bad": 1, "n": 12, "a_win_rate": 8.5 / 12}  # fmt: skip
+    left = sum(r.verdict == "left" for r in store.ratings())
+    assert (data["left_wins"], data["decisive"]) == (left, 28)
     markdown = files["markdown"].read_text()
+    assert f"The answer shown on the left won {left} of 28 decisive ratings ({left / 28:.0%};" in markdown
     assert "| alpha vs beta | 7 | 2 | 1 | 2 | 70.8% |" in markdown and "## Category: math" in markdown
     import matplotlib.image
 

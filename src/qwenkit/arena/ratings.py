@@ -75,6 +75,8 @@ class Report:
     raters: list[str]
     n_ratings: int
     rounds: int  # bootstrap resamples
+    left_wins: int  # decisive ratings won by the answer shown on the left (position bias)
+    decisive: int  # ratings with a winner
     overall: Breakdown
     categories: dict[str, Breakdown] = field(default_factory=dict)
 
@@ -83,12 +85,15 @@ class Report:
             return {"ratings": [asdict(r) for r in b.ratings], "pairs": [p.to_dict() for p in b.pairs]}
 
         return {"models": self.models, "raters": self.raters, "n_ratings": self.n_ratings,
-                "bootstrap_rounds": self.rounds, "overall": part(self.overall),
+                "bootstrap_rounds": self.rounds, "left_wins": self.left_wins, "decisive": self.decisive,
+                "overall": part(self.overall),
                 "categories": {c: part(b) for c, b in self.categories.items()}}  # fmt: skip
 
     def markdown(self) -> str:
         lines = [f"# Arena report\n\n{self.n_ratings} ratings by {len(self.raters)} rater(s) of "
-                 f"{len(self.models)} models; 95% intervals from {self.rounds} bootstrap resamples.\n"]  # fmt: skip
+                 f"{len(self.models)} models; 95% intervals from {self.rounds} bootstrap resamples. "
+                 f"The answer shown on the left won {self.left_wins} of {self.decisive} decisive ratings"
+                 f"{f' ({self.left_wins / self.decisive:.0%}; 50% is no position bias)' if self.decisive else ''}.\n"]  # fmt: skip
         for title, b in [
             ("All prompts", self.overall),
             *((f"Category: {c}", b) for c, b in self.categories.items()),
@@ -185,6 +190,8 @@ def build_report(ratings: Sequence[Rating], rounds: int = 1000, seed: int = 0) -
         raters=sorted({r.rater for r in ratings}),
         n_ratings=len(ratings),
         rounds=rounds,
+        left_wins=sum(r.verdict == "left" for r in ratings),
+        decisive=sum(r.winner is not None for r in ratings),
         overall=breakdown(ratings, models, rounds, seed),
         categories={
             c: breakdown([r for r in ratings if r.prompt.category == c], models, rounds, seed)
@@ -210,7 +217,7 @@ def plot_report(report: Report, path: str | Path) -> Path:
     left.set_yticks(y, [r.model for r in rows])
     left.axvline(ELO_BASE, color="grey", lw=0.5)
     left.set_xlabel("Bradley-Terry rating (Elo scale), 95% bootstrap interval")
-    y = np.arange(len(pairs))
+    y = np.arange(len(pairs))[::-1]  # the first pair on top
     shares = np.array([[p.a_wins, p.ties + p.both_bad, p.b_wins] for p in pairs], dtype=float).reshape(-1, 3)
     shares /= np.maximum(shares.sum(axis=1, keepdims=True), 1)
     start = np.zeros(len(pairs))
@@ -221,7 +228,7 @@ def plot_report(report: Report, path: str | Path) -> Path:
     right.set_yticks(y, [f"{p.a} vs {p.b}" for p in pairs])
     right.set_xlim(0, 1)
     right.set_xlabel("share of comparisons")
-    right.legend(loc="lower right", fontsize="small")
+    right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, fontsize="small")
     fig.suptitle(f"{report.n_ratings} ratings, {len(report.raters)} rater(s)")
     fig.tight_layout()
     path = Path(path)
