@@ -139,3 +139,28 @@ def test_prompt_files_for_ppo(tmp_path):
     assert "end with a user message" in errors[0]
     with pytest.raises(QwenkitError, match=":4: "):
         read_prompts(path, strict=True)
+
+
+def test_same_text_as_trl_renders_with_the_checkpoint_chat_template(tmp_path):
+    """TRL's own prompt extraction and chat templating (the template qwenkit writes beside a
+    checkpoint) give the same text as the pairs, less the "\\n" TRL's template puts after the last
+    <|im_end|> (a reward model reads its score at that <|im_end|>)."""
+    from transformers import AutoTokenizer
+    from trl.data_utils import maybe_apply_chat_template, maybe_extract_prompt
+
+    from qwenkit import default_model_path
+    from qwenkit.tokenizer import Tokenizer
+
+    hf, tok = AutoTokenizer.from_pretrained(default_model_path()), Tokenizer.from_file(default_model_path())
+    rows = [
+        {"prompt": [SYSTEM, USER], "chosen": [assistant("bonjour")], "rejected": [assistant("hello")]},
+        {"chosen": [USER, assistant("a"), user("q"), assistant("oui")],
+         "rejected": [USER, assistant("a"), user("q"), assistant("yes")]},
+    ]  # fmt: skip
+    for k, row in enumerate(rows):
+        path = write(tmp_path / f"p{k}.jsonl", [row])
+        (pair,), _ = load_preference_pairs(path, tok, 512)
+        theirs = maybe_apply_chat_template(maybe_extract_prompt(dict(row)), hf)
+        assert theirs["prompt"] == tok.decode(pair.prompt)
+        assert theirs["chosen"] == tok.decode(pair.chosen) + "\n"
+        assert theirs["rejected"] == tok.decode(pair.rejected) + "\n"
