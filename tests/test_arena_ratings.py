@@ -148,7 +148,12 @@ def test_report_files(store, tmp_path):
                                            "both_bad": 1, "n": 12, "a_win_rate": 8.5 / 12}  # fmt: skip
     left = sum(r.verdict == "left" for r in store.ratings())
     assert (data["left_wins"], data["decisive"]) == (left, 28)
+    # rater agreement, counted from PLAN: the three raters' codes for each (pair, prompt)
+    codes = [plan[3 * p : 3 * p + 3] for plan in PLAN.values() for p in range(4)]
+    agreeing = sum(c[i] == c[j] for c in codes for i, j in ((0, 1), (0, 2), (1, 2)))
+    assert (data["agreeing"], data["rater_pairs"]) == (agreeing, 36)
     markdown = files["markdown"].read_text()
+    assert f"Two raters of the same comparison gave the same verdict in {agreeing} of 36 cases" in markdown
     assert f"The answer shown on the left won {left} of 28 decisive ratings ({left / 28:.0%};" in markdown
     assert "| alpha vs beta | 7 | 2 | 1 | 2 | 70.8% |" in markdown and "## Category: math" in markdown
     import matplotlib.image

@@ -77,6 +77,8 @@ class Report:
     rounds: int  # bootstrap resamples
     left_wins: int  # decisive ratings won by the answer shown on the left (position bias)
     decisive: int  # ratings with a winner
+    agreeing: int  # pairs of ratings by two raters of the same comparison that give the same verdict
+    rater_pairs: int  # pairs of ratings by two raters of the same comparison
     overall: Breakdown
     categories: dict[str, Breakdown] = field(default_factory=dict)
 
@@ -86,6 +88,7 @@ class Report:
 
         return {"models": self.models, "raters": self.raters, "n_ratings": self.n_ratings,
                 "bootstrap_rounds": self.rounds, "left_wins": self.left_wins, "decisive": self.decisive,
+                "agreeing": self.agreeing, "rater_pairs": self.rater_pairs,
                 "overall": part(self.overall),
                 "categories": {c: part(b) for c, b in self.categories.items()}}  # fmt: skip
 
@@ -93,7 +96,9 @@ class Report:
         lines = [f"# Arena report\n\n{self.n_ratings} ratings by {len(self.raters)} rater(s) of "
                  f"{len(self.models)} models; 95% intervals from {self.rounds} bootstrap resamples. "
                  f"The answer shown on the left won {self.left_wins} of {self.decisive} decisive ratings"
-                 f"{f' ({self.left_wins / self.decisive:.0%}; 50% is no position bias)' if self.decisive else ''}.\n"]  # fmt: skip
+                 f"{f' ({self.left_wins / self.decisive:.0%}; 50% is no position bias)' if self.decisive else ''}."
+                 + (f" Two raters of the same comparison gave the same verdict in {self.agreeing} of "
+                    f"{self.rater_pairs} cases ({self.agreeing / self.rater_pairs:.0%})." if self.rater_pairs else "") + "\n"]  # fmt: skip
         for title, b in [
             ("All prompts", self.overall),
             *((f"Category: {c}", b) for c, b in self.categories.items()),
@@ -177,6 +182,22 @@ def breakdown(ratings: Sequence[Rating], models: Sequence[str], rounds: int, see
     return Breakdown(table, pair_results(ratings, models))
 
 
+def rater_agreement(ratings: Sequence[Rating]) -> dict[str, int]:
+    """Among every two ratings by different raters of the same comparison (prompt and model pair),
+    how many agree: the same winner, or both tie, or both "both bad"."""
+    verdicts: dict[tuple, list[tuple[str, str]]] = {}
+    for r in ratings:
+        item = (r.prompt.id, *sorted((r.left_model, r.right_model)))
+        verdicts.setdefault(item, []).append((r.rater, r.winner or r.verdict))
+    agreeing = pairs = 0
+    for given in verdicts.values():
+        for (rater_a, a), (rater_b, b) in combinations(given, 2):
+            if rater_a != rater_b:
+                pairs += 1
+                agreeing += a == b
+    return {"agreeing": agreeing, "rater_pairs": pairs}
+
+
 def build_report(ratings: Sequence[Rating], rounds: int = 1000, seed: int = 0) -> Report:
     """The report of `ratings`: overall and per prompt category (when the prompts have categories)."""
     if not ratings:
@@ -192,6 +213,7 @@ def build_report(ratings: Sequence[Rating], rounds: int = 1000, seed: int = 0) -
         rounds=rounds,
         left_wins=sum(r.verdict == "left" for r in ratings),
         decisive=sum(r.winner is not None for r in ratings),
+        **rater_agreement(ratings),
         overall=breakdown(ratings, models, rounds, seed),
         categories={
             c: breakdown([r for r in ratings if r.prompt.category == c], models, rounds, seed)
