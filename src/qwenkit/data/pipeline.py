@@ -135,7 +135,7 @@ class SourcesSection:
 @dataclass
 class ExecutorSection:
     kind: str = setting("local", choices=EXECUTORS)
-    workers: int = setting(1, min=1)  # tasks run at once
+    workers: int = setting(1, min=1)  # tasks run at once (Slurm: 1 means no limit on the job array)
     ray_address: str | None = None  # None: a local Ray cluster (or the one RAY_ADDRESS names)
     slurm_partition: str | None = None
     slurm_time: str = "24:00:00"
