@@ -99,7 +99,8 @@ def test_reward_training_pinned_falling_and_held_out_accuracy(trained):
     assert [r["step"] for r in evaluated] == [6, 12]
     assert evaluated[-1]["val_loss"] < 0.4 and evaluated[-1]["val_accuracy"] == 1.0
     assert evaluated[-1]["val_margin"] > evaluated[0]["val_margin"] > 0
-    assert (out / "loss.png").is_file() and (out / "checkpoints" / "latest").is_file()
+    assert (out / "loss.png").is_file() and (out / "accuracy.png").is_file()
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-0000012"
 
 
 def test_resume_after_a_kill_is_exact(setup, tmp_path):

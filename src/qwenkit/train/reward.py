@@ -288,7 +288,34 @@ def run(recipe: RewardRecipe, out: Path) -> Path | None:
     longest = max(map(len, (p.prompt + max(p.chosen, p.rejected, key=len) for p in train)))
     task = loop.Task("reward", model, tokenizer, train, held_out, lambda rows: collate_pairs(rows, tokenizer.pad_id),
                      longest, loss=reward_loss)  # fmt: skip
-    return loop.train(recipe, out, env, task)
+    final = loop.train(recipe, out, env, task)
+    if final is not None:
+        plot_accuracy(out / "metrics.jsonl", out / "accuracy.png", f"reward: {out.name}")
+    return final
+
+
+def plot_accuracy(metrics: Path, png: Path, title: str) -> None:
+    """Pairwise accuracy on training and held-out pairs against step (beside the loop's loss.png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label, style in (("accuracy", "train", "-"), ("val_accuracy", "held-out", "o-")):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=label, linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("pairwise accuracy (r_chosen > r_rejected)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
 
 
 def main(config: str | None, out: str, overrides: list[str]) -> int:
