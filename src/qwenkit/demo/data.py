@@ -159,7 +159,7 @@ def is_chinese(text: str) -> bool:
 
 @dataclass
 class Example:
-    kind: str  # identity | chat | knowledge | react | direct_math
+    kind: str  # identity | chat | knowledge | react | direct_math (+ composed data: refusal | no_tool)
     chinese: bool
     messages: list[dict]  # ends with the assistant reply to learn (or to predict)
     tools: list[dict] | None = None
@@ -292,6 +292,8 @@ def direct_math_example(d: Draw) -> Example:
     return Example("direct_math", chinese, _system(d) + _turn(question, answer), expected=str(result))
 
 
+Generator = Callable[[int, int, bool], list[Example]]  # (count, seed, held_out) -> conversations
+
 MAKERS: list[tuple[Callable[[Draw], Example], float]] = [
     (identity_example, 0.08), (small_talk_example, 0.12), (knowledge_example, 0.25), (react_example, 0.35),
     (tools_unused_example, 0.1), (direct_math_example, 0.1),
@@ -376,9 +378,10 @@ def prompt_key(example: Example) -> str:
     return json.dumps([prompt_messages(example), example.tools], ensure_ascii=False)
 
 
-def held_out_examples(count: int, seed: int, train_prompts: set[str]) -> list[Example]:
-    """`count` examples from `seed` whose prompt (conversation and tools) never occurs in training."""
-    kept = [
-        e for e in generate_examples(count * 2, seed, held_out=True) if prompt_key(e) not in train_prompts
-    ]
-    return kept[:count]
+def held_out_examples(
+    count: int, seed: int, train_prompts: set[str] | frozenset[str], generate: Generator | None = None
+) -> list[Example]:
+    """`count` examples from `seed` whose prompt (conversation and tools) never occurs in training, drawn
+    by `generate` (default: generate_examples)."""
+    drawn = (generate or generate_examples)(count * 2, seed, True)
+    return [e for e in drawn if prompt_key(e) not in train_prompts][:count]

@@ -3,6 +3,7 @@ numbers and the targets CI holds the shipped weights to)."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,11 +15,11 @@ from qwenkit.demo.data import (
     DEMO_NAME,
     SFT_EXAMPLES,
     Example,
-    generate_examples,
     held_out_examples,
     prompt_key,
     prompt_messages,
 )
+from qwenkit.errors import QwenkitError
 
 
 def in_language(reply: str, chinese: bool) -> bool:
@@ -65,7 +66,7 @@ def evaluate_examples(model, tokenizer, examples: Sequence[Example], batch_size:
     react = [e for e in examples if e.kind == "react"]
     replies = generate_replies(model, tokenizer, [prompt_ids(tokenizer, e) for e in plain],
                                batch_size=batch_size)  # fmt: skip
-    results: dict[str, list[bool]] = {k: [] for k in ("language", "identity", "knowledge", "im_end",
+    results: dict[str, list[bool]] = {k: [] for k in ("language", "identity", "knowledge", "refusal", "im_end",
                                                        "direct_without_tools", "direct_with_tools",
                                                        "react_action", "react_final")}  # fmt: skip
     samples = []  # each reply with the checks it was counted in ({measure: passed})
@@ -87,8 +88,8 @@ def evaluate_examples(model, tokenizer, examples: Sequence[Example], batch_size:
             check(checks, "language", in_language(text, example.chinese))
         if example.kind == "identity":
             check(checks, "identity", DEMO_NAME in text)
-        if example.kind == "knowledge":
-            check(checks, "knowledge", example.expected.lower() in text.lower())
+        if example.kind in ("knowledge", "refusal"):  # the fact, or "don't know" / "不知道"
+            check(checks, example.kind, example.expected.lower() in text.lower())
         samples.append({"kind": example.kind, "question": example.question, "reply": reply.text,
                         "expected": example.expected, "checks": checks})  # fmt: skip
     # ReAct: the first reply must call the calculator with a correct expression; then, given the real
@@ -132,6 +133,7 @@ SCORE_NAMES = {
     "language": "answers in the language of the question",
     "identity": "says who it is (names itself Qwen Demo)",
     "knowledge": "simple knowledge questions answered correctly",
+    "refusal": "questions outside its knowledge: says it does not know",
     "im_end": "turns ending with <|im_end|>",
     "react_action": "calculator offered: well-formed Action / Action Input with a correct expression",
     "react_final": "after the Observation: Final Answer containing the tool's result",
@@ -150,14 +152,31 @@ def score_table(scores: dict) -> str:
     return "\n".join(rows)
 
 
-def evaluate_held_out(model, tokenizer, count: int, seed: int = 0) -> dict:
-    """Measure a model on `count` held-out prompts of the build with `seed` (none of its training prompts)."""
-    return evaluate_examples(
-        model, tokenizer, held_out_examples(count, seed + 1000, training_prompts(seed + 1))
-    )
+def shipped_data() -> str:
+    """The data set the shipped model was built from (its eval.json; "tables" before issue 17)."""
+    from qwenkit.demo.pipeline import DEMO_MODEL_DIR
+
+    record = DEMO_MODEL_DIR / "eval.json"
+    settings = json.loads(record.read_text()).get("settings", {}) if record.is_file() else {}
+    return settings.get("data", "tables")
+
+
+def evaluate_held_out(model, tokenizer, count: int, seed: int = 0, data: str | None = None) -> dict:
+    """Measure a model on `count` held-out prompts of the build with `seed` and data set `data`
+    (default: the shipped model's), none of them among its training prompts."""
+    from qwenkit.demo.compose import DATASETS
+
+    data = data or shipped_data()
+    if data not in DATASETS:
+        raise QwenkitError(f"unknown demo data {data!r}; use one of {', '.join(DATASETS)}")
+    generate = DATASETS[data][0]
+    held = held_out_examples(count, seed + 1000, training_prompts(seed + 1, data), generate)
+    return evaluate_examples(model, tokenizer, held)
 
 
 @lru_cache(maxsize=2)
-def training_prompts(seed: int) -> frozenset:
+def training_prompts(seed: int, data: str = "tables") -> frozenset:
     """The prompts of the build's SFT examples with `seed` (generating them takes a while: kept)."""
-    return frozenset(prompt_key(e) for e in generate_examples(SFT_EXAMPLES, seed))
+    from qwenkit.demo.compose import DATASETS
+
+    return frozenset(prompt_key(e) for e in DATASETS[data][0](SFT_EXAMPLES, seed, False))

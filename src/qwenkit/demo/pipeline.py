@@ -14,14 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwenkit.demo.data import (
-    SFT_EXAMPLES,
-    generate_examples,
-    held_out_examples,
-    pretraining_documents,
-    prompt_key,
-    sft_record,
-)
+from qwenkit.demo.compose import DATASETS
+from qwenkit.demo.data import SFT_EXAMPLES, held_out_examples, prompt_key, sft_record
 from qwenkit.demo.evaluate import evaluate_examples, score_table
 from qwenkit.errors import QwenkitError
 
@@ -34,6 +28,7 @@ CARD_BEGIN, CARD_END = "<!-- measured:begin -->", "<!-- measured:end -->"  # the
 @dataclass
 class BuildSettings:
     seed: int = 0
+    data: str = "composed"  # DATASETS: "composed" (issue 17), or "tables" (the shipped model's)
     documents: int = 30_000
     sft_examples: int = SFT_EXAMPLES
     held_out: int = 400
@@ -63,6 +58,9 @@ def build(work: Path, out: Path, settings: BuildSettings, overrides: Sequence[st
     from qwenkit.train import pretrain, sft
     from qwenkit.train.settings import load_recipe
 
+    if settings.data not in DATASETS:
+        raise QwenkitError(f"unknown demo data {settings.data!r}; use one of {', '.join(DATASETS)}")
+    generate, documents = DATASETS[settings.data]
     started = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
     timings = {}
@@ -75,9 +73,9 @@ def build(work: Path, out: Path, settings: BuildSettings, overrides: Sequence[st
     t0 = time.perf_counter()
     corpus = work / "corpus.jsonl"
     with open(corpus, "w", encoding="utf-8") as f:
-        for text in pretraining_documents(settings.documents, settings.seed):
+        for text in documents(settings.documents, settings.seed):
             f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-    train = generate_examples(settings.sft_examples, settings.seed + 1)
+    train = generate(settings.sft_examples, settings.seed + 1, False)
     sft_path = work / "sft.jsonl"
     with open(sft_path, "w", encoding="utf-8") as f:
         for example in train:
@@ -117,7 +115,7 @@ def build(work: Path, out: Path, settings: BuildSettings, overrides: Sequence[st
     save(model, tokenizer, out, dtype="bfloat16")
     model, tokenizer = load(out, dtype="float32")  # measure what ships
     train_prompts = {prompt_key(e) for e in train}
-    held = held_out_examples(settings.held_out, settings.seed + 1000, train_prompts)
+    held = held_out_examples(settings.held_out, settings.seed + 1000, train_prompts, generate)
     report = evaluate_examples(model, tokenizer, held)
     stage("evaluation", t0)
     report.update(

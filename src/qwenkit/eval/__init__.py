@@ -6,10 +6,11 @@
 - `report`: write_outputs (results.json, predictions.jsonl, report.md and its chart);
 - one module per task family, each registering its tasks when imported here: `choice` (mmlu, ceval,
   cmmlu), `gsm8k`, `code` (humaneval, mbpp), `tools` (tool-use, code-interpreter), `long_ppl`
-  (long-ppl), `demo` (the demo model's own measures).
+  (long-ppl), `demo` (the demo model's own measures), `demo_generalization` (demo-generalization: the
+  demo model on hand-written and independently generated prompts).
 """
 
-from qwenkit.eval import choice, code, demo, gsm8k, long_ppl, tools  # noqa: F401  (each registers its tasks)
+from qwenkit.eval import choice, code, demo, demo_generalization, gsm8k, long_ppl, tools  # noqa: F401  (each registers its tasks)
 from qwenkit.eval.base import (
     TASKS,
     Backend,
