@@ -12,6 +12,7 @@ from conftest import make_tiny_model, run_until_killed
 
 import qwenkit
 from qwenkit.cli import main
+from qwenkit.data.synthetic import chat_samples
 from qwenkit.train.ppo import (
     RunningMoments,
     entropy_of,
@@ -171,6 +172,7 @@ def setup(tmp_path_factory, byte_tokenizer) -> Path:
         for i in range(4)
     ]
     (directory / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (directory / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat_samples(8)))
     return directory
 
 
@@ -188,22 +190,30 @@ def records(out: Path) -> list[dict]:
 TIMING = {"rollout_tokens_per_sec", "update_tokens_per_sec", "tokens_per_sec"}
 
 
-def test_ppo_pinned_first_steps_and_outputs(setup, tmp_path):
-    out = tmp_path / "run"
-    assert main(ppo(setup, out, "--train.max_steps", "3")) == 0
-    logged = records(out)
-    assert [r["step"] for r in logged] == [1, 2, 3]
+@pytest.fixture(scope="module")
+def finished_run(setup, tmp_path_factory) -> Path:
+    """Four steps (the first value-only), checkpoints at steps 2 and 4."""
+    out = tmp_path_factory.mktemp("ppo-run") / "run"
+    assert main(ppo(setup, out, *RUN)) == 0
+    return out
+
+
+RUN = ["--train.max_steps", "4", "--checkpoint.every", "2"]
+
+
+def test_ppo_pinned_first_steps_and_outputs(setup, finished_run):
+    logged = records(finished_run)
+    assert [r["step"] for r in logged] == [1, 2, 3, 4]
     for name in ("reward", "kl", "policy_loss", "value_loss", "entropy", "response_length", "clipfrac", "lr"):
         assert all(math.isfinite(r[name]) for r in logged), name
-    first = logged[0]
     # step 1 is value warm-up: the policy has not moved, so step 2's rollouts still have KL 0
     assert logged[0]["kl"] == logged[1]["kl"] == 0.0 and logged[2]["kl"] != 0.0
     pinned = {"reward": -0.16597, "value_loss": 0.28435, "policy_loss": -0.08514, "entropy": 4.98578,
               "response_length": 5.0, "unfinished": 0.25}  # fmt: skip
-    assert {k: first[k] for k in pinned} == pytest.approx(pinned, abs=1e-4)  # CPU, fp32, seed 0
-    assert (out / "reward_kl.png").is_file() and (out / "loss.png").is_file()
-    final = out / "checkpoints" / "step-0000003"
-    assert (out / "checkpoints" / "latest").read_text().strip() == final.name
+    assert {k: logged[0][k] for k in pinned} == pytest.approx(pinned, abs=1e-4)  # CPU, fp32, seed 0
+    assert (finished_run / "reward_kl.png").is_file() and (finished_run / "loss.png").is_file()
+    final = finished_run / "checkpoints" / "step-0000004"
+    assert (finished_run / "checkpoints" / "latest").read_text().strip() == final.name
     # the policy is an ordinary checkpoint: qwenkit and transformers load it, with the same logits
     import transformers
 
@@ -220,27 +230,27 @@ def test_ppo_pinned_first_steps_and_outputs(setup, tmp_path):
     assert value(ids).shape == (1, 5)
 
 
-def test_ppo_resume_after_a_kill_is_exact(setup, tmp_path):
-    settings = ["--train.max_steps", "4", "--checkpoint.every", "2"]
-    reference = tmp_path / "reference"
-    assert main(ppo(setup, reference, *settings)) == 0
+def test_ppo_resume_after_a_kill_is_exact(setup, finished_run, tmp_path):
     interrupted = tmp_path / "interrupted"
-    run_until_killed(ppo(setup, interrupted, *settings), interrupted, after_step=3)
+    run_until_killed(ppo(setup, interrupted, *RUN), interrupted, after_step=3)
     assert not (interrupted / "checkpoints" / "step-0000004").exists()
-    assert main(ppo(setup, interrupted, *settings)) == 0
+    assert main(ppo(setup, interrupted, *RUN)) == 0
     strip = [{k: v for k, v in r.items() if k not in TIMING} for r in records(interrupted)]
-    assert strip == [{k: v for k, v in r.items() if k not in TIMING} for r in records(reference)]
+    assert strip == [{k: v for k, v in r.items() if k not in TIMING} for r in records(finished_run)]
 
 
 def test_ppo_lora_uses_the_adapter_off_as_reference(setup, tmp_path):
     out = tmp_path / "lora"
-    argv = ppo(setup, out, "--method", "lora", "--train.max_steps", "3", "--train.lr", "1e-2",
-               "--model.lora_r", "4", "--model.lora_alpha", "8")  # fmt: skip
+    argv = ppo(setup, out, "--method", "lora", "--train.max_steps", "2", "--train.lr", "1e-2",
+               "--model.lora_r", "4", "--model.lora_alpha", "8", "--ppo.value_warmup_steps", "0",
+               "--ptx.path", str(setup / "chat.jsonl"), "--ptx.coef", "0.5", "--ptx.micro_batch_size", "2")  # fmt: skip
     assert main(argv) == 0
     logged = records(out)
-    assert logged[0]["kl"] == logged[1]["kl"] == 0.0  # LoRA's B starts at 0: policy = reference
-    assert logged[2]["kl"] != 0.0
-    adapter = out / "checkpoints" / "step-0000003" / "adapter"
+    assert logged[0]["kl"] == 0.0  # LoRA's B starts at 0: policy = reference
+    assert logged[1]["kl"] != 0.0
+    # PPO-ptx: the language-model loss on SFT data is logged and, at this learning rate, falls
+    assert 5.0 < logged[1]["ptx_loss"] < logged[0]["ptx_loss"] < 8.0
+    adapter = out / "checkpoints" / "step-0000002" / "adapter"
     adapted, _ = qwenkit.load(setup / "policy", adapter=adapter)
     start, _ = qwenkit.load(setup / "policy")
     ids = torch.tensor([[72, 105, 33, 257, 258]])

@@ -50,7 +50,6 @@ from qwenkit.train.metrics import Metrics
 from qwenkit.train.optimizer import learning_rate, make_optimizer
 from qwenkit.train.settings import (
     CheckpointSection,
-    EvalSection,
     LogSection,
     TrainSection,
     load_recipe,
@@ -121,7 +120,6 @@ class PPORecipe:
     ppo: PPOSection = field(default_factory=PPOSection)
     ptx: PtxSection = field(default_factory=PtxSection)
     train: TrainSection = field(default_factory=TrainSection)
-    eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
 
@@ -497,7 +495,7 @@ class PPOTrainer:
         with loop.autocast(self.env.device):
             loss = loop.next_token_loss(self.policy, (inputs, labels))
         (self.recipe.ptx.coef * loss).backward()
-        return float(loss)
+        return float(loss.detach())
 
     def step_optimizers(self, train_policy: bool) -> None:
         clip = self.recipe.train.grad_clip
@@ -649,6 +647,8 @@ def run(recipe: PPORecipe, out: Path) -> Path | None:
         raise QwenkitError(f"rollout.queries_per_step x rollout.responses_per_query ({rollouts}) must be a "
                            f"multiple of train.micro_batch_size x train.grad_accum "
                            f"({t.micro_batch_size * t.grad_accum})")  # fmt: skip
+    if t.compile or t.activation_checkpointing:
+        raise QwenkitError("qwenkit ppo does not support train.compile or train.activation_checkpointing yet")
     env = loop.start(recipe, out)
     if env.world_size > 1:
         raise QwenkitError("qwenkit ppo runs in one process; torchrun is not supported yet")
