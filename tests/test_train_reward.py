@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,11 @@ def test_transformers_loads_the_checkpoint_with_the_same_scores(
         alone = torch.stack([model.rewards(ids[r : r + 1, : n + 1], mask[r : r + 1, : n + 1])[0]
                              for r, n in enumerate(last.tolist())])  # fmt: skip
         torch.testing.assert_close(alone, ours, atol=1e-5, rtol=0)  # padding changes no score
+        ours_loss, ours_extra = pairwise_loss(*ours.chunk(2))
+        theirs_loss, theirs_extra = trl_reward_loss(hf, ids, mask)
+    assert float(ours_loss) == pytest.approx(theirs_loss, abs=1e-5)
+    assert float(ours_extra["accuracy"]) == theirs_extra["accuracy"]
+    assert float(ours_extra["margin"]) == pytest.approx(theirs_extra["margin"], abs=1e-5)
     scores = score_pairs(model, pairs, tokenizer.pad_id, batch_size=4, progress=False)
     assert [c for c, _ in scores[:6]] == pytest.approx(ours[:6].tolist(), abs=1e-5)
 
@@ -161,6 +167,23 @@ def test_transformers_loads_the_checkpoint_with_the_same_scores(
 
     continued, _ = reward_model_from(str(out), torch.device("cpu"))  # fine-tuning after PMP keeps the head
     torch.testing.assert_close(continued.score.weight, model.score.weight)
+
+
+def trl_reward_loss(hf_model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, dict[str, float]]:
+    """TRL's RewardTrainer.compute_loss on a batch of chosen rows then rejected rows, with the bare
+    trainer state it reads (one process: gathering is the identity)."""
+    from types import SimpleNamespace
+
+    from trl import RewardTrainer
+
+    trainer = SimpleNamespace(
+        model=hf_model, args=SimpleNamespace(center_rewards_coefficient=None), _total_train_tokens=0, _tp_size=1,
+        accelerator=SimpleNamespace(gather=lambda x: x, gather_for_metrics=lambda x: x),
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+    )  # fmt: skip
+    loss = RewardTrainer.compute_loss(trainer, hf_model, {"input_ids": ids, "attention_mask": mask})
+    logged = trainer._metrics["eval"]  # the model is in eval mode
+    return float(loss), {"accuracy": logged["accuracy"][0], "margin": logged["margin"][0]}
 
 
 def test_cli_mistakes_are_one_line_errors(setup, tmp_path, capsys):
