@@ -578,7 +578,7 @@ def score_table(sets: dict[str, dict[str, dict[str, float]]]) -> str:
         if not any(measure in s for s in sets.values()):
             continue
         cells = [
-            f"{s[measure]['rate']:.0%} ({int(s[measure]['n'])})" if measure in s else ""
+            f"{s[measure]['rate']:.1%} ({int(s[measure]['n'])})" if measure in s else ""
             for s in sets.values()
         ]
         target = f">= {TARGETS[measure]:.0%}" if measure in TARGETS else ""
