@@ -2,6 +2,8 @@
 output directory (written here with datatrove's own JsonlWriter), in the terminal and as escaped HTML."""
 
 import gzip
+import json
+import random
 from html.parser import HTMLParser
 
 import pytest
@@ -10,6 +12,7 @@ from datatrove.pipeline.writers import JsonlWriter
 
 from qwenkit.cli import main
 from qwenkit.data.review import collect_review, format_review
+from qwenkit.data.synthetic import english_story
 from qwenkit.errors import QwenkitError
 
 HOSTILE = '<script>alert("x")</script> & <b>bold</b>\nsecond line'
@@ -41,6 +44,10 @@ def out(tmp_path):
     with gzip.open(tmp_path / "removed" / "classifier" / "broken.jsonl.gz", "wt") as f:
         f.write('{"text": "fine", "id": "j-extra"}\n{broken\n[1, 2]\n')
     return tmp_path
+
+
+def write_jsonl(path, texts):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
 
 
 class PageText(HTMLParser):
@@ -120,3 +127,68 @@ def test_bad_directories_and_stages(out, tmp_path_factory, capsys):
     with pytest.raises(QwenkitError, match="not a `qwenkit data process` output"):
         collect_review(empty)
     assert main(["data", "review", str(out), "--n", "0"]) == 2  # argparse refuses it
+
+
+def test_review_of_a_process_run_with_every_model_score(tmp_path, small_checkpoint, capsys):
+    """`data process` with decontamination, perplexity and the classifier on, then `data review` of
+    what it wrote: the removed documents carry their reasons and scores, the kept ones their scores."""
+    rng = random.Random(0)
+    spam = [
+        "buy",
+        "now",
+        "cheap",
+        "free",
+        "click",
+        "here",
+        "login",
+        "subscribe",
+        "best",
+        "price",
+        "deal",
+        "offer",
+        "cart",
+        "sale",
+        "casino",
+        "bonus",
+    ]
+
+    def junk():
+        return " | ".join(" ".join(rng.choices(spam, k=3)) for _ in range(30))
+
+    write_jsonl(tmp_path / "good.jsonl", [english_story(rng) + " " + english_story(rng) for _ in range(60)])
+    write_jsonl(tmp_path / "junk.jsonl", [junk() for _ in range(60)])
+    clf = tmp_path / "clf"
+    assert main(["data", "train-classifier", "--positive", str(tmp_path / "good.jsonl"),
+                 "--negative", str(tmp_path / "junk.jsonl"), "--out", str(clf)]) == 0  # fmt: skip
+    secret = "the seven lantern keepers of the northern harbour counted forty ships before the winter storm arrived"
+    (tmp_path / "eval.txt").write_text(secret + "\n", encoding="utf-8")
+    docs = [{"id": f"story{i}", "text": english_story(rng) + " " + english_story(rng)} for i in range(4)]
+    docs += [{"id": "leak", "text": "Did you know? " + secret + ", they said."}]
+    docs += [{"id": f"junk{i}", "text": junk()} for i in range(2)]
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
+    config = tmp_path / "data.yaml"
+    config.write_text(
+        "language: {enabled: false}\nexact_dedup: {enabled: false}\nminhash: {enabled: false}\n"
+        "quality: {enabled: false}\ndecontaminate: {humaneval: false}\n"
+        f"perplexity: {{enabled: true, model: '{small_checkpoint}', thresholds: {{}}}}\n"
+        f"classifier: {{enabled: true, model: '{clf}'}}\nexecutor: {{workers: 1}}\n"
+    )
+    out = tmp_path / "out"
+    assert main(["data", "process", "--input", str(tmp_path / "corpus.jsonl"), "--out", str(out),
+                 "--config", str(config), "--decontaminate", str(tmp_path / "eval.txt")]) == 0  # fmt: skip
+    capsys.readouterr()
+    groups = {g.name: g for g in collect_review(out, n=10)}
+    assert sorted(groups) == ["classifier", "decontaminate", "kept"]
+    assert sorted(s.id for s in groups["kept"].samples) == [f"story{i}" for i in range(4)]
+    assert all(
+        s.metadata["quality_score"] >= 0.5 and s.metadata["perplexity"] > 1 for s in groups["kept"].samples
+    )
+    [leak] = groups["decontaminate"].samples
+    assert (leak.id, leak.reason, leak.metadata["contamination"]["set"]) == ("leak", "contamination", "eval")
+    assert sorted(s.id for s in groups["classifier"].samples) == ["junk0", "junk1"]
+    assert all(s.reason == "quality_classifier" and s.metadata["quality_score"] < 0.5
+               for s in groups["classifier"].samples)  # fmt: skip
+    assert main(["data", "review", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "=== kept: 4 of 4 documents" in printed and "reason=contamination" in printed
+    assert (out / "review.html").is_file()
