@@ -1,7 +1,7 @@
 PY := .venv/bin/python
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: run test lint format bench demo-model clean
+.PHONY: run test lint format bench demo-model rlhf-demo clean
 
 .venv/.installed: pyproject.toml scripts/install_torch.sh scripts/install_system.sh
 	scripts/install_system.sh
@@ -27,6 +27,11 @@ test: lint
 
 demo-model: .venv/.installed
 	.venv/bin/qwenkit demo build
+
+# reward model + PPO and DPO of the demo model into runs/rlhf-demo (docs/rlhf.md); stage overrides as
+# RLHF_ARGS="--ppo.train.max_steps 20 --prompts 200"
+rlhf-demo: .venv/.installed
+	$(PY) scripts/rlhf_demo.py --out runs/rlhf-demo $(RLHF_ARGS)
 
 bench: .venv/.installed
 	$(PY) benchmarks/inference.py
