@@ -10,7 +10,7 @@ on one line and exits 1.
   checkpoint.py  convert, info, merge-lora, export gguf
   serve.py       serve
   data.py        tokenizer train|stats, data pack
-  train.py       pretrain, sft
+  train.py       pretrain, sft, reward (and reward score), ppo, dpo
   demo.py        demo build|eval
   agent.py       agent
   eval.py        eval (benchmarks, qwenkit.eval)

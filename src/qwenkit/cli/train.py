@@ -1,6 +1,7 @@
-"""Training verbs: `qwenkit pretrain` and `qwenkit sft` (recipes in qwenkit.train).
+"""Training verbs: `qwenkit pretrain`, `sft`, `reward` (and `reward score`), `ppo`, `dpo` (recipes in
+qwenkit.train).
 
-Both take a YAML recipe and any recipe setting as `--section.key VALUE` (the overrides `main` collects).
+The training verbs take a YAML recipe and any recipe setting as `--section.key VALUE` (the overrides `main` collects).
 """
 
 from __future__ import annotations
