@@ -1,7 +1,8 @@
 """Training verbs: `qwenkit pretrain`, `sft`, `reward` (and `reward score`), `ppo`, `dpo` (recipes in
 qwenkit.train).
 
-The training verbs take a YAML recipe and any recipe setting as `--section.key VALUE` (the overrides `main` collects).
+The training verbs take a YAML recipe and any recipe setting as `--section.key VALUE` (the overrides
+`main` collects).
 """
 
 from __future__ import annotations
