@@ -127,6 +127,9 @@ def test_bad_directories_and_stages(out, tmp_path_factory, capsys):
     with pytest.raises(QwenkitError, match="not a `qwenkit data process` output"):
         collect_review(empty)
     assert main(["data", "review", str(out), "--n", "0"]) == 2  # argparse refuses it
+    (out / "output" / "damaged.jsonl.gz").write_bytes(b"not gzip")
+    with pytest.raises(QwenkitError, match="cannot read .*damaged.jsonl.gz"):
+        collect_review(out)
 
 
 def test_review_of_a_process_run_with_every_model_score(tmp_path, small_checkpoint, capsys):

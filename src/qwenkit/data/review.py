@@ -53,23 +53,23 @@ def jsonl_files(directory: Path) -> list[Path]:
 
 
 def _records(path: Path, group: Group) -> Iterator[dict]:
-    with (
-        gzip.open(path, "rt", encoding="utf-8")
-        if path.name.endswith(".gz")
-        else path.open(encoding="utf-8") as f
-    ):
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                group.unreadable_lines += 1
-                continue
-            if isinstance(record, dict) and isinstance(record.get("text"), str):
-                yield record
-            else:
-                group.unreadable_lines += 1
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    group.unreadable_lines += 1
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("text"), str):
+                    yield record
+                else:
+                    group.unreadable_lines += 1
+    except (OSError, EOFError) as e:  # not gzip, truncated
+        raise QwenkitError(f"cannot read {path}: {e}") from None
 
 
 def _sample(record: dict, path: Path, root: Path) -> Sample:
