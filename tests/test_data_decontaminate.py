@@ -128,5 +128,9 @@ def test_bad_files_fail_with_one_line(tmp_path):
     bad.write_text('{"q": "fine"}\n{not json\n')
     with pytest.raises(QwenkitError, match=r"bad.jsonl, line 2"):
         Decontaminate([str(bad)], humaneval=False)
+    huge = tmp_path / "huge.csv"
+    huge.write_text('"' + "x" * 200_000 + '"\n')  # over the csv module's field limit
+    with pytest.raises(QwenkitError, match="huge.csv: not readable as CSV"):
+        Decontaminate([str(huge)], humaneval=False)
     with pytest.raises(QwenkitError, match="n-gram size"):
         Decontaminate([], n=0)

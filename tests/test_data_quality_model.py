@@ -95,11 +95,13 @@ def test_demo_model_scores_gibberish_worse_than_its_own_kind_of_text(tmp_path):
     assert all(m["perplexity"] > thresholds.get(m["language"], 1.0) for m in removed.values())
 
 
-def test_perplexity_settings_are_checked():
+def test_perplexity_settings_are_checked(small_checkpoint, tmp_path):
     with pytest.raises(QwenkitError, match="positive"):
-        PerplexityFilter("ckpt", {"en": -1})
+        PerplexityFilter(str(small_checkpoint), {"en": -1})
     with pytest.raises(QwenkitError, match="max_tokens"):
-        PerplexityFilter("ckpt", {}, max_tokens=1)
+        PerplexityFilter(str(small_checkpoint), {}, max_tokens=1)
+    with pytest.raises(QwenkitError, match="checkpoint not found"):
+        PerplexityFilter(str(tmp_path / "no-model"), {})
 
 
 def word_salad(rng: random.Random, text: str) -> str:

@@ -81,8 +81,11 @@ def eval_file_texts(path: str | Path) -> Iterator[str]:
                 except json.JSONDecodeError:
                     raise QwenkitError(f"{path}, line {number}: not a JSON object (JSONL expected)") from None
         elif name.endswith(".csv"):
-            for row in csv.reader(f):
-                yield from row
+            try:
+                for row in csv.reader(f):
+                    yield from row
+            except csv.Error as e:
+                raise QwenkitError(f"{path}: not readable as CSV: {e}") from None
         else:
             yield from f
 

@@ -66,7 +66,8 @@ def document_perplexities(
 class PerplexityFilter(BaseFilter):
     """Removes documents whose perplexity under a qwenkit checkpoint exceeds the threshold of their
     language (metadata["language"], else thresholds["default"]); a language with no threshold and no
-    default is only annotated. The model is loaded once per worker, at its first batch."""
+    default is only annotated. The checkpoint's config is checked here; the model is loaded once per
+    worker, at its first batch."""
 
     name = "📉 perplexity"
 
@@ -84,6 +85,9 @@ class PerplexityFilter(BaseFilter):
         bad = {k: v for k, v in thresholds.items() if not isinstance(v, (int, float)) or v <= 0}
         if bad:
             raise QwenkitError(f"perplexity thresholds must be positive numbers, got {bad}")
+        from qwenkit.checkpoint import read_config_json
+
+        read_config_json(model)  # a wrong path fails here, before any data is read
         self.model_path = model
         self.thresholds = dict(thresholds)
         self.max_tokens = max_tokens
