@@ -195,3 +195,29 @@ def test_eval_task_demo_is_the_card_measurement(shipped):
     react = [p for p in result.predictions if p.subject == "react"]
     assert react and all(p.reference for p in react) and react[0].id.endswith("/react")
     assert all(p.correct == all(p.extra["checks"].values()) for p in result.predictions)
+
+
+def test_the_model_card_gets_both_tables(tmp_path):
+    """write_model_card fills the measured block and the generalization block (issue 17) of the card."""
+    from qwenkit.demo.pipeline import CARD_BEGIN, CARD_END, GENERAL_BEGIN, GENERAL_END
+
+    card = tmp_path / "card.md"
+    card.write_text(
+        f"# card\n{CARD_BEGIN}\nold\n{CARD_END}\ntext\n{GENERAL_BEGIN}\nold\n{GENERAL_END}\nend\n"
+    )
+    config = {"vocab_size": 3264, "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "intermediate_size": 768, "max_position_embeddings": 1024}  # fmt: skip
+    loss = {"steps": 10, "first_loss": 8.0, "final_loss": 1.0, "val_loss": 1.1}
+    report = {
+        "config": config, "losses": {"pretrain": loss, "sft": loss}, "timings": {"sft": 60.0}, "minutes": 1.0,
+        "settings": {"seed": 0, "held_out": 400, "data": "composed"}, "parameters": 4.8e6,
+        "scores": {"language": {"rate": 0.5, "n": 4}},
+        "generalization": {"handwritten": {"dont_know": {"rate": 0.25, "n": 16}},
+                           "generated": {"dont_know": {"rate": 0.5, "n": 45}}},
+    }  # fmt: skip
+    demo.write_model_card(report, card)
+    text = card.read_text()
+    assert "old" not in text and text.startswith("# card\n") and text.endswith(f"{GENERAL_END}\nend\n")
+    assert "| answers in the language of the question | 50.0% | 4 | >= 90% |" in text
+    assert "| outside its knowledge: says it does not know | 25.0% (16) | 50.0% (45) | >= 80% |" in text
+    assert "`composed` data" in text

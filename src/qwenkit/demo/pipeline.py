@@ -23,6 +23,10 @@ DEMO_MODEL_DIR = Path(__file__).parent.parent / "demo_model"
 CONFIG_DIR = Path(__file__).parent / "configs"
 REPO_ROOT = Path(__file__).resolve().parents[3]  # the source checkout, when running from one (docs/)
 CARD_BEGIN, CARD_END = "<!-- measured:begin -->", "<!-- measured:end -->"  # the model card's measured block
+GENERAL_BEGIN, GENERAL_END = (
+    "<!-- generalization:begin -->",
+    "<!-- generalization:end -->",
+)  # its issue-17 table
 
 
 @dataclass
@@ -117,6 +121,7 @@ def build(work: Path, out: Path, settings: BuildSettings, overrides: Sequence[st
     train_prompts = {prompt_key(e) for e in train}
     held = held_out_examples(settings.held_out, settings.seed + 1000, train_prompts, generate)
     report = evaluate_examples(model, tokenizer, held)
+    report["generalization"] = measure_generalization(model, tokenizer)
     stage("evaluation", t0)
     report.update(
         settings=settings.__dict__,
@@ -128,6 +133,17 @@ def build(work: Path, out: Path, settings: BuildSettings, overrides: Sequence[st
     )
     (work / "eval.json").write_text(json.dumps(report, ensure_ascii=False, indent=1))
     return report
+
+
+def measure_generalization(model, tokenizer) -> dict:
+    """`qwenkit eval demo-generalization` on the built model: the hand-written and independently
+    generated prompts (set -> measure -> {"rate", "n"})."""
+    from qwenkit.eval.base import EvalSettings, LocalBackend
+    from qwenkit.eval.demo_generalization import run_demo_generalization, scores_by_set
+
+    return scores_by_set(
+        run_demo_generalization(LocalBackend(model, tokenizer), EvalSettings(progress=False))
+    )
 
 
 def _round_up(n: int, multiple: int = 64) -> int:
@@ -166,7 +182,17 @@ def write_model_card(report: dict, card: Path) -> None:
     ]
     text = card.read_text(encoding="utf-8")
     start, end = text.index(CARD_BEGIN), text.index(CARD_END) + len(CARD_END)
-    card.write_text(text[:start] + "\n".join(lines) + text[end:], encoding="utf-8")
+    text = text[:start] + "\n".join(lines) + text[end:]
+    if report.get("generalization") and GENERAL_BEGIN in text:
+        from qwenkit.eval.demo_generalization import score_table as generalization_table
+
+        block = [GENERAL_BEGIN, generalization_table(report["generalization"]), "",
+                 f"(`make demo-model`, seed {report['settings']['seed']}, `{report['settings'].get('data')}` data: "
+                 "`qwenkit eval demo-generalization` on the built model; in brackets the turns or items counted.)",
+                 GENERAL_END]  # fmt: skip
+        start, end = text.index(GENERAL_BEGIN), text.index(GENERAL_END) + len(GENERAL_END)
+        text = text[:start] + "\n".join(block) + text[end:]
+    card.write_text(text, encoding="utf-8")
 
 
 def record_build(report: dict, work: Path, out: Path, card: bool = True) -> None:
@@ -174,8 +200,8 @@ def record_build(report: dict, work: Path, out: Path, card: bool = True) -> None
     checkout, into docs/demo-model.md with the loss plots of `work`'s runs."""
     import shutil
 
-    (out / "eval.json").write_text(json.dumps({k: report[k] for k in ("scores", "settings", "timings",
-                                   "minutes", "losses")}, indent=1) + "\n")  # fmt: skip
+    kept = ("scores", "generalization", "settings", "timings", "minutes", "losses")
+    (out / "eval.json").write_text(json.dumps({k: report[k] for k in kept if k in report}, indent=1) + "\n")
     docs = REPO_ROOT / "docs"
     if card and (docs / "demo-model.md").is_file():
         write_model_card(report, docs / "demo-model.md")

@@ -586,6 +586,12 @@ def score_table(sets: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(rows)
 
 
+def scores_by_set(result: TaskResult) -> dict[str, dict[str, dict[str, float]]]:
+    """set -> measure -> {"rate", "n"} of a demo-generalization result (what score_table takes)."""
+    return {name: {m: {"rate": rate, "n": result.groups[f"{name} (counted)"][m]} for m, rate in scores.items()}
+            for name, scores in result.groups.items() if not name.endswith("(counted)")}  # fmt: skip
+
+
 @task("demo-generalization",
       description="the demo model on prompts its generator never wrote: hand-written and independently generated")  # fmt: skip
 def run_demo_generalization(backend: Backend | None, settings: EvalSettings) -> TaskResult:
