@@ -101,7 +101,7 @@ class PerplexityFilter(BaseFilter):
         if self._loaded is None:
             from qwenkit.checkpoint import load
 
-            self._loaded = load(self.model_path)
+            self._loaded = load(self.model_path, device="auto")  # a GPU when there is one
         model, tokenizer = self._loaded
         results: list[bool | tuple[bool, str]] = []
         perplexities = document_perplexities(model, tokenizer, [d.text for d in batch], self.max_tokens)
