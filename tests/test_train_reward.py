@@ -165,6 +165,27 @@ def test_transformers_loads_the_checkpoint_with_the_same_scores(
         [x for pair in scores for x in pair], abs=1e-5
     )
 
+    data = tmp_path / "held.jsonl"  # without --out: beside the data
+    data.write_bytes((setup / "held.jsonl").read_bytes())
+    assert (
+        main(
+            [
+                "reward",
+                "score",
+                "--model",
+                str(out),
+                "--data",
+                str(data),
+                "--max-len",
+                "256",
+                "--batch-size",
+                "5",
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "held.scores.jsonl").read_text() == written.read_text()
+
     continued, _ = reward_model_from(str(out), torch.device("cpu"))  # fine-tuning after PMP keeps the head
     torch.testing.assert_close(continued.score.weight, model.score.weight)
 

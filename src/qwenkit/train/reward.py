@@ -331,7 +331,8 @@ def score_main(
     model_path: str, data: str, out: str | None, max_len: int, batch_size: int, device: str | None
 ) -> int:
     """`qwenkit reward score`: pairwise accuracy of a reward model on a preference file; per-pair
-    scores as JSONL ({"line", "chosen", "rejected", "margin", "correct"}) when `out` is given."""
+    scores as JSONL ({"line", "chosen", "rejected", "margin", "correct"}) into `out` (default: beside
+    the data, DATA.scores.jsonl)."""
     from qwenkit.train.preference_data import load_preference_pairs
 
     model, tokenizer = load_reward_model(model_path, device)
@@ -345,12 +346,15 @@ def score_main(
     margin = sum(c - r for c, r in scores) / len(scores)
     print(f"accuracy {sum(correct) / len(correct):.4f} on {len(scores)} pairs ({report.skipped} skipped), "
           f"mean margin {margin:.4f}")  # fmt: skip
-    if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "w", encoding="utf-8") as f:
+    target = Path(out) if out is not None else Path(data).with_suffix(".scores.jsonl")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "w", encoding="utf-8") as f:
             for pair, (chosen, rejected), ok in zip(pairs, scores, correct, strict=True):
                 record = {"line": pair.line, "chosen": chosen, "rejected": rejected, "margin": chosen - rejected,
                           "correct": ok}  # fmt: skip
                 f.write(json.dumps(record) + "\n")
-        print(f"scores: {out}")
+    except OSError as e:
+        raise QwenkitError(f"cannot write the scores to {target}: {e.strerror}") from None
+    print(f"scores: {target}")
     return 0
