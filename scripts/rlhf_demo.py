@@ -32,6 +32,36 @@ def stage_overrides(extra: list[str]) -> dict[str, list[str]]:
     return stages
 
 
+def plot_curves(out: Path, png: Path) -> None:
+    """One figure of the three runs: the reward model's held-out accuracy, PPO's reward and KL, DPO's loss
+    and held-out reward margin, against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(run: str, key: str) -> list[tuple[int, float]]:
+        lines = (out / run / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r[key]) for r in map(json.loads, lines) if key in r]
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    panels = [("reward model", [("reward", "accuracy"), ("reward", "val_accuracy")]),
+              ("PPO", [("ppo", "reward"), ("ppo", "kl")]),
+              ("DPO", [("dpo", "loss"), ("dpo", "margin"), ("dpo", "val_margin")])]  # fmt: skip
+    for ax, (title, keys) in zip(axes, panels, strict=True):
+        for run, key in keys:
+            points = series(run, key)
+            if points:
+                ax.plot(*zip(*points, strict=True), "o-" if key.startswith("val_") else "-", label=key)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -134,6 +164,7 @@ def main() -> int:
         "overrides": extra,
     }
     (out / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=1))
+    plot_curves(out, out / "curves.png")
     print(f"reward model held-out accuracy: {last.get('val_accuracy')}")
     print("| model | right (greedy) | right (sampled) | mean reward | KL to shipped |")
     print("|---|---|---|---|---|")
