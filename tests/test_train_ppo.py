@@ -179,7 +179,7 @@ def setup(tmp_path_factory, byte_tokenizer) -> Path:
 def ppo(setup: Path, out: Path, *extra: str) -> list[str]:
     return ["ppo", "--config", str(ROOT / "configs" / "ppo" / "demo.yaml"), "--policy", str(setup / "policy"),
             "--reward", str(setup / "reward"), "--data", str(setup / "prompts.jsonl"), "--out", str(out),
-            "--rollout.queries_per_step", "2", "--rollout.max_new_tokens", "8", "--train.micro_batch_size", "2",
+            "--rollout.queries_per_step", "2", "--rollout.max_new_tokens", "8", "--data.max_prompt_len", "128", "--train.micro_batch_size", "2",
             "--train.grad_accum", "1", "--ppo.value_warmup_steps", "1", "--log.progress", "false", *extra]  # fmt: skip
 
 
@@ -264,6 +264,8 @@ def test_ppo_errors_are_one_line(setup, tmp_path, capsys):
     assert main([*ppo(setup, tmp_path / "b"), "--rollout.responses_per_query", "3",
                  "--train.micro_batch_size", "4"]) == 1  # fmt: skip
     assert "multiple of" in capsys.readouterr().err
+    assert main([*ppo(setup, tmp_path / "e"), "--rollout.max_new_tokens", "200"]) == 1  # 128 + 200 > 256
+    assert "context window of 256" in capsys.readouterr().err
     assert main(ppo(setup, tmp_path / "c", "--reward", str(setup / "policy"))) == 1
     assert "not a reward model" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"

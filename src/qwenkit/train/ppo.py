@@ -311,6 +311,7 @@ class PPOTrainer:
     def __init__(self, recipe: PPORecipe, out: Path, env: Distributed):
         from qwenkit.chatml import render_messages
         from qwenkit.checkpoint import load
+        from qwenkit.generation import context_length
         from qwenkit.train.preference_data import read_prompts
         from qwenkit.train.reward import load_reward_model, resolve_run
 
@@ -319,6 +320,12 @@ class PPOTrainer:
         source = resolve_run(m.policy) if m.policy else None  # None: the embedded demo model
         policy, tokenizer = load(source, device=device, dtype="float32")
         self.tokenizer, self.generation_config = tokenizer, policy.generation_config
+        r = recipe.rollout
+        window = context_length(policy)
+        if recipe.data.max_prompt_len + r.max_new_tokens > window:
+            raise QwenkitError(f"data.max_prompt_len + rollout.max_new_tokens "
+                               f"({recipe.data.max_prompt_len} + {r.max_new_tokens}) exceeds the policy's "
+                               f"context window of {window} tokens")  # fmt: skip
         self.reward_model, reward_tokenizer = load_reward_model(m.reward, device=device, dtype="float32")
         if (
             reward_tokenizer.vocab_size != tokenizer.vocab_size
@@ -356,7 +363,6 @@ class PPOTrainer:
                 print(f"  skipped {error}")
         if not self.prompts:
             raise QwenkitError(f"no usable prompts in {recipe.data.path}")
-        r = recipe.rollout
         self.batches = loop.StepBatches(self.prompts, r.queries_per_step, 1, env, t.seed, list)
         self.ptx = None
         if recipe.ptx.path and recipe.ptx.coef > 0:
