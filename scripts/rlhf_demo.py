@@ -22,6 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("reward", "ppo", "dpo")
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def stage_overrides(extra: list[str]) -> dict[str, list[str]]:
     stages: dict[str, list[str]] = {name: [] for name in STAGES}
     for flag, value in zip(extra[::2], extra[1::2], strict=True):
@@ -103,14 +107,27 @@ def main() -> int:
                                              exclude=training_prompts(1) | {prompt_key(e) for e in train})  # fmt: skip
     held = knowledge_examples(args.held_out, args.seed + 3000, held_out=True,
                               exclude=training_prompts(1) | {prompt_key(e) for e in train + held_pairs_examples})  # fmt: skip
-    print(f"rlhf-demo: {PREFERENCE}; sampling {args.samples} replies to {len(train)} + "
-          f"{len(held_pairs_examples)} questions", flush=True)  # fmt: skip
-    samples = sample_replies(model, tokenizer, train, args.samples, args.seed)
-    rows, sampled_rate = build_pairs(train, samples, args.seed)
-    held_samples = sample_replies(model, tokenizer, held_pairs_examples, args.samples, args.seed + 1)
-    held_rows, _ = build_pairs(held_pairs_examples, held_samples, args.seed + 1)
-    write_jsonl(out / "pairs.jsonl", rows)
-    write_jsonl(out / "held_pairs.jsonl", held_rows)
+    stats_file = out / "pairs_stats.json"  # the pairs of an earlier run with the same settings are reused
+    settings = {
+        "prompts": args.prompts,
+        "held_out": args.held_out,
+        "samples": args.samples,
+        "seed": args.seed,
+    }
+    cached = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+    if cached.get("settings") == settings:
+        rows, held_rows = read_jsonl(out / "pairs.jsonl"), read_jsonl(out / "held_pairs.jsonl")
+        sampled_rate = cached["sampled_preferred"]
+    else:
+        print(f"rlhf-demo: {PREFERENCE}; sampling {args.samples} replies to {len(train)} + "
+              f"{len(held_pairs_examples)} questions", flush=True)  # fmt: skip
+        samples = sample_replies(model, tokenizer, train, args.samples, args.seed)
+        rows, sampled_rate = build_pairs(train, samples, args.seed)
+        held_samples = sample_replies(model, tokenizer, held_pairs_examples, args.samples, args.seed + 1)
+        held_rows, _ = build_pairs(held_pairs_examples, held_samples, args.seed + 1)
+        write_jsonl(out / "pairs.jsonl", rows)
+        write_jsonl(out / "held_pairs.jsonl", held_rows)
+        stats_file.write_text(json.dumps({"settings": settings, "sampled_preferred": sampled_rate}))
     write_jsonl(out / "prompts.jsonl", [{"messages": prompt_messages(e)} for e in train])
     write_jsonl(out / "heldout_prompts.jsonl", [{"messages": prompt_messages(e)} for e in held])
     timings["pairs"] = time.perf_counter() - t0
