@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 TOPICS = ["the sea", "a red bicycle", "winter mornings", "prime numbers", "a lost key", "the moon",
           "bread", "a small town", "rain", "an old map", "music", "the desert", "a library", "trains",
           "a garden", "clocks"]  # fmt: skip
@@ -152,13 +154,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each, alternating")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-write", action="store_true", help="print, do not update docs/benchmarks.md")
     parser.add_argument("--engine", choices=["qwenkit", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.engine:  # one measured run, in its own process
+        import torch
+
+        torch.set_num_threads(args.threads)
         run = run_qwenkit if args.engine == "qwenkit" else run_trl
         print(json.dumps(run(Path(args.dir), args)))
         return
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         build(directory, args.preset, args.queries)
@@ -174,15 +182,41 @@ def main() -> None:
                     "--dir",
                     str(directory),
                 ]
-                done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+                env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+                done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
                 if done.returncode != 0:
                     sys.exit(f"{engine} run failed:\n{done.stderr[-3000:]}")
                 result = json.loads(done.stdout.strip().splitlines()[-1])
                 results[engine].append(result)
                 print(f"{engine}: {result['tokens'] / result['seconds']:.0f} tokens/s ({result})", flush=True)
-    rates = {e: statistics.median(r["tokens"] / r["seconds"] for r in runs) for e, runs in results.items()}
-    print(f"\nmedian of {args.repeats}: qwenkit {rates['qwenkit']:.0f} tokens/s, TRL {rates['trl']:.0f} tokens/s, "
-          f"ratio {rates['qwenkit'] / rates['trl']:.2f}x")  # fmt: skip
+    rates = {e: [r["tokens"] / r["seconds"] for r in runs] for e, runs in results.items()}
+    median = {e: statistics.median(values) for e, values in rates.items()}
+    ratio = median["qwenkit"] / median["trl"]
+    print(f"\nmedian of {args.repeats}: qwenkit {median['qwenkit']:.0f} tokens/s, TRL {median['trl']:.0f} tokens/s, "
+          f"ratio {ratio:.2f}x")  # fmt: skip
+    if args.no_write:
+        return
+    import torch
+    import transformers
+
+    shape = args.preset or "the demo model's shape (4 layers, hidden 256, vocabulary 3,264)"
+    body = "\n".join([
+        f"{shape}, random weights, {args.device}, {args.threads} threads; {args.queries} prompts x 2 responses of "
+        f"{args.new_tokens} tokens per step, micro-batches of {args.micro}, one PPO epoch, {args.steps} steps per run; "
+        f"fresh processes alternating qwenkit / TRL, {args.repeats} each (torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, TRL 0.29.1's `trl.experimental.ppo.PPOTrainer`). Load average "
+        f"{load_before:.1f} before and {os.getloadavg()[0]:.1f} after the runs.",
+        "",
+        "| | runs (tokens/s) | median tokens/s |",
+        "|---|---|---|",
+        *(f"| {'qwenkit' if e == 'qwenkit' else 'TRL'} | {', '.join(f'{v:.0f}' for v in rates[e])} | "
+          f"{median[e]:.0f} |" for e in rates),
+        "",
+        f"qwenkit / TRL: **{ratio:.2f}x** (median over median).",
+    ])  # fmt: skip
+    from report import write_section
+
+    write_section(f"ppo-speed-{args.device}", body, "PPO throughput against TRL (`benchmarks/ppo_speed.py`)")
 
 
 if __name__ == "__main__":
