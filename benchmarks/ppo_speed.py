@@ -201,7 +201,7 @@ def main() -> None:
 
     shape = args.preset or "the demo model's shape (4 layers, hidden 256, vocabulary 3,264)"
     body = "\n".join([
-        f"{shape}, random weights, {args.device}, {args.threads} threads; {args.queries} prompts x 2 responses of "
+        f"Model: {shape}, random weights, {args.device}, {args.threads} threads; {args.queries} prompts x 2 responses of "
         f"{args.new_tokens} tokens per step, micro-batches of {args.micro}, one PPO epoch, {args.steps} steps per run; "
         f"fresh processes alternating qwenkit / TRL, {args.repeats} each (torch {torch.__version__}, transformers "
         f"{transformers.__version__}, TRL 0.29.1's `trl.experimental.ppo.PPOTrainer`). Load average "
