@@ -582,7 +582,8 @@ def score_table(sets: dict[str, dict[str, dict[str, float]]]) -> str:
             for s in sets.values()
         ]
         target = f">= {TARGETS[measure]:.0%}" if measure in TARGETS else ""
-        rows.append(f"| {text} | " + " | ".join(cells) + f" | {target} |")
+        name = text.replace("|", "\\|")  # a table cell: "<|im_end|>" must not split it
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {target} |")
     return "\n".join(rows)
 
 
