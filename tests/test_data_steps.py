@@ -184,3 +184,16 @@ def test_input_reader_reads_every_format_keeps_ids_and_tags_the_source(tmp_path)
     assert sum(len(list(reader.run(rank=r, world_size=2))) for r in range(2)) == len(docs)
     with pytest.raises(QwenkitError, match="unsupported format"):
         steps.input_files([tmp_path / "b.parquet", Path(__file__)])
+
+
+def test_input_reader_source_is_the_inputs_not_a_records_own_source_key(tmp_path):
+    # the output writer puts documents under output/<source>/: a record must not choose that path
+    (tmp_path / "web.jsonl").write_text(
+        json.dumps({"text": "a", "source": "../../escaped"})
+        + "\n"
+        + json.dumps({"text": "b", "metadata": {"source": "x"}})
+        + "\n"
+    )
+    docs = list(steps.InputReader([tmp_path / "web.jsonl"], ["web"]).run())
+    assert [d.metadata["source"] for d in docs] == ["web", "web"]
+    assert [d.metadata["input_source"] for d in docs] == ["../../escaped", "x"]

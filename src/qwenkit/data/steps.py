@@ -264,6 +264,12 @@ class InputReader(PipelineStep):
         reader = reader_cls(folder, glob_pattern=name, default_metadata=metadata)
         for doc in reader.read_file(name):
             doc.metadata.pop("file_path", None)  # the source names the input; paths leak machine layout
+            # datatrove lets a record's own "source" key override default_metadata; the writers put
+            # documents under output/<source>/, so a record's source ("../..") must not choose the path
+            own = doc.metadata.get("source")
+            if own is not None and own != metadata["source"]:
+                doc.metadata["input_source"] = own
+            doc.metadata.update(metadata)
             yield doc
 
 
