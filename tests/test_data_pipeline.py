@@ -386,3 +386,13 @@ def test_ray_executor_gives_the_local_result(processed, tmp_path):
     assert len(results["ray"][0]) + len(results["ray"][1]) == len(
         (root / "web.jsonl").read_text().splitlines()
     )
+
+
+def test_a_source_name_is_a_plain_folder_name(tmp_path, monkeypatch):
+    # sources are folders under OUT/output/: "." or ".." as an input must not name one
+    (tmp_path / "corpus" / "sub").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "corpus" / "sub")
+    assert pipeline.source_name(Path("..")) == "corpus"
+    assert pipeline.source_name(Path(".")) == "sub"
+    assert pipeline.source_name(Path("web.v2.jsonl")) == "web"
+    assert pipeline.source_name(Path("..jsonl")) == "source"

@@ -200,8 +200,9 @@ def parse_input(text: str) -> Input:
 
 def source_name(path: Path) -> str:
     """A source is named by its file name before the first dot, or its directory's name."""
-    name = path.name if path.is_dir() else path.name.split(".")[0]
-    return re.sub(r"[^\w.-]+", "_", name) or "source"
+    name = path.resolve().name if path.is_dir() else path.name.split(".")[0]  # "." and ".." by their names
+    name = re.sub(r"[^\w.-]+", "_", name)
+    return "source" if name in ("", ".", "..") else name  # a source is a folder under OUT/output/
 
 
 def resolve_sources(
