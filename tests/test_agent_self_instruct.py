@@ -287,3 +287,21 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         assert main([*base, *extra]) != 0
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
+
+
+def test_cli_closes_the_api_client_even_when_a_round_fails(tmp_path, monkeypatch, capsys):
+    closed = []
+
+    class FailingApi:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def write_queries(self, prompts, seed):
+            raise QwenkitError("the server went away")
+
+        def close(self):
+            closed.append(True)
+
+    monkeypatch.setattr(si, "ApiGenerator", FailingApi)
+    assert main(["data", "self-instruct", "--api", "http://x", "--out", str(tmp_path / "o.jsonl")]) == 1
+    assert "the server went away" in capsys.readouterr().err and closed == [True]

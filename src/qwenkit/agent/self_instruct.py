@@ -472,13 +472,17 @@ class ApiGenerator:
         self.url = api_root(base_url)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout, connect=10.0))
-        served = [m.get("id") for m in self._request("GET", "/models").get("data") or []]
-        if model is not None and model not in served:
-            raise QwenkitError(
-                f"the server at {self.url} has no model {model!r}; it serves: {', '.join(map(str, served))}"
-            )
-        if not served and model is None:
-            raise QwenkitError(f"the server at {self.url} serves no model; name one with --model-name")
+        try:
+            served = [m.get("id") for m in self._request("GET", "/models").get("data") or []]
+            if model is not None and model not in served:
+                raise QwenkitError(
+                    f"the server at {self.url} has no model {model!r}; it serves: {', '.join(map(str, served))}"
+                )
+            if not served and model is None:
+                raise QwenkitError(f"the server at {self.url} serves no model; name one with --model-name")
+        except BaseException:
+            self.client.close()
+            raise
         self.model = model or served[0]
         self.query_settings = {"max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
         self.agent_settings = {"temperature": agent_temperature, "max_tokens": agent_max_new_tokens}

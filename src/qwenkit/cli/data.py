@@ -523,9 +523,13 @@ def run_self_instruct(args: argparse.Namespace) -> int:
             model, tokenizer, _ = load_model(args)
             generator = si.LocalGenerator(model, tokenizer, temperature=args.temperature,
                                           agent_settings={"max_new_tokens": args.max_new_tokens})  # fmt: skip
-        result = si.self_instruct(generator, tools, seeds, rounds=args.rounds, per_round=args.per_round,
-                                  shots=args.shots, max_steps=args.max_steps,
-                                  max_similarity=args.max_similarity, seed=args.seed)  # fmt: skip
+        try:
+            result = si.self_instruct(generator, tools, seeds, rounds=args.rounds, per_round=args.per_round,
+                                      shots=args.shots, max_steps=args.max_steps,
+                                      max_similarity=args.max_similarity, seed=args.seed)  # fmt: skip
+        finally:
+            if args.api:
+                generator.close()  # the HTTP client's connections
     report_path = si.write_samples(out, result)
     for r in result.rounds:
         rejected = ", ".join(f"{reason} {n}" for reason, n in sorted(r.rejected.items())) or "none"
