@@ -195,3 +195,14 @@ def test_review_of_a_process_run_with_every_model_score(tmp_path, small_checkpoi
     printed = capsys.readouterr().out
     assert "=== kept: 4 of 4 documents" in printed and "reason=contamination" in printed
     assert (out / "review.html").is_file()
+
+
+def test_terminal_text_holds_no_control_characters(tmp_path):
+    # a removed document's raw text (extraction removals are not normalized) may carry ANSI escapes
+    from qwenkit.data.review import Group, Sample
+
+    group = Group("extraction", 1, 0, [Sample("e\x1b]0;x\x07", "\x1b[2J\x1b[31mred\r\nnext", "extraction_empty",
+                                              {"url": "u\x1b[8m\nv"}, "f")])  # fmt: skip
+    printed = format_review([group])
+    assert "\x1b" not in printed and "\x07" not in printed and "\r" not in printed
+    assert "red" in printed and printed.count("\n") == 3  # header, id line, text (then a blank line)

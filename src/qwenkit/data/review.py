@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,8 +129,17 @@ def _value(value) -> str:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0/C1 controls but \t and \n: ESC moves terminals
+
+
+def _printable(text: str) -> str:
+    """`text` safe to print: control characters (a document's ANSI escapes) shown as U+FFFD."""
+    return _CONTROL.sub("\ufffd", text)
+
+
 def format_review(groups: list[Group], chars: int = TERMINAL_CHARS) -> str:
-    """The samples as terminal text: a header per group, then id, reason, scores and the text's start."""
+    """The samples as terminal text: a header per group, then id, reason, scores and the text's start
+    (control characters of the documents replaced, so their escape sequences stay text)."""
     lines = []
     for group in groups:
         drawn = f"{len(group.samples)} of {group.total:,}"
@@ -138,8 +148,8 @@ def format_review(groups: list[Group], chars: int = TERMINAL_CHARS) -> str:
         for s in group.samples:
             scores = "  ".join(f"{k}={_value(v)}" for k, v in s.metadata.items())
             reason = f"  reason={s.reason}" if s.reason else ""
-            lines.append(f"--- id={s.id}{reason}  {scores}")
-            text = s.text.replace("\n", " ⏎ ")
+            lines.append(_printable(f"--- id={s.id}{reason}  {scores}").replace("\n", " ⏎ "))
+            text = _printable(s.text).replace("\n", " ⏎ ")
             lines.append(text[:chars] + (" …" if len(text) > chars else ""))
         lines.append("")
     return "\n".join(lines)
