@@ -173,3 +173,12 @@ def test_classifier_input_errors(tmp_path, capsys):
     step = ClassifierFilter(str(tmp_path / "junk.bin"))
     with pytest.raises(QwenkitError, match="not a fastText model"):
         step.filter(Document(text="x", id="1"))
+
+
+def test_a_large_held_out_fraction_still_trains_on_each_class(tmp_path):
+    # round(1 * 0.9) held out the only document of each class: nothing left to train on
+    good = write_jsonl(tmp_path / "good.jsonl", ["a fine document about the sea"])
+    bad = write_jsonl(tmp_path / "bad.jsonl", ["zz qq xx"])
+    path = train_classifier([good], [bad], str(tmp_path / "clf"), held_out_fraction=0.9)
+    info = json.loads((path.parent / "classifier.json").read_text())
+    assert (info["trained_on"], info["held_out"], info["held_out_accuracy"]) == (2, 0, None)

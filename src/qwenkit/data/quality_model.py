@@ -157,8 +157,9 @@ def train_classifier(
 ) -> Path:
     """Train the fastText quality classifier on positive (keep) and negative (remove) documents
     (files or directories, as `qwenkit data pack` reads them); `held_out_fraction` of each class,
-    drawn with `seed`, measures accuracy and is not trained on. Writes OUT/classifier.bin and
-    OUT/classifier.json (counts and held-out accuracy); returns the model's path."""
+    drawn with `seed` (at most all but one document of each class), measures accuracy and is not trained
+    on. Writes OUT/classifier.bin and OUT/classifier.json (counts and held-out accuracy); returns the
+    model's path."""
     import fasttext
 
     if not 0.0 <= held_out_fraction < 1.0:
@@ -174,7 +175,7 @@ def train_classifier(
             raise QwenkitError(f"no {kind} documents in {', '.join(map(str, paths)) or '(no files)'}")
         counts[kind] = len(texts)
         rng.shuffle(texts)
-        cut = round(len(texts) * held_out_fraction)
+        cut = min(round(len(texts) * held_out_fraction), len(texts) - 1)  # each class is trained on
         held += [(label, t) for t in texts[:cut]]
         train += [f"{label} {t}" for t in texts[cut:]]
     rng.shuffle(train)
