@@ -222,6 +222,25 @@ def test_cli_mistakes_are_one_line_errors(setup, tmp_path, capsys):
     assert "invalid int value" in capsys.readouterr().err
 
 
+def test_label_count_and_scores_over_the_data_are_one_line_errors(tmp_path, byte_tokenizer, capsys):
+    from qwenkit.train.reward import RewardModel, save_reward_model
+
+    directory = save_reward_model(
+        RewardModel(make_tiny_model(vocab_size=512)), byte_tokenizer, tmp_path / "rm"
+    )
+    config = json.loads((directory / "config.json").read_text())
+    for key in ("id2label", "label2id"):  # a config that gives only the count
+        del config[key]
+    (directory / "config.json").write_text(json.dumps({**config, "num_labels": 2}))
+    with pytest.raises(qwenkit.QwenkitError, match="scores 2 labels; a reward model has one"):
+        load_reward_model(directory)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
+    before = data.read_text()
+    assert main(["reward", "score", "--model", str(directory), "--data", str(data), "--out", str(data)]) == 1
+    assert "is the data file itself" in capsys.readouterr().err and data.read_text() == before
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_gloo_processes_match_one(setup, tmp_path, strategy):
     settings = ["--train.max_steps", "3", "--train.distributed", strategy, "--log.every", "1"]

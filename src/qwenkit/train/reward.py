@@ -33,7 +33,7 @@ from qwenkit.errors import QwenkitError
 from qwenkit.model import Qwen
 from qwenkit.tokenizer import Tokenizer
 from qwenkit.train import loop
-from qwenkit.train.preference_data import PreferencePair, load_preference_pairs
+from qwenkit.train.preference_data import PreferencePair, load_preference_pairs, pair_length
 from qwenkit.train.settings import (
     CheckpointSection,
     EvalSection,
@@ -149,8 +149,9 @@ def load_reward_model(
         raise QwenkitError(
             f"{directory} is not a reward model ({ARCHITECTURE}); train one with qwenkit reward"
         )
-    if hf.get("num_labels", len(hf.get("id2label") or {"0": 0})) != 1:
-        raise QwenkitError(f"{directory} scores {len(hf['id2label'])} labels; a reward model has one")
+    labels = hf.get("num_labels", len(hf.get("id2label") or {"0": 0}))
+    if labels != 1:
+        raise QwenkitError(f"{directory} scores {labels} labels; a reward model has one")
     config, _ = config_from_hf(hf)
     target = pick_device("auto" if device is None else device)
     dtype = resolve_dtype(dtype)
@@ -285,7 +286,7 @@ def run(recipe: RewardRecipe, out: Path) -> Path | None:
     if d.epochs is not None:
         global_batch = recipe.train.micro_batch_size * recipe.train.grad_accum * env.world_size
         recipe.train.max_steps = max(1, math.ceil(d.epochs * len(train) / global_batch))
-    longest = max(map(len, (p.prompt + max(p.chosen, p.rejected, key=len) for p in train)))
+    longest = max(map(pair_length, train))
     task = loop.Task("reward", model, tokenizer, train, held_out, lambda rows: collate_pairs(rows, tokenizer.pad_id),
                      longest, loss=reward_loss)  # fmt: skip
     final = loop.train(recipe, out, env, task)
@@ -333,8 +334,9 @@ def score_main(
     """`qwenkit reward score`: pairwise accuracy of a reward model on a preference file; per-pair
     scores as JSONL ({"line", "chosen", "rejected", "margin", "correct"}) into `out` (default: beside
     the data, DATA.scores.jsonl)."""
-    from qwenkit.train.preference_data import load_preference_pairs
-
+    target = Path(out) if out is not None else Path(data).with_suffix(".scores.jsonl")
+    if target.resolve() == Path(data).resolve():  # before anything is read: it would overwrite the data
+        raise QwenkitError(f"--out {target} is the data file itself; name another file for the scores")
     model, tokenizer = load_reward_model(model_path, device)
     pairs, report = load_preference_pairs(data, tokenizer, max_len)
     for error in report.errors[:3]:
@@ -346,7 +348,6 @@ def score_main(
     margin = sum(c - r for c, r in scores) / len(scores)
     print(f"accuracy {sum(correct) / len(correct):.4f} on {len(scores)} pairs ({report.skipped} skipped), "
           f"mean margin {margin:.4f}")  # fmt: skip
-    target = Path(out) if out is not None else Path(data).with_suffix(".scores.jsonl")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with open(target, "w", encoding="utf-8") as f:
