@@ -272,3 +272,13 @@ def test_ppo_errors_are_one_line(setup, tmp_path, capsys):
     bad.write_text('{"prompt": "hi"}\n{broken\n{"messages": [{"role": "assistant", "content": "x"}]}\n')
     assert main([*ppo(setup, tmp_path / "d", "--data", str(bad)), "--data.strict", "true"]) == 1
     assert "bad.jsonl:2" in capsys.readouterr().err
+
+
+def test_settings_that_would_do_nothing_are_refused(tmp_path, capsys):
+    """LoRA dropout (the networks run in eval mode) and a PPO-ptx coefficient without its data."""
+    base = ["ppo", "--reward", "r", "--data", "p.jsonl", "--out", str(tmp_path / "run")]
+    assert main([*base, "--method", "lora", "--model.lora_dropout", "0.1"]) == 1
+    assert "model.lora_dropout must be <= 0" in capsys.readouterr().err
+    assert main([*base, "--ptx.coef", "0.5"]) == 1
+    assert "ptx.coef is set but ptx.path is not" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before the run starts

@@ -67,7 +67,7 @@ class PPOModelSection:
     method: str = setting("full", choices=("full", "lora"))  # lora: the reference is the adapter off
     lora_r: int = setting(64, min=1)
     lora_alpha: int = setting(16, min=1)
-    lora_dropout: float = setting(0.0, min=0, below=1)  # dropout makes the first ratio differ from 1
+    lora_dropout: float = setting(0.0, min=0, max=0)  # only 0: the networks run in eval mode (no dropout)
 
 
 @dataclass
@@ -653,6 +653,8 @@ def run(recipe: PPORecipe, out: Path) -> Path | None:
         raise QwenkitError(f"rollout.queries_per_step x rollout.responses_per_query ({rollouts}) must be a "
                            f"multiple of train.micro_batch_size x train.grad_accum "
                            f"({t.micro_batch_size * t.grad_accum})")  # fmt: skip
+    if recipe.ptx.coef > 0 and not recipe.ptx.path:
+        raise QwenkitError("ptx.coef is set but ptx.path is not: PPO-ptx needs SFT data (--ptx.path FILE)")
     if t.compile or t.activation_checkpointing:
         raise QwenkitError("qwenkit ppo does not support train.compile or train.activation_checkpointing yet")
     env = loop.start(recipe, out)
