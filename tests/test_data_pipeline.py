@@ -396,3 +396,12 @@ def test_a_source_name_is_a_plain_folder_name(tmp_path, monkeypatch):
     assert pipeline.source_name(Path(".")) == "sub"
     assert pipeline.source_name(Path("web.v2.jsonl")) == "web"
     assert pipeline.source_name(Path("..jsonl")) == "source"
+
+
+def test_decontaminate_files_with_the_stage_off_are_an_error_not_ignored(tmp_path):
+    (tmp_path / "web.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "eval.jsonl").write_text('{"question": "q"}\n')
+    config = pipeline.load_process_config(None, ["--decontaminate.enabled", "false"])
+    with pytest.raises(QwenkitError, match="decontaminate.enabled is false"):
+        pipeline.process([tmp_path / "web.jsonl"], tmp_path / "o", config, [str(tmp_path / "eval.jsonl")])
+    assert not (tmp_path / "o").exists()

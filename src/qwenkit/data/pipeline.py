@@ -486,6 +486,8 @@ def process(
         config.executor.workers = workers
     if config.executor.kind not in EXECUTORS:
         raise QwenkitError(f"executor must be one of {', '.join(EXECUTORS)}, got {config.executor.kind!r}")
+    if decontaminate and not config.decontaminate.enabled:
+        raise QwenkitError("--decontaminate names evaluation sets, but decontaminate.enabled is false")
     for path in decontaminate:
         if not Path(path).is_file():
             raise QwenkitError(f"decontamination file {path} not found")
