@@ -36,7 +36,9 @@ def held_out_task(size: int, seen: list) -> Task:
 
 def test_one_process_evaluates_the_first_batches_including_a_short_last_one():
     seen = []
-    assert evaluate(torch.nn.Identity(), held_out_task(11, seen), 2, 3, Distributed()) == {"loss": pytest.approx(2.5)}
+    assert evaluate(torch.nn.Identity(), held_out_task(11, seen), 2, 3, Distributed()) == {
+        "loss": pytest.approx(2.5)
+    }
     assert seen == [[0, 1], [2, 3], [4, 5]]  # eval.batches = 3 of the 6
     seen.clear()
     loss = evaluate(torch.nn.Identity(), held_out_task(11, seen), 2, 8, Distributed())["loss"]

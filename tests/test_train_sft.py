@@ -92,15 +92,17 @@ def test_malformed_samples_are_skipped_or_fail_with_strict(setup, tmp_path, caps
 
 @pytest.mark.parametrize(
     "path",
-    sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "data"),  # data: test_data_pipeline
+    sorted(
+        p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "data"
+    ),  # data: test_data_pipeline
     ids=lambda p: p.parent.name + "/" + p.name,
 )
 def test_every_shipped_recipe_parses(path):
     from qwenkit.train.dpo import DPORecipe
     from qwenkit.train.ppo import PPORecipe
     from qwenkit.train.pretrain import PretrainRecipe
-    from qwenkit.train.settings import load_recipe
     from qwenkit.train.reward import RewardRecipe
+    from qwenkit.train.settings import load_recipe
     from qwenkit.train.sft import SFTRecipe
 
     relative = path.relative_to(ROOT / "configs")
