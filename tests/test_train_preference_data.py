@@ -164,3 +164,28 @@ def test_same_text_as_trl_renders_with_the_checkpoint_chat_template(tmp_path):
         assert theirs["prompt"] == tok.decode(pair.prompt)
         assert theirs["chosen"] == tok.decode(pair.chosen) + "\n"
         assert theirs["rejected"] == tok.decode(pair.rejected) + "\n"
+
+
+def test_long_histories_are_shortened_in_few_renders(tmp_path, byte_tokenizer, monkeypatch):
+    """The fewest exchanges to drop, as dropping them one at a time finds them, in a logarithmic
+    number of renders (one render per exchange was quadratic in the history's length)."""
+    from qwenkit.train import preference_data
+
+    tok = byte_tokenizer
+    history = [m for i in range(200) for m in (user("x" * (i % 7 + 1)), assistant("y" * (i % 5 + 1)))]
+    row = {"prompt": [SYSTEM, *history, user("q")], "chosen": [assistant("a")], "rejected": [assistant("bb")]}
+    max_len = len(expected(tok, row["prompt"], row["chosen"], row["rejected"])[0]) // 3
+    kept = next(  # the longest tail of whole exchanges within max_len, searched one exchange at a time
+        history[k:] for k in range(0, len(history) + 1, 2)
+        if sum(map(len, expected(tok, [SYSTEM, *history[k:], user("q")], row["chosen"], row["rejected"])[:3:2]))
+        <= max_len
+    )  # fmt: skip
+    assert 0 < len(kept) < len(history)
+    renders = []
+    real = preference_data.tokenize_pair
+    monkeypatch.setattr(preference_data, "tokenize_pair", lambda *a: renders.append(1) or real(*a))
+    (pair,), report = load_preference_pairs(write(tmp_path / "p.jsonl", [row]), tok, max_len)
+    assert report.truncated == 1
+    assert (pair.prompt, pair.chosen, pair.rejected) == expected(tok, [SYSTEM, *kept, user("q")], row["chosen"],
+                                                                 row["rejected"])[:3]  # fmt: skip
+    assert len(renders) <= 10  # 1 + log2(200) rounded up
