@@ -250,6 +250,8 @@ class Run:
     counters: dict[str, str] = field(default_factory=dict)
     filters: dict[str, str] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)  # stage -> the reason its dedup removals carry
+    timed: dict[str, list[str]] = field(default_factory=dict)  # stage -> the steps whose time is the stage's
+    stage: str = ""  # a dedup stage's global run: all of its time is that stage's
 
 
 def plan_runs(
@@ -285,6 +287,7 @@ def plan_runs(
     def add_filter(stage: str, step) -> None:
         run.steps.append(step)
         run.filters[stage] = str(step)
+        run.timed[stage] = [str(step)]
         writer = getattr(step, "exclusion_writer", None)
         if isinstance(writer, steps.ReasonWriter):
             run.reasons[stage] = writer.reason
@@ -299,7 +302,9 @@ def plan_runs(
         )
         add_filter("extraction", extraction)
     if config.normalization.enabled:
-        run.steps.append(steps.NormalizeText())
+        normalize = steps.NormalizeText()
+        run.steps.append(normalize)
+        run.timed["normalization"] = [str(normalize)]
         count("normalization")
     if config.language.enabled:
         language = steps.LanguageFilter(
@@ -309,15 +314,18 @@ def plan_runs(
         )
         add_filter("language", language)
 
-    def barrier(folder: str, signature, global_runs: list[Run], reader_name: str) -> None:
-        """End the current run by writing its documents (and dedup signatures), add the global runs,
-        and start the next run reading the documents back, task by task."""
+    def barrier(stage: str, folder: str, signature, global_runs: list[Run], reader_name: str) -> None:
+        """End the current run by writing its documents (and `stage`'s dedup signatures), add the
+        stage's global runs, and start the next run reading the documents back, task by task."""
         nonlocal run
         run.steps += [
             JsonlWriter(str(work / folder), "${rank}.jsonl", compression=None, adapter=steps.output_record)
         ]
         run.steps.append(signature)
+        run.timed[stage] = [str(signature)]
         runs.append(run)
+        for global_run in global_runs:
+            global_run.stage = stage
         runs.extend(global_runs)
         reader = steps.RankJsonlReader(str(work / folder), add_file_path=False)
         run = Run(reader_name, [reader], tasks)
@@ -325,6 +333,7 @@ def plan_runs(
     if config.exact_dedup.enabled:
         exact = ExactDedupConfig(content_getter=steps.exact_dedup_key)
         barrier(
+            "exact_dedup",
             "documents-before-exact-dedup",
             ExactDedupSignature(str(work / "exact-signatures"), exact),
             [
@@ -348,6 +357,7 @@ def plan_runs(
         m = config.minhash
         minhash = MinhashConfig(n_grams=m.n_grams, num_buckets=m.bands, hashes_per_bucket=m.rows, seed=m.seed)
         barrier(
+            "minhash",
             "documents-before-minhash",
             steps.CjkMinhashSignature(str(work / "minhash-signatures"), minhash),
             [
@@ -510,6 +520,8 @@ def process(
                 "counters": r.counters,
                 "filters": r.filters,
                 "reasons": r.reasons,
+                "timed": r.timed,
+                "stage": r.stage,
             }
             for r in runs
         ],
@@ -561,10 +573,17 @@ def write_report(out: str | os.PathLike, seconds: float | None = None) -> dict:
     plan = json.loads((out / "plan.json").read_text(encoding="utf-8"))
     counted: dict[str, dict[str, dict[str, int]]] = {}
     removals: dict[str, dict] = {}
+    stage_seconds: dict[str, float] = {}  # summed over tasks: worker-seconds
     for run in plan["runs"]:
+        stats = _step_stats(out, run["name"])
+        if run.get("stage"):
+            total = sum(step.get("time_seconds", 0.0) for step in stats.values())
+            stage_seconds[run["stage"]] = stage_seconds.get(run["stage"], 0.0) + total
+        for stage, names in run.get("timed", {}).items():
+            total = sum(stats.get(name, {}).get("time_seconds", 0.0) for name in names)
+            stage_seconds[stage] = stage_seconds.get(stage, 0.0) + total
         if not run["counters"]:
             continue
-        stats = _step_stats(out, run["name"])
         for stage, step in run["counters"].items():
             values = stats.get(step, {})
             per_language: dict[str, dict[str, int]] = {}
@@ -580,7 +599,7 @@ def write_report(out: str | os.PathLike, seconds: float | None = None) -> dict:
             }
             if not reasons and values.get("dropped"):  # datatrove's dedup filters give no reason
                 reasons = {run["reasons"].get(stage, stage): int(values["dropped"])}
-            removals[stage] = {"reasons": reasons, "seconds": float(values.get("time_seconds", 0.0))}
+            removals[stage] = {"reasons": reasons}
 
     def totals(stage: str) -> tuple[int, int]:
         rows = counted.get(stage, {})
@@ -593,7 +612,7 @@ def write_report(out: str | os.PathLike, seconds: float | None = None) -> dict:
         docs_out, bytes_out = totals(stage)
         removed = removals.get(stage, {})
         languages = sorted(set(counted[before]) | set(counted[stage]))
-        stage_seconds = removed.get("seconds", 0.0)
+        spent = stage_seconds.get(stage, 0.0)
         stages.append({
             "stage": stage,
             "docs_in": docs_in, "docs_out": docs_out, "removed": docs_in - docs_out,
@@ -607,7 +626,8 @@ def write_report(out: str | os.PathLike, seconds: float | None = None) -> dict:
                 }
                 for lang in languages
             },
-            "docs_per_second": round(docs_in / stage_seconds, 1) if stage_seconds > 0 else None,
+            "worker_seconds": round(spent, 3),
+            "docs_per_second": round(docs_in / spent, 1) if spent > 0 else None,  # per worker
         })  # fmt: skip
     docs_in, bytes_in = totals("input")
     docs_out, bytes_out = totals(order[-1])
