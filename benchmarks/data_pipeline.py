@@ -66,7 +66,7 @@ def main() -> None:
         f"{len(texts):,} documents ({report['bytes_in'] / 1e6:.1f} MB: English text from site-packages, "
         f"the demo generator's Chinese, 10% exact and ~10% near duplicates planted), default config "
         f"(decontamination against HumanEval on, the model scores off), {args.workers} workers, "
-        f"load average {os.getloadavg()[0]:.1f} at the end. Rates are documents in / stage wall time.",
+        f"load average {os.getloadavg()[0]:.1f} at the end. Rates are documents in per worker-second of the stage (its steps' time summed over tasks; dedup includes its signature and global runs). Quality removes most of this corpus (site-packages READMEs and changelogs: markdown, code, lists) and MinHash also removes the templated Chinese stories, which are near-duplicates of each other.",
         "",
         "| stage | docs in | docs out | docs/s |",
         "|---|---:|---:|---:|",
