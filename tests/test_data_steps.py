@@ -71,6 +71,15 @@ def test_minhash_signatures_are_identical_to_datatroves_stage_on_the_same_shingl
     )
 
 
+def test_mod_mersenne_equals_the_remainder_on_edge_values():
+    m = (1 << 61) - 1
+    edges = [0, 1, m - 1, m, m + 1, 2 * m - 1, 2 * m, 1 << 61, (1 << 62) + 5, (1 << 64) - 1, (1 << 64) - 2]
+    rng = random.Random(1)
+    values = edges + [rng.getrandbits(64) for _ in range(1000)]
+    got = steps.mod_mersenne(np.array(values, dtype=np.uint64))
+    assert [int(v) for v in got] == [v % m for v in values]
+
+
 def test_minhash_agreement_estimates_the_jaccard_similarity():
     rng = random.Random(0)
     base = EN.split()
