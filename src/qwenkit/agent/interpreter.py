@@ -369,9 +369,11 @@ class CodeInterpreter:
             if self.process.poll() is not None:
                 client.stop_channels()
                 reason = _last_error(log)
-                # a MemoryError in the log, or SIGKILL (the memory cgroup's OOM killer; bwrap passes
-                # it on as 128 + 9) before the kernel could write one
-                if "MemoryError" in _read(log) or self.process.returncode in (-9, 137):
+                # a MemoryError in the log (or CPython's "error return without exception set", which
+                # an allocation failing inside C code under RLIMIT_AS gives at start), ENOMEM, or SIGKILL
+                # (the memory cgroup's OOM killer; bwrap passes it on as 128 + 9) before any of these
+                text = _read(log)
+                if any(sign in text for sign in OUT_OF_MEMORY_SIGNS) or self.process.returncode in (-9, 137):
                     reason = f"out of memory (memory_mb={self.memory_mb} is too small)"
                 raise QwenkitError(f"the code interpreter's kernel failed to start: {reason}")
             try:
@@ -564,6 +566,10 @@ def _read(path: Path) -> str:
         return path.read_text()
     except OSError:
         return ""
+
+
+# What a kernel that ran out of memory while starting leaves in its log.
+OUT_OF_MEMORY_SIGNS = ("MemoryError", "Cannot allocate memory", "error return without exception set")
 
 
 def _own_cgroups() -> dict[str, Path]:
