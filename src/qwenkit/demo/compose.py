@@ -29,13 +29,11 @@ import random
 from collections.abc import Callable, Iterator
 
 from qwenkit.agent.react import calculate, calculator
-from qwenkit.chatml import DEFAULT_SYSTEM
 from qwenkit.data.synthetic import arithmetic, chinese_story, english_story
-from qwenkit.demo.data import (
+from qwenkit.demo.data import (  # the same system-prompt draw and turn as the tables data
     CAPITALS,
     DEMO_NAME,
     FACTS,
-    HELD_OUT_SYSTEMS,
     IDENTITY_EN,
     IDENTITY_QUESTIONS_EN,
     IDENTITY_QUESTIONS_ZH,
@@ -43,10 +41,11 @@ from qwenkit.demo.data import (
     OPERATIONS,
     SEARCH_TOOL,
     SMALL_TALK,
-    SYSTEMS,
     Draw,
     Example,
     Generator,
+    _system,
+    _turn,
     generate_examples,
     is_chinese,
     knowledge_sentences,
@@ -249,19 +248,6 @@ def number_text(rng: random.Random, n: int, zh: bool) -> str:
 
 
 # --- conversations ------------------------------------------------------------------------------------
-
-
-def _system(d: Draw) -> list[dict]:
-    choice = d.rng.random()
-    if choice < 0.6:
-        return []
-    if choice < 0.8:
-        return [{"role": "system", "content": DEFAULT_SYSTEM}]
-    return [{"role": "system", "content": d.rng.choice(HELD_OUT_SYSTEMS if d.held_out else SYSTEMS)}]
-
-
-def _turn(question: str, answer: str) -> list[dict]:
-    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
 
 
 def identity(d: Draw, zh: bool) -> Example:
