@@ -159,6 +159,26 @@ CALC_CORES_EN = ["what is {e}?", "calculate {e}.", "how much is {e}?", "compute 
                  "what do you get for {e}?"]  # fmt: skip
 CALC_CORES_ZH = ["{e}等于多少？", "计算{e}。", "{e}是多少？", "算一下{e}。", "{e}=？", "{e}等于几？", "帮我算{e}。",
                  "{e}的结果是多少？", "求{e}。", "{e}得多少？"]  # fmt: skip
+# Requests phrased around the operation itself, with the operands in their place ("multiply 58 by 19",
+# "subtract 12 from 40", word problems): the expression to call the calculator with is still "a op b".
+VERB_CORES_EN = {
+    "+": ["add {a} and {b}.", "what is the sum of {a} and {b}?", "add {b} to {a}.", "what do {a} and {b} make together?",
+          "I have {a} coins and find {b} more. How many coins do I have now?", "{a} people came in the morning and {b} in the afternoon, how many in all?"],
+    "-": ["subtract {b} from {a}.", "take {b} away from {a}.", "what is {a} take away {b}?", "what is left if you take {b} from {a}?",
+          "there were {a} birds on a tree and {b} flew away. How many are still there?", "I had {a} dollars and spent {b}. How much is left?"],
+    "*": ["multiply {a} by {b}.", "what is the product of {a} and {b}?", "what is {a} multiplied by {b}?",
+          "{a} boxes with {b} pens in each: how many pens is that?", "what is {b} lots of {a}?", "a ticket costs {a} yuan. How much do {b} tickets cost?"],
+    "/": ["divide {a} by {b}.", "how many times does {b} go into {a}?", "what is {a} split into {b} equal parts?",
+          "share {a} sweets equally among {b} kids: how many does each get?", "what do you get when you divide {a} by {b}?"],
+}  # fmt: skip
+VERB_CORES_ZH = {
+    "+": ["把{a}和{b}加起来。", "{a}与{b}的和是多少？", "{a}再加上{b}是多少？", "我有{a}块钱，又挣了{b}块，现在有多少？",
+          "上午来了{a}个人，下午来了{b}个人，一共来了多少人？"],
+    "-": ["从{a}里减去{b}。", "{a}和{b}的差是多少？", "{a}去掉{b}还剩多少？", "树上有{a}只鸟，飞走了{b}只，还剩几只？",
+          "我有{a}元，花了{b}元，还剩多少钱？"],
+    "*": ["{a}和{b}的乘积是多少？", "{a}的{b}倍是多少？", "每盒{b}支笔，{a}盒一共多少支？", "一张票{a}元，买{b}张要多少钱？"],
+    "/": ["{a}除以{b}得多少？", "把{a}平均分成{b}份，每份是多少？", "{a}颗糖平均分给{b}个小朋友，每人几颗？", "{a}里面有几个{b}？"],
+}  # fmt: skip
 TOOL_ASKS_EN = ["", "", "", " Use the calculator.", " Please use your calculator tool.", " Use a tool if you need one.",
                 " You can use the calculator."]  # fmt: skip
 TOOL_ASKS_ZH = ["", "", "", "用计算器算。", "请用计算器工具。", "需要的话可以用工具。", "用一下计算器吧。"]
@@ -339,6 +359,12 @@ def arithmetic_request(d: Draw, zh: bool, small: bool = False) -> tuple[str, str
         if symbol == "/":
             a = rng.randint(1, 10 ** rng.choice([1, 2]) - 1) * b
     expression = f"{a} {symbol} {b}"
+    if not small and rng.random() < 0.4:  # the operation said in words around its operands
+        cores = (VERB_CORES_ZH if zh else VERB_CORES_EN)[symbol]
+        core = rng.choice(cores).format(a=number_text(rng, a, zh), b=number_text(rng, b, zh))
+        asks = TOOL_ASKS_ZH if zh else TOOL_ASKS_EN
+        question = (chinese if zh else english)(d, core + rng.choice(asks))
+        return question, expression, calculate(expression)
     if zh:
         op = rng.choice(OPERATORS_ZH[symbol])
         said = number_text(rng, a, True) + op + number_text(rng, b, True)
