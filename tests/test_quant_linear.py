@@ -1,4 +1,8 @@
-"""QuantLinear and HalfLinear: the kernels and the fallback equal F.linear with the dequantized weight."""
+"""QuantLinear and HalfLinear: the kernels and the fallback equal F.linear with the dequantized weight.
+
+With int8 activations (QuantLinear's default) the kernels compute W x_hat, x_hat being the input rounded
+to int8 per block of 32 columns; the reference rounds x the same way, written here in torch.
+"""
 
 import pytest
 import torch
@@ -7,7 +11,14 @@ from conftest import make_tiny_model
 
 from qwenkit.errors import QwenkitError
 from qwenkit.quant import linear as quant_linear
-from qwenkit.quant.linear import HalfLinear, QuantLinear, pack_int4, unpack_int4, use_half_weights
+from qwenkit.quant.linear import (
+    HalfLinear,
+    QuantLinear,
+    fuse_linears,
+    pack_int4,
+    unpack_int4,
+    use_half_weights,
+)
 from qwenkit.quant.weights import QuantizedWeight
 
 OUT, IN = 96, 256
@@ -38,6 +49,37 @@ def reference(x, weight, bias=None):
     return y
 
 
+def round_activations(x):
+    """llama.cpp's Q8_0 rounding of each row, per block of 32: d = max|x| / 127, levels round(x / d).
+
+    fp32 arithmetic in the kernel's order (d = amax / 127, levels = round-half-even(x * (1 / d))), so
+    the levels are bit-equal to the kernel's. Returns (levels int8, d fp32 [rows, blocks], x_hat fp32).
+    """
+    blocks = x.float().reshape(x.shape[0], -1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    inverse = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    levels = torch.round(blocks * inverse)
+    return levels.to(torch.int8).reshape(x.shape), d.squeeze(-1), (levels * d).reshape(x.shape)
+
+
+def rounded_input(layer, x2):
+    """The input a kernel with int8 activations multiplies: x rounded in stored column order."""
+    if layer.perm is None:
+        return round_activations(x2)[2]
+    x_hat = torch.empty_like(x2, dtype=torch.float32)
+    x_hat[:, layer.perm] = round_activations(x2[:, layer.perm])[2]
+    return x_hat
+
+
+def expected_input(layer, x):
+    """x as the layer's active path sees it: rounded when the kernel runs with int8 activations."""
+    x2 = x.reshape(-1, x.shape[-1])
+    gathered = x2 if layer.perm is None else x2[:, layer.perm]
+    if layer.int8_activations and layer.uses_kernel(gathered):
+        return rounded_input(layer, x2.float()).reshape(x.shape)
+    return x
+
+
 def assert_close_to(y, ref, dtype):
     scale = ref.abs().max().item()
     tol = 1e-5 if dtype == torch.float32 else 1.6e-2  # bf16 output rounding: 2**-7 of the magnitude
@@ -60,28 +102,65 @@ CASES = [
 @pytest.mark.parametrize("bits,group_size,sym,act_order", CASES)
 @pytest.mark.parametrize("rows", [(1,), (3,), (2, 5, 7)])  # kernel (<= GEMV_MAX_ROWS) and chunked paths
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_forward_equals_dequantized_linear(bits, group_size, sym, act_order, rows, dtype):
+@pytest.mark.parametrize("int8_activations", [True, False])
+def test_forward_equals_dequantized_linear(bits, group_size, sym, act_order, rows, dtype, int8_activations):
     weight = random_weight(bits, group_size, sym, act_order)
     bias = torch.randn(OUT)
     layer = QuantLinear.from_weight(weight, bias)
+    layer.int8_activations = int8_activations
     x = torch.randn(*rows, IN).to(dtype)
     with torch.inference_mode():
         y = layer(x)
     assert y.shape == (*rows, OUT) and y.dtype == dtype
-    assert_close_to(y, reference(x, weight, bias), dtype)
+    assert_close_to(y, reference(expected_input(layer, x), weight, bias), dtype)
 
 
 @needs_kernels
 @pytest.mark.parametrize("bits,group_size,sym,act_order", CASES)
 def test_kernel_and_fallback_both_run_and_agree(bits, group_size, sym, act_order):
     weight = random_weight(bits, group_size, sym, act_order, seed=1)
-    layer = QuantLinear.from_weight(weight)
+    layer = QuantLinear.from_weight(weight, torch.randn(OUT))
     x = torch.randn(2, IN)
     gathered = x if layer.perm is None else x[:, layer.perm]
     assert layer.uses_kernel(gathered)
-    ref = reference(x, weight)
+    ref = reference(x, weight, layer.bias)
+    layer.int8_activations = False
     assert_close_to(layer._kernel_forward(gathered), ref, torch.float32)
-    assert_close_to(layer._dequantized_forward(gathered), ref, torch.float32)
+    layer.int8_activations = True
+    assert_close_to(
+        layer._kernel_forward(gathered), reference(rounded_input(layer, x), weight, layer.bias), torch.float32
+    )
+    assert_close_to(layer._dequantized_forward(gathered) + layer.bias, ref, torch.float32)
+
+
+@needs_kernels
+def test_activation_rounding_is_llama_cpp_q8_0():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 4 * 32, generator=g) * torch.tensor([1e-3, 1.0, 50.0, 0.0]).repeat_interleave(32)
+    x[1, 40] = 7.0  # one outlier sets its block's scale
+    x[2, :32] = torch.arange(32) - 15.5  # with the 127 below, d = 1: exact halves, rounded half to even
+    x[2, 31] = 127.0
+    levels, d = torch.ops.qwenkit_cpu.quantize_activations(x)
+    want_levels, want_d, _ = round_activations(x)
+    assert torch.equal(levels, want_levels) and torch.equal(d, want_d)
+    assert levels.abs().max() == 127 and torch.all(levels[:, 96:] == 0) and torch.all(d[:, 3] == 0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits,group_size", [(8, IN), (4, 128)])
+def test_int8_activation_error_is_within_half_a_level(bits, group_size):
+    """|W x_hat - W x| <= sum_i |W[n, i]| * d(i) / 2: each input moves at most half its block's step."""
+    weight = random_weight(bits, group_size, sym=False, seed=5)
+    layer = QuantLinear.from_weight(weight)
+    x = torch.randn(4, IN) * torch.linspace(0.01, 10, IN)  # blocks of very different ranges
+    with torch.inference_mode():
+        y = layer(x)
+    exact = reference(x, weight)
+    step = round_activations(x)[1].repeat_interleave(32, dim=1).double()
+    bound = (weight.dequantize().double().abs() @ (step / 2).T).T
+    fp32_slack = 1e-5 * exact.abs().max()
+    assert torch.all((y.double() - exact).abs() <= bound + fp32_slack)
+    assert (y.double() - exact).abs().max() > 0  # the rounding is real: this test can fail
 
 
 def test_shapes_the_kernels_refuse_use_the_fallback():
@@ -205,3 +284,74 @@ def test_model_with_half_weights_and_a_quantized_head_decodes_the_same_tokens():
         for _ in range(4):
             seq = torch.cat([seq, model(seq)[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(out, seq)
+
+
+@pytest.mark.parametrize("int8_activations", [True, False])
+@pytest.mark.parametrize("bits,group_size", [(8, 64), (4, 32), (4, 128)])
+def test_output_rows_not_a_multiple_of_the_tile(bits, group_size, int8_activations):
+    weight = random_weight(bits, group_size, sym=False, out=37, seed=6)  # tiles of 4 rows + 1 left
+    layer = QuantLinear.from_weight(weight, torch.randn(37))
+    layer.int8_activations = int8_activations
+    x = torch.randn(4, IN)
+    with torch.inference_mode():
+        y = layer(x)
+    assert_close_to(y, reference(expected_input(layer, x), weight, layer.bias), torch.float32)
+    half = HalfLinear(torch.randn(37, IN).half(), torch.randn(37))
+    ref = F.linear(x.double(), half.weight.double(), half.bias.double())
+    assert_close_to(half(x), ref, torch.float32)
+
+
+def quant_layer(bits, group_size, act_order=False, bias=True, seed=0, out=OUT):
+    weight = random_weight(bits, group_size, sym=False, act_order=act_order, out=out, seed=seed)
+    return QuantLinear.from_weight(weight, torch.randn(out) if bias else None)
+
+
+@pytest.mark.parametrize("rows", [1, 9])  # kernel and fallback paths
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: [quant_layer(8, IN, seed=s, out=o) for s, o in ((0, 96), (1, 32), (2, 32))],  # q/k/v
+        lambda: [quant_layer(4, 64, bias=False, seed=s) for s in (0, 1)],  # gate/up
+        lambda: [quant_layer(4, 32, bias=s == 1, seed=s) for s in (0, 1)],  # one bias of two
+        lambda: [HalfLinear.from_linear(torch.nn.Linear(IN, o), torch.bfloat16) for o in (96, 32, 32)],
+        lambda: [torch.nn.Linear(IN, o, bias=o == 32) for o in (96, 32)],
+    ],
+    ids=["int8 qkv", "int4 gate-up", "int4 bias mix", "bf16", "fp32"],
+)
+def test_fused_layer_equals_the_concatenated_outputs(make, rows):
+    modules = make()
+    fused = fuse_linears(modules)
+    assert type(fused) is type(modules[0])
+    assert fused.out_features == sum(m.out_features for m in modules)
+    x = torch.randn(rows, IN)
+    with torch.inference_mode():
+        y = fused(x)
+        # the separate layers, each with the same int8 rounding of x (it depends on x alone)
+        want = torch.cat([m(x) for m in modules], -1)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_act_order_layers_fuse_only_with_equal_permutations():
+    same = [quant_layer(4, 64, act_order=True, seed=7) for _ in range(2)]  # same seed: same g_idx
+    fused = fuse_linears(same)
+    assert fused is not None and torch.equal(fused.perm, same[0].perm)
+    x = torch.randn(1, IN)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), torch.cat([m(x) for m in same], -1), rtol=1e-5, atol=1e-4)
+    different = [quant_layer(4, 64, act_order=True, seed=s) for s in (7, 8)]
+    assert not torch.equal(different[0].perm, different[1].perm)
+    assert fuse_linears(different) is None
+
+
+def test_what_cannot_fuse_gives_none():
+    assert fuse_linears([]) is None
+    assert fuse_linears([quant_layer(8, 64), quant_layer(4, 64)]) is None  # bits
+    assert fuse_linears([quant_layer(4, 64), quant_layer(4, 128)]) is None  # group size
+    assert fuse_linears([quant_layer(4, 64), HalfLinear(torch.randn(8, IN).half())]) is None  # kinds
+    assert (
+        fuse_linears([HalfLinear(torch.randn(8, IN).half()), HalfLinear(torch.randn(8, IN).bfloat16())])
+        is None
+    )
+    assert fuse_linears([torch.nn.Linear(IN, 8), torch.nn.Linear(IN + 32, 8)]) is None  # input sizes
+    assert fuse_linears([torch.nn.Linear(IN, 8), torch.nn.Linear(IN, 8).double()]) is None  # dtypes
+    assert fuse_linears([torch.nn.Conv1d(IN, 8, 1), torch.nn.Conv1d(IN, 8, 1)]) is None  # not a linear

@@ -3,9 +3,11 @@
 Decoding one token reads every weight once, so its speed is the bytes read per weight: 4 in fp32,
 2 in fp16/bf16, 1 in int8, 0.5 in int4. On x86 CPUs with AVX2 the matrix-vector products of decoding
 (up to GEMV_MAX_ROWS rows of input) run in qwenkit's own kernels (cpu_kernels.cpp, compiled on first
-use with torch.utils.cpp_extension and cached), which widen the packed weights to fp32 in registers;
-PyTorch's own weight-only ops are several times slower on AVX2 (the file says by how much). Longer
-inputs (prefill) and other devices dequantize the weight in chunks of output rows and multiply with
+use with torch.utils.cpp_extension and cached); PyTorch's own weight-only ops are several times slower
+on AVX2 (the file says by how much). By default the int8/int4 kernels quantize the input to int8 in
+blocks of 32 (as llama.cpp does) and take integer dot products (`QuantLinear.int8_activations`; False
+keeps fp32 inputs: exact, slower); 16-bit weights are widened to fp32 in registers. Longer inputs
+(prefill) and other devices dequantize the weight in chunks of output rows and multiply with
 F.linear: never a whole float copy of the weight.
 
 The quantized form, per group of `group_size` input columns (qwenkit.quant.QuantizedWeight):
@@ -29,6 +31,7 @@ from qwenkit.errors import QwenkitError
 from qwenkit.quant.weights import QuantizedWeight
 
 GEMV_MAX_ROWS = 4  # inputs with more rows (prefill) use chunked dequantization + F.linear
+ACTIVATION_BLOCK = 32  # columns per int8 activation scale in the kernels' default mode
 DEQUANT_CHUNK_ELEMENTS = 1 << 22  # float elements dequantized at a time by the fallback (16 MiB fp32)
 INT4_BLOCK = 64  # int4 columns per 32-byte block: column j in the low nibble of byte j, 32 + j in the high
 
@@ -76,7 +79,14 @@ class QuantLinear(nn.Module):
     `szeros` (= scales * zeros) fp32 [out, groups], `column_group` int32 [in] (group of each column in
     stored order), `perm` int64 [in] (act-order only: stored column k is input column perm[k]), `bias`.
     Moving the module (`.to`) keeps scales in fp32; outputs come in the input's dtype.
+
+    `int8_activations` (default True): the CPU kernel quantizes each input row to int8 per block of 32
+    columns (scale max|x| / 127) and multiplies in integers, as llama.cpp's Q8_0 dot products do;
+    the output is W x_hat for that rounded x_hat (relative input error at most 1/254 of each block's
+    largest value). False keeps the input in fp32 (exactly W x, about 2-4x slower kernels).
     """
+
+    int8_activations = True
 
     def __init__(
         self,
@@ -164,11 +174,15 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
-        y = self._kernel_forward(x2) if self.uses_kernel(x2) else self._dequantized_forward(x2)
-        y = y.to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y.reshape(*shape[:-1], self.out_features)
+        if self.uses_kernel(x2):
+            y = self._kernel_forward(x2)  # bias added in the kernel
+        else:
+            y = self._dequantized_forward(x2)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y.view(*shape[:-1], self.out_features)
 
     def uses_kernel(self, x2: torch.Tensor) -> bool:
         """Whether input rows x2 [M, in] go through the CPU matrix-vector kernel."""
@@ -181,10 +195,13 @@ class QuantLinear(nn.Module):
         )
 
     def _kernel_forward(self, x2: torch.Tensor) -> torch.Tensor:
-        xf = x2.float().contiguous()
-        xsum = xf.view(xf.shape[0], -1, self.group_size).sum(-1)
+        """x2 [M, in] (stored column order) -> fp32 [M, out], bias included."""
         op = torch.ops.qwenkit_cpu.int4_gemv if self.bits == 4 else torch.ops.qwenkit_cpu.int8_gemv
-        return op(xf, self.qweight, self.scales, self.szeros, xsum, self.group_size)
+        bias = self.bias if self.bias is None or self.bias.dtype == torch.float32 else self.bias.float()
+        return op(
+            x2.float().contiguous(), self.qweight, self.scales, self.szeros, bias, self.group_size,
+            self.int8_activations,
+        )  # fmt: skip
 
     def _dequantized_forward(self, x2: torch.Tensor) -> torch.Tensor:
         """The portable path: dequantize a chunk of output rows at a time and multiply."""
@@ -244,8 +261,12 @@ class HalfLinear(nn.Module):
             and not x2.requires_grad
         )
         if kernel:
-            y = torch.ops.qwenkit_cpu.half_gemv(x2.float().contiguous(), self.weight).to(x.dtype)
-        elif x2.device.type != "cpu" and x.dtype == self.storage_dtype:
+            bias = self.bias if self.bias is None or self.bias.dtype == torch.float32 else self.bias.float()
+            y = torch.ops.qwenkit_cpu.half_gemv(x2.float().contiguous(), self.weight, bias)
+            if y.dtype != x.dtype:
+                y = y.to(x.dtype)
+            return y.view(*shape[:-1], self.out_features)
+        if x2.device.type != "cpu" and x.dtype == self.storage_dtype:
             y = F.linear(x2, self.weight)
         else:  # widen a chunk of rows at a time: never a whole float copy
             y = x2.new_empty((x2.shape[0], self.out_features))
@@ -276,3 +297,75 @@ def use_half_weights(model: nn.Module, dtype: torch.dtype = torch.float16, head:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, HalfLinear.from_linear(getattr(parent, child), dtype))
     return model
+
+
+def _cat_bias(modules: list[nn.Module], like: torch.Tensor) -> torch.Tensor | None:
+    """The modules' biases end to end (zeros for a module without one); None when none has a bias."""
+    biases = [m.bias for m in modules]
+    present = [b for b in biases if b is not None]
+    if not present:
+        return None
+    return torch.cat(
+        [b.detach() if b is not None else like.new_zeros(m.out_features, dtype=present[0].dtype)
+         for m, b in zip(modules, biases, strict=True)]
+    )  # fmt: skip
+
+
+def fuse_linears(modules: list[nn.Module]) -> nn.Module | None:
+    """One layer computing torch.cat([m(x) for m in modules], -1), or None when they cannot be fused.
+
+    Decoding calls the fused layer once instead of once per matrix (q/k/v, gate/up): one dispatch and
+    one kernel launch, and one activation quantization. Fusable: all QuantLinear with the same bits,
+    group size, input size and column order (act-order layers fuse only when their permutations are
+    equal, as when quantized as one stacked matrix); all HalfLinear of one storage dtype; all plain
+    nn.Linear of one dtype. The fused layer holds copies of the weights, concatenated along outputs.
+    """
+    if not modules:
+        return None
+    first = modules[0]
+    kind = type(first)
+    if kind not in (QuantLinear, HalfLinear, nn.Linear) or any(type(m) is not kind for m in modules):
+        return None
+    if any(m.in_features != first.in_features for m in modules):
+        return None
+    if kind is QuantLinear:
+        if any(
+            (m.bits, m.group_size) != (first.bits, first.group_size)
+            or m.int8_activations != first.int8_activations
+            or not torch.equal(m.column_group, first.column_group)
+            or (m.perm is None) != (first.perm is None)
+            or (m.perm is not None and not torch.equal(m.perm, first.perm))
+            for m in modules
+        ):
+            return None
+        fused = QuantLinear(
+            torch.cat([m.qweight for m in modules]),
+            torch.cat([m.scales for m in modules]),
+            torch.cat([m.szeros for m in modules]),
+            first.column_group.clone(),
+            None if first.perm is None else first.perm.clone(),
+            _cat_bias(modules, first.scales),
+            first.bits,
+            first.group_size,
+            first.in_features,
+        )
+        fused.int8_activations = first.int8_activations
+        return fused
+    if kind is HalfLinear:
+        if any(m.storage_dtype != first.storage_dtype for m in modules):
+            return None
+        return HalfLinear(torch.cat([m.weight for m in modules]), _cat_bias(modules, first.weight))
+    # plain nn.Linear
+    weights = [m.weight for m in modules]
+    if any(w.dtype != weights[0].dtype or w.device != weights[0].device for w in weights):
+        return None
+    bias = _cat_bias(modules, weights[0])
+    fused = torch.nn.utils.skip_init(
+        nn.Linear, first.in_features, sum(m.out_features for m in modules), bias=bias is not None,
+        device=weights[0].device, dtype=weights[0].dtype,
+    )  # fmt: skip
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([w.detach() for w in weights]))
+        if bias is not None:
+            fused.bias.copy_(bias)
+    return fused.requires_grad_(any(w.requires_grad for w in weights))

@@ -1,0 +1,132 @@
+"""Each decoding matrix-vector product alone: qwenkit's packed-weight layers (int8, int4, 16-bit) and
+fp32 nn.Linear at the Qwen2.5-0.5B shapes, in GB/s of weight bytes read against the read roofline.
+
+One input row (batch 1 decoding), the layer called as the model calls it (forward: Python, dispatch,
+the kernel, the bias), timed over many calls; best of `--rounds` rounds that take turns over the
+layers, so a noisy machine slows all alike. Bytes = the layer's weight tensors (levels, scales,
+scales x zeros); the roofline is the same STREAM-like read as benchmarks/quant_speed.py.
+
+    .venv/bin/python benchmarks/quant_kernels.py [--threads 2] [--rounds 5] [--compare FILE]
+
+`--compare FILE` also times another version of qwenkit/quant/linear.py (for example an older one
+from `git show`, its kernel file next to it under another extension name) side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import time
+
+import torch
+
+from qwenkit.quant.weights import QuantizedWeight
+
+SHAPES = {  # (in, out) of Qwen2.5-0.5B's matrices
+    "q/o 896->896": (896, 896),
+    "k/v 896->128": (896, 128),
+    "gate/up 896->4864": (896, 4864),
+    "down 4864->896": (4864, 896),
+    "head 896->151936": (896, 151936),
+}
+
+
+def read_bandwidth(threads: int) -> float:
+    """Bytes/s of a streaming read with `threads` threads: torch.sum over 1 GiB of fp32, best of 10."""
+    torch.set_num_threads(threads)
+    data = torch.ones(1 << 28)
+    data.sum()
+    best = float("inf")
+    for _ in range(10):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.nbytes / best
+
+
+def random_quantized(out: int, inp: int, bits: int, group_size: int) -> QuantizedWeight:
+    g = torch.Generator().manual_seed(0)
+    groups = inp // group_size
+    q = torch.randint(0, 2**bits, (out, inp), generator=g, dtype=torch.uint8)
+    scales = torch.rand((out, groups), generator=g) * 0.01 + 0.001
+    return QuantizedWeight(q, scales, torch.full((out, groups), float(2 ** (bits - 1))), bits, group_size)
+
+
+def layers(linear_module, inp: int, out: int) -> dict[str, torch.nn.Module]:
+    weight = torch.randn(out, inp, generator=torch.Generator().manual_seed(0)) * 0.02
+    return {
+        "fp32": torch.nn.Linear(inp, out, bias=False).requires_grad_(False),
+        "fp16": linear_module.HalfLinear(weight.half()),
+        "int8": linear_module.QuantLinear.from_weight(random_quantized(out, inp, 8, inp)),
+        "int4 g128": linear_module.QuantLinear.from_weight(random_quantized(out, inp, 4, 128)),
+    }
+
+
+def weight_bytes(layer: torch.nn.Module) -> int:
+    skip = {"column_group", "perm", "bias"}
+    return sum(t.nbytes for n, t in (*layer.named_parameters(), *layer.named_buffers()) if n not in skip)
+
+
+def time_call(layer: torch.nn.Module, x: torch.Tensor, seconds: float) -> float:
+    """Seconds per call, from as many calls as fit in about `seconds`."""
+    layer(x)
+    start, calls = time.perf_counter(), 0
+    while True:
+        for _ in range(10):
+            layer(x)
+        calls += 10
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return elapsed / calls
+
+
+def load_module(path: str):
+    spec = importlib.util.spec_from_file_location("compared_linear", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.native_kernels()
+    return module
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=0.3, help="timed length of one measurement")
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--compare", help="another linear.py to time side by side")
+    args = parser.parse_args()
+
+    from qwenkit.quant import linear
+
+    linear.native_kernels()
+    modules = {"": linear}
+    if args.compare:
+        modules["compared "] = load_module(args.compare)
+    bandwidth = read_bandwidth(args.threads)
+    print(f"read bandwidth ({args.threads} threads): {bandwidth / 1e9:.1f} GB/s")
+    print("| shape | layer | us / call | MB read | GB/s | of roofline |\n|---|---|---|---|---|---|")
+    with torch.inference_mode():
+        for shape in args.shapes:
+            inp, out = SHAPES[shape]
+            built = {prefix + name: layer for prefix, module in modules.items()
+                     for name, layer in layers(module, inp, out).items()}  # fmt: skip
+            x = torch.randn(1, inp)
+            best = {name: float("inf") for name in built}
+            for _ in range(args.rounds):
+                for name, layer in built.items():
+                    best[name] = min(best[name], time_call(layer, x, args.seconds))
+            for name, layer in built.items():
+                size = weight_bytes(layer)
+                rate = size / best[name]
+                print(
+                    f"| {shape} | {name} | {best[name] * 1e6:.1f} | {size / 1e6:.2f} | {rate / 1e9:.1f} | "
+                    f"{rate / bandwidth:.0%} |",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
