@@ -19,9 +19,11 @@ which datatrove stores in the removed document's metadata["filter_reason"]):
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import gzip
+import itertools
 import json
 import unicodedata
 from collections import Counter
@@ -43,6 +45,7 @@ from datatrove.pipeline.writers.jsonl import JsonlWriter
 from datatrove.utils.typeshelper import StatHints
 from datatrove.utils.word_tokenizers import WordTokenizer
 
+from qwenkit.data import minhash_kernel
 from qwenkit.errors import QwenkitError
 
 # ---------------------------------------------------------------------------------------------
@@ -125,12 +128,37 @@ def mod_mersenne(values: np.ndarray) -> np.ndarray:
     return values - _MERSENNE * (values >= _MERSENNE)
 
 
-def minhash_signatures(texts: list[str], config: MinhashConfig, batch_shingles: int = 32_768) -> np.ndarray:
+def minhash_signatures(
+    texts: list[str],
+    config: MinhashConfig,
+    batch_shingles: int = 32_768,
+    threads: int = 1,
+    kernel: bool = True,
+) -> np.ndarray:
     """MinHash signatures [len(texts), num_buckets * hashes_per_bucket] (uint64) of `shingles(text,
-    config.n_grams)`, computed for many documents at once: their shingles are concatenated and reduced
-    per document, in batches of about `batch_shingles`. A text with no words gets all-max values."""
+    config.n_grams)`, bit-identical to datatrove's MinhashDedupSignature on those shingles. A text with no
+    words gets all-max values. With `kernel` (the default) qwenkit's compiled kernel computes them
+    (`minhash_kernel`: the whole batch in one call, on `threads` threads); otherwise, or when it cannot be
+    built, numpy does: all documents' shingles concatenated, permuted and reduced per document, in batches
+    of about `batch_shingles`."""
+    return _signatures(texts, config, batch_shingles, threads, kernel)[0]
+
+
+def _signatures(
+    texts: list[str],
+    config: MinhashConfig,
+    batch_shingles: int = 32_768,
+    threads: int = 1,
+    kernel: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(`minhash_signatures`, which texts had words)."""
     a, b = minhash_parameters(config)
     out = np.full((len(texts), a.shape[1]), np.iinfo(np.uint64).max, dtype=np.uint64)
+    mask = int(config.hash_config.max) if config.hash_config.precision == 32 else (1 << 64) - 1
+    native = minhash_kernel.load() if kernel else None
+    if native is not None:
+        return out, native.signatures(texts, a, b, config.n_grams, mask, out, threads)
+    has_words = np.zeros(len(texts), dtype=bool)
     pending: list[tuple[int, np.ndarray]] = []
     size = 0
 
@@ -140,9 +168,9 @@ def minhash_signatures(texts: list[str], config: MinhashConfig, batch_shingles: 
         stacked = np.concatenate([s for _, s in pending]).reshape(-1, 1)
         with np.errstate(over="ignore"):
             values = mod_mersenne(stacked * a + b)  # the product wraps mod 2^64, as datatrove's does
-        if config.hash_config.precision == 32:
-            values &= np.uint64(config.hash_config.max)
+        values &= np.uint64(mask)
         out[rows] = np.minimum.reduceat(values, np.concatenate(([0], np.cumsum(lengths)[:-1])), axis=0)
+        has_words[rows] = True
 
     for i, text in enumerate(texts):
         found = shingles(text, config.n_grams)
@@ -154,13 +182,59 @@ def minhash_signatures(texts: list[str], config: MinhashConfig, batch_shingles: 
             pending, size = [], 0
     if pending:
         flush()
-    return out
+    return out, has_words
 
 
 def lsh_probability(similarity: float, bands: int, rows: int) -> float:
     """Chance that two documents of Jaccard `similarity` share at least one of `bands` LSH bands of
     `rows` hashes: 1 - (1 - s^rows)^bands (the S-curve)."""
     return 1.0 - (1.0 - similarity**rows) ** bands
+
+
+def _distinct_rows(part: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(number of each row's value among the distinct rows of `part`, how many rows have each value).
+    Rows are told apart by a 64-bit mix of their hashes (a fast sort), checked exactly against the first
+    row of each number; on a mix collision the rows are compared as bytes instead (a slow sort)."""
+    mixed = part[:, 0].copy()
+    with np.errstate(over="ignore"):
+        for column in range(1, part.shape[1]):
+            mixed = mixed * _SHINGLE_MIX + part[:, column]
+    _, first, inverse, sizes = np.unique(mixed, return_index=True, return_inverse=True, return_counts=True)
+    if not (part[first[inverse]] == part).all():
+        values = part.view(np.dtype((np.void, part.dtype.itemsize * part.shape[1]))).ravel()
+        _, inverse, sizes = np.unique(values, return_inverse=True, return_counts=True)
+    return inverse.ravel(), sizes
+
+
+def lsh_duplicates(signatures: np.ndarray, bands: int) -> np.ndarray:
+    """In-memory MinHash-LSH near-duplicate removal that keeps the first: bool [documents], True where a
+    document shares a band (`rows` = width / `bands` consecutive equal hashes) with an earlier document
+    that is kept, taking documents in order as querying then inserting into datasketch's or rensa's LSH
+    does. Rows of documents without words (all-max, see `minhash_signatures`) are never duplicates.
+    datatrove's stages (buckets, clusters, filter) do the same on files for Slurm / Ray, keeping one per
+    union-find cluster instead."""
+    count, width = signatures.shape
+    if bands < 1 or width % bands:
+        raise QwenkitError(f"a signature of {width} hashes does not split into {bands} bands")
+    rows = width // bands
+    signed = np.flatnonzero(~(signatures == np.iinfo(np.uint64).max).all(axis=1))
+    keys = np.empty((signed.size, bands), dtype=np.int64)  # a band's distinct values, numbered over all bands
+    shared = np.zeros(signed.size, dtype=bool)
+    offset = 0
+    for band in range(bands):
+        part = np.ascontiguousarray(signatures[signed, band * rows : (band + 1) * rows], dtype=np.uint64)
+        inverse, sizes = _distinct_rows(part)
+        keys[:, band] = inverse + offset
+        shared |= sizes[inverse.ravel()] > 1
+        offset += sizes.size
+    duplicate = np.zeros(count, dtype=bool)
+    claimed = np.zeros(offset, dtype=bool)  # bands of kept documents; one alone in all its bands needs none
+    for i in np.flatnonzero(shared):
+        if claimed[keys[i]].any():
+            duplicate[signed[i]] = True
+        else:
+            claimed[keys[i]] = True
+    return duplicate
 
 
 class CjkWordTokenizer(WordTokenizer):
@@ -176,18 +250,54 @@ class CjkWordTokenizer(WordTokenizer):
         return [(0, len(text))]
 
 
+class _Signed:
+    """A document's signature computed ahead, where datatrove's loop expects its shingles."""
+
+    size = 1
+
+    def __init__(self, row: np.ndarray):
+        self.row = row
+
+
 class CjkMinhashSignature(MinhashDedupSignature):
     """datatrove's MinHash stage 1 with CJK-aware shingles (`shingles`); its later stages (buckets,
-    clusters, filter) are used as they are."""
+    clusters, filter) are used as they are. In `run`, the signatures of `batch_size` documents at a time
+    are computed in one `minhash_signatures` call (the compiled kernel) ahead of datatrove's per-document
+    loop, which writes them into its bucket files as it would its own."""
 
     name = "🎯 MinHash stage 1 (CJK-aware)"
+    batch_size = 1024
 
     def __init__(self, output_folder, config: MinhashConfig):
         folder = str(output_folder) if isinstance(output_folder, Path) else output_folder
         super().__init__(folder, config, language=CjkWordTokenizer("multilingual"))
+        self._signed: collections.deque | None = None  # inside `run`: the signatures computed ahead
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1):
+        self._signed = collections.deque()
+        try:
+            return super().run(self._sign_ahead(data), rank, world_size)
+        finally:
+            self._signed = None
+
+    def _sign_ahead(self, data: DocumentsPipeline) -> DocumentsPipeline:
+        data = iter(data)
+        while batch := list(itertools.islice(data, self.batch_size)):
+            rows, has_words = _signatures([doc.text for doc in batch], self.config)
+            for doc, row, found in zip(batch, rows, has_words, strict=True):
+                self._signed.append(_Signed(row) if found else np.zeros((0, 1), dtype=np.uint64))
+                yield doc  # datatrove's loop now asks get_shingles(doc.text): it takes this entry
 
     def get_shingles(self, text: str) -> np.ndarray:
+        if self._signed is not None:
+            return self._signed.popleft()
         return shingles(text, self.config.n_grams).reshape(-1, 1)
+
+    def get_signature(self, shingles: np.ndarray) -> list[list[int]]:
+        if isinstance(shingles, _Signed):
+            dtype = self.config.hash_config.np_dtype
+            return shingles.row.astype(dtype).reshape(self.config.num_buckets, -1).tolist()
+        return super().get_signature(shingles)
 
 
 def exact_dedup_key(doc: Document) -> str:
