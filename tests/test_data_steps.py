@@ -100,6 +100,39 @@ def test_lsh_probability_matches_datatroves_documented_numbers():
     assert steps.lsh_probability(0.8, 20, 8) > 0.97 > 0.08 > steps.lsh_probability(0.5, 20, 8)
 
 
+def test_lsh_duplicates_keeps_the_first_of_each_band_match_as_a_query_then_insert_lsh():
+    rng = random.Random(2)
+    base = EN.split()
+    texts = []
+    for _ in range(40):  # 40 distinct texts and near copies of some of them, in a shuffled order
+        texts.append(" ".join(rng.choice(base) for _ in range(60)))
+        if rng.random() < 0.5:
+            copy = texts[-1].split()
+            copy[rng.randrange(60)] = "changed"
+            texts.append(" ".join(copy))
+    texts += ["", "!!!"]  # no words: never duplicates, though their rows are equal
+    rng.shuffle(texts)
+    signatures = steps.minhash_signatures(texts, MinhashConfig(num_buckets=20, hashes_per_bucket=8))
+    expected, kept_bands = [], [set() for _ in range(20)]
+    for row in signatures:  # the policy written out: query every band, insert only if no match
+        keys = [row[b * 8 : (b + 1) * 8].tobytes() for b in range(20)]
+        words = not (row == np.iinfo(np.uint64).max).all()
+        duplicate = words and any(k in kept_bands[b] for b, k in enumerate(keys))
+        if not duplicate:
+            for b, k in enumerate(keys):
+                kept_bands[b].add(k)
+        expected.append(duplicate)
+    found = steps.lsh_duplicates(signatures, 20)
+    assert found.tolist() == expected and 10 < found.sum() < 40
+    # rows whose 64-bit mixes collide are still told apart: (0, MIX) and (1, 0) both mix to MIX
+    mix = int(steps._SHINGLE_MIX)
+    assert not steps.lsh_duplicates(np.array([[0, mix], [1, 0], [2, 2]], dtype=np.uint64), 1).any()
+    again = np.array([[0, mix], [1, 0], [0, mix]], dtype=np.uint64)
+    assert steps.lsh_duplicates(again, 1).tolist() == [False, False, True]
+    with pytest.raises(QwenkitError, match="does not split into 3 bands"):
+        steps.lsh_duplicates(signatures, 3)
+
+
 def test_language_filter_tags_and_keeps_chosen_languages():
     lf = steps.LanguageFilter(["zh", "en"])
     docs = [
