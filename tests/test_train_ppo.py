@@ -237,6 +237,7 @@ def test_ppo_resume_after_a_kill_is_exact(setup, finished_run, tmp_path):
     assert main(ppo(setup, interrupted, *RUN)) == 0
     strip = [{k: v for k, v in r.items() if k not in TIMING} for r in records(interrupted)]
     assert strip == [{k: v for k, v in r.items() if k not in TIMING} for r in records(finished_run)]
+    assert main(ppo(setup, interrupted, *RUN, "--method", "lora")) == 1  # another method: refused, not a KeyError
 
 
 def test_ppo_lora_uses_the_adapter_off_as_reference(setup, tmp_path):
@@ -281,4 +282,6 @@ def test_settings_that_would_do_nothing_are_refused(tmp_path, capsys):
     assert "model.lora_dropout must be <= 0" in capsys.readouterr().err
     assert main([*base, "--ptx.coef", "0.5"]) == 1
     assert "ptx.coef is set but ptx.path is not" in capsys.readouterr().err
+    assert main([*base, "--ppo.value_warmup_steps", "8", "--train.max_steps", "8"]) == 1
+    assert "the policy would never train" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # refused before the run starts

@@ -293,9 +293,9 @@ def response_logits(model, sequences: torch.Tensor, positions: torch.Tensor, voc
                     temperature: float) -> torch.Tensor:  # fmt: skip
     """fp32 logits [N, T, vocab_size] that predict each response token, divided by the temperature
     (the sampling distribution before top-p), the embedding's padding rows left out."""
-    logits = model(sequences)
-    picked = logits.gather(1, positions[:, :, None].expand(-1, -1, logits.shape[-1]))
-    return picked[..., :vocab_size].float() / temperature
+    hidden = model.hidden_states(sequences)  # the head on response positions only: no prompt-length logits
+    picked = hidden.gather(1, positions[:, :, None].expand(-1, -1, hidden.shape[-1]))
+    return model.lm_head(picked)[..., :vocab_size].float() / temperature
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -557,6 +557,10 @@ class PPOTrainer:
         if path is None:
             return 0
         state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        saved = state.get("recipe", {}).get("model", {}).get("method", self.recipe.model.method)
+        if saved != self.recipe.model.method:
+            raise QwenkitError(f"{path} was trained with --model.method {saved}; resume with the same method "
+                               f"or start in another --out")  # fmt: skip
         if self.lora:
             self.policy.load_state_dict(state["trainable"], strict=False)
         else:
@@ -655,6 +659,9 @@ def run(recipe: PPORecipe, out: Path) -> Path | None:
                            f"({t.micro_batch_size * t.grad_accum})")  # fmt: skip
     if recipe.ptx.coef > 0 and not recipe.ptx.path:
         raise QwenkitError("ptx.coef is set but ptx.path is not: PPO-ptx needs SFT data (--ptx.path FILE)")
+    if recipe.ppo.value_warmup_steps >= t.max_steps:
+        raise QwenkitError(f"ppo.value_warmup_steps ({recipe.ppo.value_warmup_steps}) >= train.max_steps "
+                           f"({t.max_steps}): the policy would never train")  # fmt: skip
     if t.compile or t.activation_checkpointing:
         raise QwenkitError("qwenkit ppo does not support train.compile or train.activation_checkpointing yet")
     env = loop.start(recipe, out)
