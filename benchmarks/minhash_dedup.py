@@ -12,15 +12,22 @@ All three use the same shingles (qwenkit's `steps.match_words`, 5 words, CJK cha
 same LSH shape as `qwenkit data process` (20 bands x 8 rows = 160 permutations) and the same policy:
 keep the first document of each group of LSH candidates, remove the others, no exact verification.
 
-- qwenkit: `steps.minhash_signatures` (all documents' shingles hashed and permuted at once in numpy),
-  and the whole dedup as `qwenkit data process` runs it: datatrove's four MinHash stages (signatures
-  with qwenkit's CJK shingles, buckets, clusters, filter) through datatrove's local executor, files and all;
+- qwenkit: `steps.minhash_signatures` (the compiled kernel, qwenkit.data.minhash_kernel: words, XXH3
+  shingles and datatrove's permutations for all documents in one call, one thread) and
+  `steps.lsh_duplicates` (in-memory LSH, keep the first: the policy of the two rows below); "2 threads" is
+  the same with `threads=2` (an extra: datasketch and rensa run on one thread);
+- qwenkit, datatrove's stages: the whole dedup as `qwenkit data process` runs it, datatrove's four
+  MinHash stages (the kernel's signatures, buckets, clusters, filter) through datatrove's local
+  executor, files and all (one cluster per union-find component instead of keep-first);
 - datasketch: `MinHash.update_batch` per document, `MinHashLSH(params=(20, 8))` query-then-insert;
 - rensa: `RMinHash.update` per document, `RMinHashLSH(num_bands=20)` query-then-insert.
 
-Each timing is the median of --repeats runs, the engines alternating; shingling from the text is
-inside every timing (the "shingling alone" line says how much of it that is). datasketch and rensa
-are not qwenkit dependencies: `pip install datasketch rensa` first.
+Each timing is the median of --repeats runs, the engines alternating; making the shingles from the text
+is inside every timing (datasketch and rensa get `steps.match_words` 5-grams as strings, made in Python:
+the "shingling alone" line says how much of their time that is; qwenkit's kernel makes its own). The
+kernel is built (or loaded from torch's cache) and its character table made before the timings, as the
+other engines are imported. datasketch and rensa are not qwenkit dependencies: `pip install datasketch
+rensa` first.
 
     .venv/bin/python benchmarks/minhash_dedup.py --write          # all distinct pieces (~2,900)
     .venv/bin/python benchmarks/minhash_dedup.py --docs 2000 --repeats 3
@@ -31,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import random
 import statistics
 import sys
@@ -51,7 +59,7 @@ from datatrove.pipeline.dedup.minhash import (
 from loguru import logger
 from rensa import RMinHash, RMinHashLSH
 
-from qwenkit.data import steps
+from qwenkit.data import minhash_kernel, steps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import write_section  # noqa: E402
@@ -196,11 +204,16 @@ def config() -> MinhashConfig:
     return MinhashConfig(n_grams=N_GRAMS, num_buckets=BANDS, hashes_per_bucket=ROWS, seed=SEED)
 
 
-def signatures_qwenkit(texts: list[str]) -> None:
-    steps.minhash_signatures(texts, config())
+def signatures_qwenkit(texts: list[str], threads: int = 1) -> None:
+    steps.minhash_signatures(texts, config(), threads=threads)
 
 
-def run_qwenkit(texts: list[str]) -> set[int]:
+def run_qwenkit(texts: list[str], threads: int = 1) -> set[int]:
+    duplicates = steps.lsh_duplicates(steps.minhash_signatures(texts, config(), threads=threads), BANDS)
+    return set(np.flatnonzero(duplicates).tolist())
+
+
+def run_qwenkit_datatrove(texts: list[str]) -> set[int]:
     """datatrove's four MinHash stages as `qwenkit data process` chains them, one task each."""
     minhash = config()
     kept: list[int] = []
@@ -260,18 +273,27 @@ def main() -> None:
         f"in {len(groups):,} groups), {words / len(texts):.0f} words each on average; planted copies' "
         f"exact Jaccard with their original: mean {statistics.mean(similarity):.3f}, min {min(similarity):.3f}."
     )
+    if minhash_kernel.load() is None:
+        sys.exit("qwenkit's MinHash kernel cannot be built here: this benchmark measures it")
     engines = {
         "qwenkit": (signatures_qwenkit, run_qwenkit),
+        "qwenkit, 2 threads": (
+            lambda texts: signatures_qwenkit(texts, threads=2),
+            lambda texts: run_qwenkit(texts, threads=2),
+        ),
+        "qwenkit, datatrove's 4 stages (`data process`)": (None, run_qwenkit_datatrove),
         "datasketch": (signatures_datasketch, run_datasketch),
         "rensa": (signatures_rensa, run_rensa),
     }
+    load_before = os.getloadavg()[0]
     shingling, _ = timed(lambda texts: [shingle_set(t) for t in texts], texts, args.repeats)
     signature_seconds = {name: [] for name in engines}
     dedup_seconds = {name: [] for name in engines}
     removed = {}
     for _ in range(args.repeats):  # alternate the engines
         for name, (signatures, dedup) in engines.items():
-            signature_seconds[name].append(timed(signatures, texts, 1)[0])
+            if signatures is not None:
+                signature_seconds[name].append(timed(signatures, texts, 1)[0])
             seconds, removed[name] = timed(dedup, texts, 1)
             dedup_seconds[name].append(seconds)
     rows = [
@@ -281,22 +303,27 @@ def main() -> None:
     ]
     base_rate = len(texts) / statistics.median(dedup_seconds["datasketch"])
     for name in engines:
-        sig_rate = len(texts) / statistics.median(signature_seconds[name])
+        sig_rate = (
+            f"{len(texts) / statistics.median(signature_seconds[name]):,.0f}"
+            if signature_seconds[name]
+            else "-"
+        )
         rate = len(texts) / statistics.median(dedup_seconds[name])
         recall, precision = score(removed[name], groups)
         rows.append(
-            f"| {name} | {sig_rate:,.0f} | {rate:,.0f} | {rate / base_rate:.2f}x | {len(removed[name]):,} | "
+            f"| {name} | {sig_rate} | {rate:,.0f} | {rate / base_rate:.2f}x | {len(removed[name]):,} | "
             f"{recall:.3f} | {precision:.3f} |"
         )
     lines = [
         corpus,
-        f"Shingling alone (`steps.match_words` 5-grams as strings, inside every engine's time): "
-        f"{len(texts) / shingling:,.0f} documents/s.",
+        f"Shingling alone (`steps.match_words` 5-grams as strings in Python, as datasketch and rensa are given "
+        f"them, inside their time; qwenkit's kernel makes its own): {len(texts) / shingling:,.0f} documents/s.",
         "",
         *rows,
         "",
-        f"Medians of {args.repeats} alternating runs. Command: `.venv/bin/python benchmarks/minhash_dedup.py "
-        f"--docs {args.docs} --repeats {args.repeats}`",
+        f"Medians of {args.repeats} alternating runs on {os.cpu_count()} cores, load average "
+        f"{load_before:.1f} before and {os.getloadavg()[0]:.1f} after. Command: `.venv/bin/python "
+        f"benchmarks/minhash_dedup.py --docs {args.docs} --repeats {args.repeats}`",
     ]
     print("\n".join(lines))
     if args.write:
