@@ -9,6 +9,7 @@ from conftest import to_transformers
 
 from qwenkit import PRESETS, Qwen, QwenConfig
 from qwenkit.model import (
+    FusedLinear,
     KVCache,
     attention_mask_from_positions,
     logn_scale,
@@ -309,3 +310,95 @@ def test_packed_sequences_equal_separate_ones():
         out = model(packed, segment_ids=segments)
         torch.testing.assert_close(out[:, :7], model(a), atol=1e-5, rtol=0)
         torch.testing.assert_close(out[:, 7:], model(b), atol=1e-5, rtol=0)
+
+
+def decode_logits(model: Qwen, ids: torch.Tensor, prefill: int, fused: bool) -> torch.Tensor:
+    """Logits [B, T - prefill, V] of decode_step over ids[:, prefill:], one token at a time."""
+    model.fused_decode = fused
+    with torch.inference_mode():
+        prefilled = KVCache(model.config, ids.shape[0], prefill, model.device, model.dtype)
+        model(ids[:, :prefill], cache=prefilled)
+        cache = KVCache(model.config, ids.shape[0], ids.shape[1], model.device, model.dtype)
+        cache.insert(list(range(ids.shape[0])), prefilled)
+        steps = [model.decode_step(ids[:, i : i + 1], cache) for i in range(prefill, ids.shape[1])]
+    return torch.stack(steps, dim=1)
+
+
+@pytest.mark.parametrize("switches", [{}, {"use_logn_attn": True, "use_dynamic_ntk": True}])
+def test_fused_decoding_matches_unfused_and_transformers(switches):
+    """Decoding with q/k/v and gate/up fused gives the unfused logits (1e-5) and transformers'."""
+    model, hf = build_pair(num_key_value_heads=2, **switches)
+    ids = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(11))
+    unfused = decode_logits(model, ids, 20, fused=False)
+    assert model._fused == []  # nothing fused unless asked
+    fused = decode_logits(model, ids, 20, fused=True)
+    torch.testing.assert_close(fused, unfused, atol=1e-5, rtol=0)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    parts = model._fused[0]
+    assert isinstance(parts.qkv, FusedLinear) and isinstance(parts.gate_up, FusedLinear)
+    if not switches:  # LogN/NTK are qwenkit's long-context switches; transformers' Qwen2 has neither
+        with torch.no_grad():
+            theirs = hf(ids).logits[:, 20:]
+        torch.testing.assert_close(fused, theirs, atol=1e-4, rtol=0)
+    # the layers' weights are views of the fused ones: nothing is held twice
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == parts.qkv.weight.untyped_storage().data_ptr()
+    assert (
+        mlp.up_proj.weight.untyped_storage().data_ptr() == parts.gate_up.weight.untyped_storage().data_ptr()
+    )
+    assert attn.v_proj.bias.untyped_storage().data_ptr() == parts.qkv.bias.untyped_storage().data_ptr()
+
+
+def test_fused_greedy_tokens_equal_transformers_generate():
+    model, hf = build_pair(num_key_value_heads=2)
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(12))
+    for fused in (False, True):
+        model.fused_decode = fused
+        ours = model.generate(ids, max_new_tokens=12, do_sample=False, stop=[])
+        theirs = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert ours.tolist() == theirs.tolist()
+
+
+def test_fused_projections_follow_changes_to_the_model(tmp_path, byte_tokenizer):
+    """After a decode, the state dict, saving, training, load_state_dict, casts and replaced layers
+    behave as if nothing had been fused; the next decode sees every change."""
+    import qwenkit
+
+    model, _ = build_pair(num_key_value_heads=2)
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(13))
+    names = list(model.state_dict())
+    decode_logits(model, ids, 10, fused=True)
+    assert list(model.state_dict()) == names
+    # saving writes each layer's own rows; loading gives the same decode
+    loaded, _ = qwenkit.load(qwenkit.save(model, byte_tokenizer, tmp_path / "ckpt"), dtype="float32")
+    torch.testing.assert_close(
+        decode_logits(loaded, ids, 10, fused=False),
+        decode_logits(model, ids, 10, fused=True),
+        atol=1e-5,
+        rtol=0,
+    )
+    # training after decoding (PPO: rollouts, then a step): gradients reach the layers, the step the fused rows
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(ids).logsumexp(-1).mean().backward()
+    assert model.model.layers[0].self_attn.k_proj.weight.grad.abs().sum() > 0
+    optimizer.step()
+    model.eval()
+    torch.testing.assert_close(
+        decode_logits(model, ids, 10, fused=True),
+        decode_logits(model, ids, 10, fused=False),
+        atol=1e-5,
+        rtol=0,
+    )
+    # new weights copied in, a replaced layer, a cast: fused again
+    other, _ = build_pair(num_key_value_heads=2)
+    with torch.no_grad():
+        other.model.layers[1].mlp.up_proj.weight.mul_(3)
+    model.load_state_dict(other.state_dict())
+    model.model.layers[2].self_attn.q_proj = torch.nn.Linear(64, 64)
+    expected = decode_logits(model, ids, 10, fused=False)
+    torch.testing.assert_close(decode_logits(model, ids, 10, fused=True), expected, atol=1e-5, rtol=0)
+    model.double()
+    torch.testing.assert_close(
+        decode_logits(model, ids, 10, fused=True), expected.double(), atol=1e-5, rtol=0
+    )
+    assert model._fused[0].qkv.weight.dtype == torch.float64

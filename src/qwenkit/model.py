@@ -61,12 +61,14 @@ def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[tor
     return angles.cos(), angles.sin()
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, H, T, D] by half-split RoPE in fp32 and cast back (rotate_half = cat(-x2, x1))."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int = 1) -> torch.Tensor:
+    """Rotate x [B, H, T, D] (heads at dimension `head_dim`: 2 for [B, T, H, D]) by half-split RoPE in
+    fp32 and cast back (rotate_half = cat(-x2, x1)); cos/sin are [B, T, D]."""
     x32 = x.float()
     x1, x2 = x32.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
-    return (x32 * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+    cos, sin = cos.unsqueeze(head_dim), sin.unsqueeze(head_dim)
+    return (x32 * cos + rotated * sin).to(x.dtype)
 
 
 INT8_PARAM_BYTES = 4  # after each token's int8 levels: its fp16 scale and fp16 minimum
@@ -284,12 +286,20 @@ class Attention(nn.Module):
         is_causal: bool,
         query_scale: torch.Tensor | None,
         cache: KVCache | None,
+        qkv_proj: nn.Module | None = None,
     ) -> torch.Tensor:
+        """`qkv_proj` (decoding only): q_proj, k_proj and v_proj fused into one layer (FusedProjections)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if qkv_proj is not None:  # decoding: one product for q, k and v, RoPE on q and k at once
+            heads = qkv_proj(x).view(b, t, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+            qk = apply_rotary(heads[:, :, : self.num_heads + self.num_kv_heads], *rope, head_dim=2)
+            q, k = qk[:, :, : self.num_heads].transpose(1, 2), qk[:, :, self.num_heads :].transpose(1, 2)
+            v = heads[:, :, self.num_heads + self.num_kv_heads :].transpose(1, 2)
+        else:
+            q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+            k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if query_scale is not None:  # LogN scaling, after RoPE
             q = (q.float() * query_scale[:, None, :, None]).to(q.dtype)
         quantized = cache is not None and cache.quantized
@@ -324,7 +334,11 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gate_up_proj: nn.Module | None = None) -> torch.Tensor:
+        """`gate_up_proj` (decoding only): gate_proj and up_proj fused into one layer."""
+        if gate_up_proj is not None:
+            gate, up = gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate).mul_(up))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -339,6 +353,118 @@ class Block(nn.Module):
     def forward(self, x, rope, mask, is_causal, query_scale, cache):
         h = x + self.self_attn(self.input_layernorm(x), rope, mask, is_causal, query_scale, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def decode(self, x, rope, mask, query_scale, cache, fused: FusedProjections):
+        """forward for one decoding step without autograd: the fused projections, residuals added in place."""
+        x = x.add_(self.self_attn(self.input_layernorm(x), rope, mask, False, query_scale, cache, fused.qkv))
+        return x.add_(self.mlp(self.post_attention_layernorm(x), fused.gate_up))
+
+
+class FusedLinear(nn.Module):
+    """nn.Linear layers that read the same input as one matrix: y = cat([layer(x) for layer], -1)."""
+
+    def __init__(self, layers: Sequence[nn.Linear]):
+        super().__init__()
+        weight = torch.cat([layer.weight.detach() for layer in layers])
+        self.register_buffer("weight", cpu_decode_layout(weight) if weight.device.type == "cpu" else weight)
+        biases = [layer.bias for layer in layers]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat(
+                [b.detach() if b is not None else weight.new_zeros(layer.out_features)
+                 for b, layer in zip(biases, layers, strict=True)]
+            )  # fmt: skip
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def fuse_projections(layers: Sequence[nn.Module]) -> nn.Module | None:
+    """One layer computing torch.cat([layer(x) for layer in layers], -1), or None when they cannot be
+    fused. Plain nn.Linear layers become a FusedLinear; packed and 16-bit ones are fused by
+    qwenkit.quant.linear. Every tensor of a layer that holds one row per output (weight, bias, packed
+    levels, scales) is then made a view of the fused layer's: nothing is held twice, and an in-place
+    update of a layer (training, load_state_dict) is seen by the fused one."""
+    with torch.inference_mode(False), torch.no_grad():  # the layers' tensors must stay usable by autograd
+        first = layers[0]
+        if all(type(layer) is nn.Linear for layer in layers):
+            same = all(
+                layer.weight.dtype == first.weight.dtype
+                and layer.weight.device == first.weight.device
+                and layer.in_features == first.in_features
+                for layer in layers
+            )
+            fused = FusedLinear(layers) if same else None
+        else:
+            from qwenkit.quant import linear  # packed / 16-bit layers (fuse_linears: their own layout)
+
+            fuse = getattr(linear, "fuse_linears", None)
+            fused = fuse(list(layers)) if fuse is not None else None
+        if fused is not None:
+            _share_rows(fused, layers)
+    return fused
+
+
+def _share_rows(fused: nn.Module, layers: Sequence[nn.Module]) -> None:
+    """Make each layer tensor with one row per output a view of the fused layer's same-named tensor."""
+    total = sum(layer.out_features for layer in layers)
+    start = 0
+    for layer in layers:
+        rows = slice(start, start + layer.out_features)
+        start += layer.out_features
+        for store in (layer._parameters, layer._buffers):
+            for name, mine in store.items():
+                whole = getattr(fused, name, None)
+                if (
+                    mine is None
+                    or not isinstance(whole, torch.Tensor)
+                    or whole.dim() == 0
+                    or whole.shape[0] != total
+                    or mine.shape[0] != layer.out_features
+                    or mine.shape[1:] != whole.shape[1:]
+                    or mine.dtype != whole.dtype
+                ):
+                    continue
+                if isinstance(mine, nn.Parameter):
+                    mine.data = whole[rows]
+                else:
+                    store[name] = whole[rows]
+
+
+class FusedProjections:
+    """One block's layers that read the same input, fused for decoding: q/k/v as `qkv`, gate/up as
+    `gate_up` (None where they cannot be fused). `current` says whether the block still holds the
+    layers and tensors that were fused (a cast, a move, a replaced layer or an in-place update to a
+    layer that does not share the fused rows mean: fuse again)."""
+
+    def __init__(self, block: Block):
+        self.layers = self._layers(block)
+        self.qkv = fuse_projections(self.layers[:3])
+        self.gate_up = fuse_projections(self.layers[3:])
+        self.state = self._state(self.layers)
+
+    @staticmethod
+    def _layers(block: Block) -> list[nn.Module]:
+        attn, mlp = block.self_attn, block.mlp
+        return [attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj]
+
+    @staticmethod
+    def _state(layers: list[nn.Module]) -> list[tuple]:
+        return [
+            (t.data_ptr(), t.dtype, t.device, None if t.is_inference() else t._version)
+            for layer in layers
+            for store in (layer._parameters, layer._buffers)
+            for t in store.values()
+            if t is not None
+        ]
+
+    def current(self, block: Block) -> bool:
+        layers = self._layers(block)
+        return (
+            all(a is b for a, b in zip(layers, self.layers, strict=True))
+            and self._state(layers) == self.state
+        )
 
 
 class Transformer(nn.Module):
@@ -361,6 +487,8 @@ class Qwen(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.generation_config = None  # set by qwenkit.load(); generation falls back to Qwen's defaults
         self.activation_checkpointing = False
+        self.fused_decode = True  # decode_step on CPU: q/k/v and gate/up as one product each
+        self._fused: list[FusedProjections | None] = []
 
     # From the embeddings: they stay in floating point when the head is quantized or 16-bit (qwenkit.quant).
     @property
@@ -500,11 +628,27 @@ class Qwen(nn.Module):
             for w in set(windows)
         }
         x = self.model.embed_tokens(tokens)
-        for layer, window in zip(self.model.layers, windows, strict=True):
-            x = layer(x, rope, masks[window], False, query_scale, cache)
+        if self.fused_decode and tokens.device.type == "cpu" and not torch.is_grad_enabled():
+            for layer, window, fused in zip(
+                self.model.layers, windows, self._fused_projections(), strict=True
+            ):
+                x = layer.decode(x, rope, masks[window], query_scale, cache, fused)
+        else:
+            for layer, window in zip(self.model.layers, windows, strict=True):
+                x = layer(x, rope, masks[window], False, query_scale, cache)
         cache.slot += 1
         cache.next_position += 1
         return self.lm_head(self.model.norm(x))[:, -1]
+
+    def _fused_projections(self) -> list[FusedProjections]:
+        """Each block's FusedProjections, fused again where a block changed since (FusedProjections.current)."""
+        fused = getattr(self, "_fused", [])
+        layers = self.model.layers
+        if len(fused) != len(layers):
+            fused = [None] * len(layers)
+        self._fused = [f if f is not None and f.current(layer) else FusedProjections(layer)
+                       for f, layer in zip(fused, layers, strict=True)]  # fmt: skip
+        return self._fused
 
     def _positions(self, input_ids, attention_mask, cache):
         """Real positions of the new tokens [B, T] and of every visible key [B, S]; -1 marks padding."""
