@@ -402,3 +402,27 @@ def test_fused_projections_follow_changes_to_the_model(tmp_path, byte_tokenizer)
         decode_logits(model, ids, 10, fused=True), expected.double(), atol=1e-5, rtol=0
     )
     assert model._fused[0].qkv.weight.dtype == torch.float64
+
+
+@pytest.mark.parametrize("weights", ["fp16", "int8", "int4"])
+def test_fused_decoding_of_packed_and_half_weights(weights):
+    """Packed (QuantLinear) and 16-bit (HalfLinear) layers fuse too (qwenkit.quant.linear.fuse_linears):
+    the unfused logits, and the layers' packed rows become views of the fused layer's."""
+    from qwenkit.quant.linear import HalfLinear, QuantLinear, use_half_weights
+    from qwenkit.quant.quantize import quantize_model
+
+    model, _ = build_pair(num_key_value_heads=2, hidden_size=128, intermediate_size=256)
+    if weights == "fp16":
+        use_half_weights(model, torch.float16)
+    else:
+        quantize_model(model, weights, group_size=64, progress=False)
+    ids = torch.randint(0, VOCAB, (2, 14), generator=torch.Generator().manual_seed(14))
+    unfused = decode_logits(model, ids, 8, fused=False)
+    fused = decode_logits(model, ids, 8, fused=True)
+    torch.testing.assert_close(fused, unfused, atol=1e-5, rtol=0)
+    parts = model._fused[0]
+    kind = HalfLinear if weights == "fp16" else QuantLinear
+    assert isinstance(parts.qkv, kind) and isinstance(parts.gate_up, kind)
+    name = "weight" if weights == "fp16" else "qweight"
+    up = getattr(model.model.layers[0].mlp.up_proj, name)
+    assert up.untyped_storage().data_ptr() == getattr(parts.gate_up, name).untyped_storage().data_ptr()
