@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <exception>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -216,7 +217,8 @@ void signatures(const py::list& texts, const py::array_t<uint8_t, py::array::c_s
     throw py::value_error("minhash kernel: has_words must be [texts]");
   if (n_grams < 1) throw py::value_error("minhash kernel: n_grams must be at least 1");
   const Parameters p{checked_table(table), a.data(), b.data(), permutations, n_grams, mask};
-  const std::vector<Text> items = texts_of(texts);  // the list holds the strs alive during the call
+  // the caller's list holds the strs alive during the call (qwenkit passes a list of its own)
+  const std::vector<Text> items = texts_of(texts);
   uint64_t* rows = out.mutable_data();
   uint8_t* flags = has_words.mutable_data();
   const size_t workers = std::max<size_t>(1, std::min<size_t>(static_cast<size_t>(std::max(threads, 1)), documents));
@@ -236,11 +238,20 @@ void signatures(const py::list& texts, const py::array_t<uint8_t, py::array::c_s
   }
   while (bounds.size() <= workers) bounds.push_back(documents);
   bounds.back() = documents;
+  std::vector<std::exception_ptr> errors(workers);  // an exception (bad_alloc) leaving a thread would abort
+  auto work = [&](size_t w) {
+    try {
+      sign_range(items, bounds[w], bounds[w + 1], p, rows, flags);
+    } catch (...) {
+      errors[w] = std::current_exception();
+    }
+  };
   std::vector<std::thread> pool;
-  for (size_t w = 1; w < workers; ++w)
-    pool.emplace_back(sign_range, std::cref(items), bounds[w], bounds[w + 1], std::cref(p), rows, flags);
-  sign_range(items, bounds[0], bounds[1], p, rows, flags);
+  for (size_t w = 1; w < workers; ++w) pool.emplace_back(work, w);
+  work(0);
   for (std::thread& thread : pool) thread.join();
+  for (const std::exception_ptr& error : errors)
+    if (error) std::rethrow_exception(error);
 }
 
 // The n-gram shingle hashes of one text, in order, duplicates kept (for tests and single documents).
