@@ -9,16 +9,21 @@ import torch
 import torch.nn.functional as F
 from conftest import make_tiny_model
 
+import qwenkit
 from qwenkit.errors import QwenkitError
+from qwenkit.generation import score_prompts
 from qwenkit.quant import linear as quant_linear
 from qwenkit.quant.linear import (
+    HEAD_KINDS,
     HalfLinear,
     QuantLinear,
+    convert_head,
     fuse_linears,
     pack_int4,
     unpack_int4,
     use_half_weights,
 )
+from qwenkit.quant.quantize import rtn
 from qwenkit.quant.weights import QuantizedWeight
 
 OUT, IN = 96, 256
@@ -355,3 +360,42 @@ def test_what_cannot_fuse_gives_none():
     assert fuse_linears([torch.nn.Linear(IN, 8), torch.nn.Linear(IN + 32, 8)]) is None  # input sizes
     assert fuse_linears([torch.nn.Linear(IN, 8), torch.nn.Linear(IN, 8).double()]) is None  # dtypes
     assert fuse_linears([torch.nn.Conv1d(IN, 8, 1), torch.nn.Conv1d(IN, 8, 1)]) is None  # not a linear
+
+
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+def test_converted_head_computes_the_rounded_head(kind):
+    model = make_tiny_model(tie_word_embeddings=True)
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    with torch.inference_mode():
+        hidden = model.hidden_states(ids, last_only=True)[:, -1]
+        float_logits = model.lm_head(hidden)
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    convert_head(model, kind)
+    assert type(model.lm_head) is (QuantLinear if kind == "int8" else HalfLinear)
+    assert torch.equal(model.model.embed_tokens.weight, embedding) and model.dtype == torch.float32
+    with torch.inference_mode():
+        logits = model(ids, last_only=True)[:, -1]  # one row: the kernel path
+    if kind == "int8":  # per-row RTN of the float head, times the input as the layer sees it
+        want = reference(expected_input(model.lm_head, hidden), rtn(embedding, 8, -1))
+    else:
+        want = F.linear(
+            hidden.double(), embedding.to(getattr(torch, {"fp16": "float16"}.get(kind, "bfloat16"))).double()
+        )
+    assert_close_to(logits, want, torch.float32)
+    assert_close_to(logits, float_logits.double(), torch.bfloat16)  # and near the float head's
+
+
+def test_load_with_a_converted_head(tiny_checkpoint, tiny_model):
+    model, _ = qwenkit.load(tiny_checkpoint, head="int8")
+    assert type(model.lm_head) is QuantLinear and model.lm_head.qweight.dtype == torch.uint8
+    prompt = [1, 5, 9, 3, 7]
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 8)
+    scored = score_prompts(model, [prompt])[0]  # prefill path; the vocabulary comes from the config
+    want = score_prompts(tiny_model, [prompt])[0]
+    for got, ref in zip(scored[1:], want[1:], strict=True):
+        assert abs(got.logprob - ref.logprob) < 0.05
+    with pytest.raises(QwenkitError, match="head must be one of"):
+        qwenkit.load(tiny_checkpoint, head="int4")
+    with pytest.raises(QwenkitError, match="already a QuantLinear"):
+        convert_head(model, "fp16")

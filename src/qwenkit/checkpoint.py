@@ -411,6 +411,7 @@ def load(
     dtype: str | torch.dtype | None = None,
     adapter: str | os.PathLike | None = None,
     kv_cache: str | None = None,
+    head: str | None = None,
 ) -> tuple[Qwen, Tokenizer]:
     """Load a checkpoint directory (original Qwen or Qwen2 layout) -> (model in eval mode, tokenizer).
 
@@ -418,6 +419,8 @@ def load(
     dtype: float32, bfloat16 or float16; "auto" (or None) is float32 on CPU and the checkpoint's own
     dtype on GPUs. `adapter`: a LoRA adapter directory (peft format) merged into the weights.
     kv_cache: "float" or "int8" (config.use_cache_quantization); None keeps the checkpoint's setting.
+    head: "fp16", "bf16" or "int8" holds the LM head in fewer bytes for faster decoding
+    (qwenkit.quant.linear.convert_head); None keeps it as stored.
     """
     if kv_cache is not None and kv_cache not in KV_CACHE_KINDS:
         raise QwenkitError(f"kv_cache must be one of {', '.join(KV_CACHE_KINDS)}, got {kv_cache!r}")
@@ -446,6 +449,10 @@ def load(
         from qwenkit.lora import merge_adapter
 
         model = merge_adapter(model, adapter)
+    if head is not None:
+        from qwenkit.quant.linear import convert_head
+
+        convert_head(model, head)
     return model.eval(), tokenizer
 
 

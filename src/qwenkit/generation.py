@@ -262,7 +262,7 @@ def score_prompts(
     rows = [list(p) for p in prompts]
     if not rows or any(not r for r in rows):
         raise QwenkitError("every prompt needs at least one token")
-    vocab = model.lm_head.weight.shape[0]
+    vocab = model.config.vocab_size
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     results: list[list[TokenLogprob | None]] = [[] for _ in rows]
     group: list[int] = []
@@ -302,7 +302,7 @@ def prompt_pass(
         cache.inv_freq = rotary_inv_freq(config.head_dim, config.rope_theta, alphas, device)
     starts = [width - len(r) for r in rows]  # column of each row's first real token
     results: list[list[TokenLogprob | None]] = [[None] for _ in rows]
-    step = max(1, logits_budget // (batch * model.lm_head.weight.shape[0]))
+    step = max(1, logits_budget // (batch * model.config.vocab_size))
     begin, last = 0, None
     while begin < width:
         end = min(max(begin + step, max(starts) + 1 if begin == 0 else 0), width)
