@@ -168,6 +168,18 @@ def test_int8_activation_error_is_within_half_a_level(bits, group_size):
     assert (y.double() - exact).abs().max() > 0  # the rounding is real: this test can fail
 
 
+@pytest.mark.parametrize(
+    "bits,group_size,act_order", [(8, IN, False), (8, 64, True), (4, 32, False), (4, 128, True)]
+)
+def test_dequantized_rows_are_the_weight_in_stored_order(bits, group_size, act_order):
+    weight = random_weight(bits, group_size, sym=False, act_order=act_order, seed=9)
+    layer = QuantLinear.from_weight(weight)
+    want = weight.dequantize() if layer.perm is None else weight.dequantize()[:, layer.perm]
+    rows = slice(5, 41)
+    torch.testing.assert_close(layer.dequantize_rows(rows), want[rows], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer.dequantize_rows(slice(None), torch.bfloat16), want.bfloat16())
+
+
 def test_shapes_the_kernels_refuse_use_the_fallback():
     # 100 input columns: not a multiple of 32 (int4 pads to 128 stored columns); groups of 48
     weight = random_weight(4, 48, sym=False, inp=100, out=40)

@@ -302,6 +302,44 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   return quant_gemv(x, q, scales, szeros, bias, group_size, int8_activations, 4);
 }
 
+// Rows of levels -> fp32 weights [N, K] (prefill: the caller multiplies a chunk of rows at a time).
+at::Tensor dequantize(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& szeros, int64_t group_size,
+                      int64_t bits) {
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  const int64_t N = q.size(0), K = q.size(1) * (bits == 4 ? 2 : 1);
+  check_quant_args(at::empty({0, K}, scales.options()), q, scales, szeros, c10::nullopt, group_size,
+                   bits == 4 ? 2 : 1);
+  const int64_t G = K / group_size, blocks_per_group = group_size / QBLOCK;
+  at::Tensor out = at::empty({N, K}, scales.options());
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float *sp = scales.data_ptr<float>(), *zp = szeros.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* row = qp + n * q.size(1);
+      for (int64_t b = 0; b < K / QBLOCK; ++b) {
+        const int64_t g = b / blocks_per_group;
+        const __m256 s = _mm256_set1_ps(sp[n * G + g]), z = _mm256_set1_ps(zp[n * G + g]);
+        __m256i w;
+        if (bits == 8) {
+          w = _mm256_loadu_si256((const __m256i*)(row + b * QBLOCK));
+        } else {
+          const __m256i bytes = _mm256_loadu_si256((const __m256i*)(row + (b / 2) * QBLOCK));
+          w = b % 2 == 0 ? _mm256_and_si256(bytes, low4) : _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+        }
+        float* dst = op + n * K + b * QBLOCK;
+        const __m128i lo = _mm256_castsi256_si128(w), hi = _mm256_extracti128_si256(w, 1);
+        const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+        for (int k = 0; k < 4; ++k) {  // s * q - s * zero
+          _mm256_storeu_ps(dst + 8 * k, _mm256_fmsub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[k])), s, z));
+        }
+      }
+    }
+  });
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 16-bit weights [N, K] (fp16 or bf16) times fp32 x [M, K], widened to fp32 in registers.
 inline __m256 widen(__m128i h, bool bf16) {
@@ -379,6 +417,7 @@ TORCH_LIBRARY(qwenkit_cpu, m) {
         "bool int8_activations) -> Tensor");
   m.def("half_gemv(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("quantize_activations(Tensor x) -> (Tensor, Tensor)");
+  m.def("dequantize(Tensor q, Tensor scales, Tensor szeros, int group_size, int bits) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qwenkit_cpu, CPU, m) {
@@ -386,4 +425,5 @@ TORCH_LIBRARY_IMPL(qwenkit_cpu, CPU, m) {
   m.impl("int4_gemv", &int4_gemv);
   m.impl("half_gemv", &half_gemv);
   m.impl("quantize_activations", &quantize_activations);
+  m.impl("dequantize", &dequantize);
 }

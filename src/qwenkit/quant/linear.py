@@ -163,8 +163,13 @@ class QuantLinear(nn.Module):
 
     def dequantize_rows(self, rows: slice, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Float weight rows [rows, in] in stored column order (the input gathered by perm matches)."""
-        g = self.column_group.long()
-        w = self.scales[rows][:, g] * self.levels(rows).float() - self.szeros[rows][:, g]
+        if self.qweight.device.type == "cpu" and self.kernel_layout and native_kernels():
+            w = torch.ops.qwenkit_cpu.dequantize(
+                self.qweight[rows], self.scales[rows], self.szeros[rows], self.group_size, self.bits
+            )
+        else:
+            g = self.column_group.long()
+            w = self.scales[rows][:, g] * self.levels(rows).float() - self.szeros[rows][:, g]
         return w.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
