@@ -93,6 +93,16 @@ def test_every_code_point_splits_as_the_regex_does(kernel):
     )
 
 
+def test_the_character_table_is_cached_on_disk_and_read_back(kernel, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    fresh = minhash_kernel.cached_character_classes()  # computed and written
+    (written,) = (tmp_path / "qwenkit").glob("minhash-classes-*.npy")
+    np.testing.assert_array_equal(fresh, minhash_kernel.character_classes())
+    np.testing.assert_array_equal(np.load(written), fresh)
+    written.write_bytes(b"not a table")  # a damaged file is computed again
+    np.testing.assert_array_equal(minhash_kernel.cached_character_classes(), fresh)
+
+
 def test_signatures_equal_the_python_path_on_real_and_synthetic_text(kernel):
     rng = random.Random(1)
     long_words = [rng.choice(EN.split() + list(ZH)) for _ in range(30_000)]
@@ -153,7 +163,7 @@ def test_a_kernel_that_cannot_build_or_disagrees_falls_back_with_a_warning(monke
 
     wrong = minhash_kernel.character_classes().copy()
     wrong[ord("l")] = minhash_kernel.SEPARATOR  # "hello" is in the self-check's sample
-    for name, patch in (("_build", no_compiler), ("character_classes", lambda: wrong)):
+    for name, patch in (("_build", no_compiler), ("cached_character_classes", lambda: wrong)):
         with monkeypatch.context() as m:
             m.setattr(minhash_kernel, name, patch)
             minhash_kernel.load.cache_clear()

@@ -8,13 +8,16 @@ call. Where no compiler is available a warning is given once and the numpy path 
 (the same numbers; it is also the reference in tests/test_data_minhash_kernel.py).
 
 Which characters are words is not restated in C++: `character_classes` runs `steps`' own `regex` patterns
-over every code point once per process (about 0.3 s) and hands the kernel a table, so the kernel's words
-are the pattern's words for whatever Unicode version the installed `regex` knows.
+over every code point (about 0.3 s, then cached on disk) and hands the kernel a table, so the kernel's
+words are the pattern's words for whatever Unicode version the installed `regex` knows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
+import os
 import unicodedata
 import warnings
 from pathlib import Path
@@ -27,6 +30,34 @@ SEPARATOR, CJK, RUN = 0, 1, 2  # the kernel's character classes (minhash_kernel.
 
 def _code_points(found: list[str]) -> np.ndarray:
     return np.frombuffer("".join(found).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+
+
+def cached_character_classes() -> np.ndarray:
+    """`character_classes()`, kept on disk (~/.cache/qwenkit, 1 MiB) under a key of the installed `regex`
+    version and the patterns, so that every process (a datatrove task) does not pay for it again."""
+    import regex
+
+    from qwenkit.data import steps
+
+    patterns = (steps._WORD.pattern, steps._CJK_CHAR.pattern, steps._NOT_WORD.pattern)
+    key = hashlib.sha256(repr((regex.__version__, patterns)).encode()).hexdigest()[:16]
+    path = (
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        / "qwenkit"
+        / f"minhash-classes-{key}.npy"
+    )
+    with contextlib.suppress(OSError, ValueError):
+        classes = np.load(path)
+        if classes.shape == (CODE_POINTS,) and classes.dtype == np.uint8:
+            return classes
+    classes = character_classes()
+    with contextlib.suppress(OSError):  # a read-only home only costs the 0.3 s again
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        with open(partial, "wb") as f:
+            np.save(f, classes)
+        os.replace(partial, path)
+    return classes
 
 
 def character_classes() -> np.ndarray:
@@ -130,7 +161,7 @@ def load() -> MinhashKernel | None:
     """The kernel, built on the first call of the process (then cached by torch on disk), or None with a
     warning when it cannot be built or disagrees with the Python path (which then runs instead)."""
     try:
-        kernel = MinhashKernel(_build(), character_classes())
+        kernel = MinhashKernel(_build(), cached_character_classes())
         _self_check(kernel)
     except Exception as error:  # no compiler, a build failure, a mismatch: the numpy path still works
         warnings.warn(f"qwenkit MinHash kernel unavailable ({error}); using the numpy path", stacklevel=2)
