@@ -37,6 +37,10 @@
 namespace {
 
 constexpr int TILE = 4;       // output rows computed together
+// Software prefetch this many bytes ahead of the rows being read (the tiles of a thread are one
+// contiguous run; two cache lines per step, the bytes a step reads): measured on the 2-core AVX2
+// machine over a decode-like chain of 96 matrices, 1.2-1.5x faster than leaving it to the hardware.
+constexpr int64_t DIST = 8192;
 constexpr int64_t QBLOCK = 32;  // activation quantization block (columns)
 
 inline float hsum(__m256 v) {
@@ -122,6 +126,8 @@ void int8_rows_i8x(const uint8_t* q, int64_t K, const QuantizedRow& x, const flo
     for (const int64_t end = b + blocks_per_group; b < end; ++b) {
       const __m256i xv = _mm256_loadu_si256((const __m256i*)(x.q.data() + b * QBLOCK));
       const __m256 d = _mm256_set1_ps(x.d[b]);
+      _mm_prefetch((const char*)(q + DIST + b * R * QBLOCK), _MM_HINT_T0);
+      _mm_prefetch((const char*)(q + DIST + b * R * QBLOCK + 64), _MM_HINT_T0);
       for (int r = 0; r < R; ++r) {
         const __m256i w = _mm256_loadu_si256((const __m256i*)(q + r * K + b * QBLOCK));
         acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8_centered(w, xv)), d, acc[r]);
@@ -156,6 +162,8 @@ void int4_rows_i8x(const uint8_t* q, int64_t K, const QuantizedRow& x, const flo
     const __m256i x1 = _mm256_loadu_si256((const __m256i*)(x.q.data() + (b + 1) * QBLOCK));
     const __m256 d0 = _mm256_set1_ps(x.d[b]), d1 = _mm256_set1_ps(x.d[b + 1]);
     __m256i bytes[R];
+    _mm_prefetch((const char*)(q + DIST + b * R * QBLOCK / 2), _MM_HINT_T0);
+    _mm_prefetch((const char*)(q + DIST + b * R * QBLOCK / 2 + 64), _MM_HINT_T0);
     for (int r = 0; r < R; ++r) {
       bytes[r] = _mm256_loadu_si256((const __m256i*)(q + r * (K / 2) + b * (QBLOCK / 2)));
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u4(_mm256_and_si256(bytes[r], low4), x0)), d0, acc[r]);
@@ -353,6 +361,8 @@ void half_rows(const uint16_t* w, int64_t K, const float* x, bool bf16, float* o
   for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
   for (int64_t j = 0; j < K; j += 16) {
     const __m256 x0 = _mm256_loadu_ps(x + j), x1 = _mm256_loadu_ps(x + j + 8);
+    _mm_prefetch((const char*)(w + DIST / 2 + j * R), _MM_HINT_T0);
+    _mm_prefetch((const char*)(w + DIST / 2 + j * R + 32), _MM_HINT_T0);
     for (int r = 0; r < R; ++r) {
       const uint16_t* row = w + r * K + j;
       a0[r] = _mm256_fmadd_ps(widen(_mm_loadu_si128((const __m128i*)row), bf16), x0, a0[r]);
