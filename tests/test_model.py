@@ -1,6 +1,7 @@
 """The network against transformers' Qwen2 model, the KV cache, and the long-context formulas."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -9,9 +10,12 @@ from conftest import to_transformers
 
 from qwenkit import PRESETS, Qwen, QwenConfig
 from qwenkit.model import (
+    HUGE_PAGE_BYTES,
     FusedLinear,
     KVCache,
     attention_mask_from_positions,
+    cpu_decode_layout,
+    huge_page_empty,
     logn_scale,
     ntk_alpha,
     rotary_cos_sin,
@@ -426,3 +430,18 @@ def test_fused_decoding_of_packed_and_half_weights(weights):
     name = "weight" if weights == "fp16" else "qweight"
     up = getattr(model.model.layers[0].mlp.up_proj, name)
     assert up.untyped_storage().data_ptr() == getattr(parts.gate_up, name).untyped_storage().data_ptr()
+
+
+def test_cpu_decode_layout_copies_into_aligned_huge_page_memory():
+    """The decode layout keeps values and shapes; wide matrices become column-major; the copy starts
+    on a 2 MiB boundary (huge pages, Linux) and shares no memory with the original."""
+    wide, square = torch.randn(2048, 1024), torch.randn(1024, 1024)
+    for weight, column_major in ((wide, True), (square, False)):
+        laid = cpu_decode_layout(weight)
+        assert torch.equal(laid, weight) and laid.shape == weight.shape
+        assert laid.t().is_contiguous() == column_major and laid.is_contiguous() == (not column_major)
+        assert laid.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr()
+        if sys.platform == "linux":
+            assert laid.data_ptr() % HUGE_PAGE_BYTES == 0
+    small = huge_page_empty((3, 5), torch.float16)
+    assert small.shape == (3, 5) and small.dtype == torch.float16 and small.is_contiguous()
