@@ -214,6 +214,7 @@ def main() -> None:
                 out = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
                 runs[engine].append(json.loads(out.stdout.strip().splitlines()[-1]))
                 print(engine, {k: v for k, v in runs[engine][-1].items() if k != "tokens"}, file=sys.stderr)
+    load = os.getloadavg()[0]  # others running on the machine slow every engine's OpenMP regions
     results = {e: summarize(r) for e, r in runs.items()}
     fp32 = results.get("qwenkit fp32")
     lines = [
@@ -223,7 +224,8 @@ def main() -> None:
         "read per token x decode tokens/s / bandwidth. qwenkit int8/int4 quantize the head too (RTN; int8 "
         "per channel, int4 groups of 128); fp16 weights keep fp32 activations. The last column counts "
         "greedy tokens equal to qwenkit fp32's: random weights give near-tied logits, so it is no measure "
-        "of quality (tests and benchmarks/verify_gguf.py check each engine's logits).",
+        "of quality (tests and benchmarks/verify_gguf.py check each engine's logits). "
+        f"Load average at the end: {load:.1f}.",
         "",
         "| engine | prefill tok/s | decode tok/s | x qwenkit fp32 | weights read / token, MB | "
         "of roofline | peak memory, MB | greedy = fp32's |",
