@@ -402,6 +402,7 @@ def test_fused_projections_follow_changes_to_the_model(tmp_path, byte_tokenizer)
     expected = decode_logits(model, ids, 10, fused=False)
     torch.testing.assert_close(decode_logits(model, ids, 10, fused=True), expected, atol=1e-5, rtol=0)
     model.double()
+    assert model._fused == []  # the fused fp32 copies are dropped at the cast, not at the next decode
     torch.testing.assert_close(
         decode_logits(model, ids, 10, fused=True), expected.double(), atol=1e-5, rtol=0
     )

@@ -493,6 +493,10 @@ class Qwen(nn.Module):
         self.fused_decode = True  # decode_step on CPU: q/k/v and gate/up as one product each
         self._fused: list[FusedProjections | None] = []
 
+    def _apply(self, fn, recurse=True):
+        self._fused = []  # a cast or move makes new tensors: drop the fused copies of the old ones now
+        return super()._apply(fn, recurse)
+
     # From the embeddings: they stay in floating point when the head is quantized or 16-bit (qwenkit.quant).
     @property
     def device(self) -> torch.device:
