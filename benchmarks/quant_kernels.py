@@ -2,9 +2,11 @@
 fp32 nn.Linear at the Qwen2.5-0.5B shapes, in GB/s of weight bytes read against the read roofline.
 
 One input row (batch 1 decoding), the layer called as the model calls it (forward: Python, dispatch,
-the kernel, the bias), timed over many calls; best of `--rounds` rounds that take turns over the
-layers, so a noisy machine slows all alike. Bytes = the layer's weight tensors (levels, scales,
-scales x zeros); the roofline is the same STREAM-like read as benchmarks/quant_speed.py.
+the kernel, the bias). Each call starts cold, as in decoding, where a layer's weights were last read
+a whole token ago: 64 MB of other data are read before it (the caches hold 32 MB), and only the call
+is timed; median of the calls of a round, best of `--rounds` rounds that take turns over the layers,
+so a noisy machine slows all alike. Bytes = the layer's weight tensors (levels, scales, scales x
+zeros); the roofline is the same STREAM-like read as benchmarks/quant_speed.py.
 
     .venv/bin/python benchmarks/quant_kernels.py [--threads 2] [--rounds 5] [--compare FILE]
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import statistics
 import time
 
 import torch
@@ -67,17 +70,19 @@ def weight_bytes(layer: torch.nn.Module) -> int:
     return sum(t.nbytes for n, t in (*layer.named_parameters(), *layer.named_buffers()) if n not in skip)
 
 
+EVICT = torch.ones(1 << 24)  # 64 MB, twice the last-level cache
+
+
 def time_call(layer: torch.nn.Module, x: torch.Tensor, seconds: float) -> float:
-    """Seconds per call, from as many calls as fit in about `seconds`."""
+    """Median seconds of a cold call (caches flushed before each): 5 to 50 calls, about `seconds`."""
     layer(x)
-    start, calls = time.perf_counter(), 0
-    while True:
-        for _ in range(10):
-            layer(x)
-        calls += 10
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            return elapsed / calls
+    times: list[float] = []
+    while (sum(times) < seconds and len(times) < 50) or len(times) < 5:
+        EVICT.sum()
+        start = time.perf_counter()
+        layer(x)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def load_module(path: str):
@@ -94,7 +99,7 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=0.3, help="timed length of one measurement")
+    parser.add_argument("--seconds", type=float, default=0.05, help="timed calls per measurement")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--compare", help="another linear.py to time side by side")
     args = parser.parse_args()
