@@ -19,7 +19,7 @@ from qwenkit.agent.react import calculate, calculator
 from qwenkit.chatml import DEFAULT_SYSTEM
 from qwenkit.data.synthetic import arithmetic, chinese_story, english_story
 
-SFT_EXAMPLES = 30_000  # conversations a default build trains on (held-out measurement excludes their prompts)
+SFT_EXAMPLES = 60_000  # conversations a default build trains on (held-out measurement excludes their prompts)
 DEMO_NAME = "Qwen Demo"
 
 IDENTITY_EN = (
