@@ -237,7 +237,8 @@ def test_ppo_resume_after_a_kill_is_exact(setup, finished_run, tmp_path):
     assert main(ppo(setup, interrupted, *RUN)) == 0
     strip = [{k: v for k, v in r.items() if k not in TIMING} for r in records(interrupted)]
     assert strip == [{k: v for k, v in r.items() if k not in TIMING} for r in records(finished_run)]
-    assert main(ppo(setup, interrupted, *RUN, "--method", "lora")) == 1  # another method: refused, not a KeyError
+    # resuming with another method is refused with one line (it was a KeyError)
+    assert main(ppo(setup, interrupted, *RUN, "--method", "lora")) == 1
 
 
 def test_ppo_lora_uses_the_adapter_off_as_reference(setup, tmp_path):
