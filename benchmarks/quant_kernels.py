@@ -22,6 +22,7 @@ import statistics
 import time
 
 import torch
+from quant_speed import read_bandwidth  # benchmarks/ is on sys.path when a script there runs
 
 from qwenkit.quant.weights import QuantizedWeight
 
@@ -32,19 +33,6 @@ SHAPES = {  # (in, out) of Qwen2.5-0.5B's matrices
     "down 4864->896": (4864, 896),
     "head 896->151936": (896, 151936),
 }
-
-
-def read_bandwidth(threads: int) -> float:
-    """Bytes/s of a streaming read with `threads` threads: torch.sum over 1 GiB of fp32, best of 10."""
-    torch.set_num_threads(threads)
-    data = torch.ones(1 << 28)
-    data.sum()
-    best = float("inf")
-    for _ in range(10):
-        start = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - start)
-    return data.nbytes / best
 
 
 def random_quantized(out: int, inp: int, bits: int, group_size: int) -> QuantizedWeight:
