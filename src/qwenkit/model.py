@@ -470,6 +470,102 @@ class FusedProjections:
         )
 
 
+def _float_operands(module: nn.Module) -> tuple[list[int], list[torch.Tensor | None]] | None:
+    """decode_operands (qwenkit.quant.linear) for fp32 nn.Linear / FusedLinear layers: row-major
+    weights, or column-major ones as cpu_decode_layout lays out wide matrices."""
+    if type(module) not in (nn.Linear, FusedLinear):
+        from qwenkit.quant.linear import decode_operands
+
+        return decode_operands(module)
+    from qwenkit.quant.linear import DECODE_F32_COLS, DECODE_F32_ROWS
+
+    w = module.weight.detach()
+    if w.dtype != torch.float32 or w.device.type != "cpu" or w.dim() != 2:
+        return None
+    if w.stride() == (w.shape[1], 1):
+        kind = DECODE_F32_ROWS
+    elif w.stride(0) == 1 and w.stride(1) >= w.shape[0]:
+        kind = DECODE_F32_COLS
+    else:
+        return None
+    bias = None if module.bias is None else module.bias.detach().float().contiguous()
+    return [kind, 0, 0], [w, None, None, bias]
+
+
+class NativeDecode:
+    """Qwen.decode_step on CPU in one call of qwenkit_cpu.decode_layers (quant/cpu_kernels.cpp):
+    every block (RMSNorm, fused q/k/v + bias, RoPE, KV-cache write, attention of the new token over
+    its row's slots, o_proj + residual, RMSNorm, fused gate/up, SiLU x up, down_proj + residual),
+    the final norm and the head, with no Python between them, for fp32 / 16-bit / int8 / int4
+    layers. It holds the layers' tensors as the C++ reads them; `current` says whether the model
+    still holds the same layers and tensors (else decode_step makes a new one). `usable` is False
+    when some layer is of a kind the kernels do not read (decode_step then runs the blocks in Python).
+    """
+
+    def __init__(self, model: Qwen, fused: list[FusedProjections]):
+        self.fused = list(fused)
+        self.watched: list[tuple[nn.Module, str, object]] = []  # (owner, attribute, value) to check
+        self.pointers: list[tuple[torch.Tensor, int]] = []
+        config = model.config
+        weights: list[torch.Tensor | None] = []
+        ints: list[int] = []
+        self.usable = True
+
+        def watch(owner: nn.Module, name: str) -> nn.Module:
+            module = getattr(owner, name)
+            self.watched.append((owner, name, module))
+            for tensor_name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+                self.watched.append((module, tensor_name, tensor))
+                if tensor is not None:
+                    self.pointers.append((tensor, tensor.data_ptr()))
+            return module
+
+        def norm(owner: nn.Module, name: str) -> None:
+            w = watch(owner, name).weight
+            if w.dtype != torch.float32 or not w.is_contiguous() or w.device.type != "cpu":
+                self.usable = False
+            weights.append(w.detach())
+
+        def linear(module: nn.Module | None) -> None:
+            operands = None if module is None else _float_operands(module)
+            if operands is None:
+                self.usable = False
+                operands = [0, 0, 0], [None] * 4
+            ints.extend(operands[0])
+            weights.extend(operands[1])
+
+        for block, f in zip(model.model.layers, fused, strict=True):
+            norm(block, "input_layernorm")
+            linear(f.qkv)
+            linear(watch(block.self_attn, "o_proj"))
+            norm(block, "post_attention_layernorm")
+            linear(f.gate_up)
+            linear(watch(block.mlp, "down_proj"))
+        norm(model.model, "norm")
+        linear(watch(model, "lm_head"))
+        self.weights, self.ints = weights, ints
+        self.eps = config.rms_norm_eps
+        self.dims = [config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                     config.head_dim, config.intermediate_size]  # fmt: skip
+
+    def current(self, model: Qwen, fused: list[FusedProjections]) -> bool:
+        return (
+            len(fused) == len(self.fused)
+            and all(a is b for a, b in zip(fused, self.fused, strict=True))
+            and all(owner._modules.get(name, owner._parameters.get(name, owner._buffers.get(name))) is value
+                    for owner, name, value in self.watched)
+            and all(t.data_ptr() == ptr for t, ptr in self.pointers)
+        )  # fmt: skip
+
+    def __call__(self, x: torch.Tensor, cache: KVCache, rope, masks: list[torch.Tensor]) -> torch.Tensor:
+        """Logits [B, V] for the embedded new tokens x [B, 1, hidden] (cache.slot not advanced)."""
+        cos, sin = rope
+        return torch.ops.qwenkit_cpu.decode_layers(
+            x.reshape(x.shape[0], -1), self.weights, self.ints, cache.keys, cache.values, masks, cache.slot,
+            cos, sin, self.eps, self.dims,
+        )  # fmt: skip
+
+
 class Transformer(nn.Module):
     def __init__(self, config: QwenConfig):
         super().__init__()
@@ -491,10 +587,13 @@ class Qwen(nn.Module):
         self.generation_config = None  # set by qwenkit.load(); generation falls back to Qwen's defaults
         self.activation_checkpointing = False
         self.fused_decode = True  # decode_step on CPU: q/k/v and gate/up as one product each
+        self.native_decode = True  # ... and, where it applies, the whole step in C++ (NativeDecode)
         self._fused: list[FusedProjections | None] = []
+        self._native: NativeDecode | None = None
 
     def _apply(self, fn, recurse=True):
         self._fused = []  # a cast or move makes new tensors: drop the fused copies of the old ones now
+        self._native = None
         return super()._apply(fn, recurse)
 
     # From the embeddings: they stay in floating point when the head is quantized or 16-bit (qwenkit.quant).
@@ -636,10 +735,15 @@ class Qwen(nn.Module):
         }
         x = self.model.embed_tokens(tokens)
         if self.fused_decode and tokens.device.type == "cpu" and not torch.is_grad_enabled():
-            for layer, window, fused in zip(
-                self.model.layers, windows, self._fused_projections(), strict=True
-            ):
-                x = layer.decode(x, rope, masks[window], query_scale, cache, fused)
+            fused = self._fused_projections()
+            native = self._native_decode(fused, tokens, cache) if self.native_decode else None
+            if native is not None:  # every block, the norm and the head in one C++ call
+                logits = native(x, cache, rope, [masks[w] for w in windows])
+                cache.slot += 1
+                cache.next_position += 1
+                return logits
+            for layer, window, f in zip(self.model.layers, windows, fused, strict=True):
+                x = layer.decode(x, rope, masks[window], query_scale, cache, f)
         else:
             for layer, window in zip(self.model.layers, windows, strict=True):
                 x = layer(x, rope, masks[window], False, query_scale, cache)
@@ -656,6 +760,28 @@ class Qwen(nn.Module):
         self._fused = [f if f is not None and f.current(layer) else FusedProjections(layer)
                        for f, layer in zip(fused, layers, strict=True)]  # fmt: skip
         return self._fused
+
+    def _native_decode(self, fused: list[FusedProjections], tokens: torch.Tensor, cache: KVCache):
+        """The NativeDecode step for this model as it is now, or None where it does not apply (then
+        decode_step runs the blocks in Python): fp32 model and cache, no int8 KV cache, no LogN
+        scaling, at most GEMV_MAX_ROWS rows, every layer of a kind the kernels read."""
+        from qwenkit.quant.linear import GEMV_MAX_ROWS, native_kernels
+
+        config = self.config
+        if (
+            cache.quantized
+            or config.use_logn_attn
+            or cache.dtype != torch.float32
+            or self.dtype != torch.float32
+            or tokens.shape[0] > GEMV_MAX_ROWS
+            or tokens.shape[1] != 1
+            or not native_kernels()
+        ):
+            return None
+        plan = self._native
+        if plan is None or not plan.current(self, fused):
+            plan = self._native = NativeDecode(self, fused)
+        return plan if plan.usable else None
 
     def _positions(self, input_ids, attention_mask, cache):
         """Real positions of the new tokens [B, T] and of every visible key [B, S]; -1 marks padding."""

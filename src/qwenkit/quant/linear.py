@@ -334,6 +334,30 @@ def convert_head(model: nn.Module, kind: str) -> nn.Module:
     return model
 
 
+# Kinds of linear layer qwenkit_cpu.decode_layers reads (cpu_kernels.cpp, enum LinearKind).
+DECODE_F32_ROWS, DECODE_F32_COLS, DECODE_HALF, DECODE_INT8, DECODE_INT4 = range(5)
+
+
+def decode_operands(module: nn.Module) -> tuple[list[int], list[torch.Tensor | None]] | None:
+    """How the native decode step (qwenkit_cpu.decode_layers) reads a packed or 16-bit layer:
+    ([kind, group_size, int8_activations], [weight, scales, szeros, bias]), or None when its kernel
+    does not apply (act-order columns, a layout the kernels do not take, not on CPU)."""
+    bias = getattr(module, "bias", None)
+    if bias is not None:
+        bias = bias.detach().float().contiguous()
+    if isinstance(module, QuantLinear):
+        if module.perm is not None or not module.kernel_layout or module.qweight.device.type != "cpu":
+            return None
+        kind = DECODE_INT4 if module.bits == 4 else DECODE_INT8
+        ints = [kind, module.group_size, int(module.int8_activations)]
+        return ints, [module.qweight, module.scales, module.szeros, bias]
+    if isinstance(module, HalfLinear):
+        if module.in_features % 16 or module.weight.device.type != "cpu" or not module.weight.is_contiguous():
+            return None
+        return [DECODE_HALF, 0, 0], [module.weight, None, None, bias]
+    return None
+
+
 def _cat_bias(modules: list[nn.Module], like: torch.Tensor) -> torch.Tensor | None:
     """The modules' biases end to end (zeros for a module without one); None when none has a bias."""
     biases = [m.bias for m in modules]
