@@ -218,8 +218,14 @@ def test_cli_mistakes_are_one_line_errors(setup, tmp_path, capsys):
     assert f"{bad}:1: missing 'chosen'" in capsys.readouterr().err
     assert main(["reward", "score", "--model", str(setup / "base"), "--data", str(setup / "held.jsonl")]) == 1
     assert "is not a reward model" in capsys.readouterr().err
-    assert main(["reward", "score", "--model", str(setup / "base"), "--data", "x", "--batch-size", "z"]) == 1
+    assert main(["reward", "score", "--model", str(setup / "base"), "--data", "x", "--batch-size", "z"]) == 2
     assert "invalid int value" in capsys.readouterr().err
+    assert main(["reward", "score", "--data", "x"]) == 2
+    assert "the following arguments are required: --model" in capsys.readouterr().err
+    assert main(["reward", "score", "--config", "x.yaml", "--model", "m", "--data", "x"]) == 2
+    assert "unrecognized arguments: --config x.yaml" in capsys.readouterr().err
+    assert main(["reward", "score", "-h"]) == 0
+    assert "usage: qwenkit reward score" in capsys.readouterr().out
 
 
 def test_label_count_and_scores_over_the_data_are_one_line_errors(tmp_path, byte_tokenizer, capsys):

@@ -56,13 +56,19 @@ def tolerate_unencodable_output() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `qwenkit` command; returns the exit status."""
-    parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:2] == ["reward", "score"]:  # a sub-verb with its own options and help
+        from qwenkit.cli.train import reward_score_parser
+
+        parser, argv = reward_score_parser(), words[2:]
+    else:
+        parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
         if extra and not getattr(args, "dotted_overrides", False):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = extra
-        args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, for records
+        args.argv = words  # the command line, for records
     except SystemExit as e:  # --help, or a usage error argparse already printed
         return e.code if isinstance(e.code, int) else 2
     tolerate_unencodable_output()

@@ -59,7 +59,7 @@ def add_parsers(verbs) -> None:
         "  qwenkit reward --config configs/reward/rm.yaml --model runs/pmp --data hq.jsonl --eval-data held.jsonl "
         "--out runs/rm\n"
         "  qwenkit reward score --model runs/rm --data held.jsonl --out scores.jsonl  "
-        "(options: --max-len N, --batch-size N, --device D)\n"
+        "(see `qwenkit reward score -h`)\n"
         'data: JSONL in TRL\'s formats: {"prompt", "chosen", "rejected"} as strings or message lists, or '
         '{"chosen", "rejected"} message lists sharing their prompt',
     )
@@ -140,8 +140,6 @@ def run_sft(args: argparse.Namespace) -> int:
 
 
 def run_reward(args: argparse.Namespace) -> int:
-    if args.overrides[:1] == ["score"]:  # `qwenkit reward score`: its own few options
-        return run_reward_score(args)
     from qwenkit.errors import QwenkitError
     from qwenkit.train.reward import main as reward
 
@@ -152,24 +150,31 @@ def run_reward(args: argparse.Namespace) -> int:
     return reward(args.config, args.out, overrides + args.overrides)
 
 
+def reward_score_parser() -> argparse.ArgumentParser:
+    """`qwenkit reward score`: a sub-verb of `reward` with its own options (cli.main routes to it)."""
+    p = argparse.ArgumentParser(
+        prog="qwenkit reward score",
+        description="Score preference pairs with a reward model: one JSON line per pair, and the accuracy "
+        "(chosen scored above rejected).",
+        epilog="example:\n  qwenkit reward score --model runs/rm --data held.jsonl --out scores.jsonl",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model", required=True, metavar="DIR", help="reward model (a `qwenkit reward` run or its save)"
+    )
+    p.add_argument("--data", required=True, metavar="FILE", help="preference pairs, JSONL in TRL's formats")
+    p.add_argument("--out", metavar="FILE", help="scores JSONL (default: beside the data, NAME.scores.jsonl)")
+    p.add_argument("--max-len", type=int, default=2048, metavar="N", help="longest prompt + answer in tokens")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="pairs scored at once")
+    p.add_argument("--device", type=device_name, help="cpu, cuda, cuda:1, mps (default: the best available)")
+    p.set_defaults(run=run_reward_score)
+    return p
+
+
 def run_reward_score(args: argparse.Namespace) -> int:
-    from qwenkit.errors import QwenkitError
     from qwenkit.train.reward import score_main
 
-    options = argparse.ArgumentParser(prog="qwenkit reward score", add_help=False, exit_on_error=False)
-    options.add_argument("--max-len", type=int, default=2048)
-    options.add_argument("--batch-size", type=int, default=8)
-    options.add_argument("--device", type=device_name)
-    try:
-        extra, unknown = options.parse_known_args(args.overrides[1:])
-    except argparse.ArgumentError as e:
-        raise QwenkitError(f"reward score: {e}") from None
-    if unknown or args.config or args.eval_data:
-        raise QwenkitError(f"reward score takes --model, --data, --out, --max-len, --batch-size, --device; "
-                           f"not {' '.join(unknown) or '--config/--eval-data'}")  # fmt: skip
-    if not args.model or not args.data:
-        raise QwenkitError("reward score needs --model DIR and --data FILE")
-    return score_main(args.model, args.data, args.out, extra.max_len, extra.batch_size, extra.device)
+    return score_main(args.model, args.data, args.out, args.max_len, args.batch_size, args.device)
 
 
 def run_ppo(args: argparse.Namespace) -> int:
