@@ -3,7 +3,7 @@ weight matrix-vector products (per weight, against the memory-bandwidth roofline
 small ops around them, Python and dispatch overhead, and the sampling around the step.
 
     .venv/bin/python benchmarks/decode_profile.py [--precision fp32|fp16|int8|int4] [--threads 2]
-        [--context 256] [--steps 32] [--unfused]
+        [--context 256] [--steps 32] [--python] [--unfused]
 
 The model is the random Qwen2.5-0.5B-shaped one of benchmarks/quant_speed.py, laid out as
 `qwenkit.load` lays it out on CPU. Method:
@@ -15,6 +15,11 @@ The model is the random Qwen2.5-0.5B-shaped one of benchmarks/quant_speed.py, la
   timed alone; bytes read / time = bandwidth reached, against a STREAM-like 2-thread read.
 - the rest of the step (step - GEMVs) is split with torch.profiler: self time of each ATen op
   outside the linear modules, grouped; what is left is Python and dispatch overhead.
+- where the whole step runs in C++ (qwenkit.model.NativeDecode, the default where it applies; `--python`
+  runs the blocks in Python as before): the GEMVs are the step's products replayed one at a time
+  through qwenkit_cpu.decode_linear (the same kernels and threads), the C++ call is timed inside the
+  step, and the rest is split into "in C++ besides the GEMVs" (norms, RoPE, attention, SiLU,
+  barriers) and "Python around the C++ call" (embedding, positions, masks, dispatch).
 
 Prints a table (ms per token); nothing is written to docs/.
 """
@@ -87,6 +92,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=256, help="prompt tokens before decoding")
     parser.add_argument("--steps", type=int, default=32, help="decoding steps per measurement")
     parser.add_argument("--unfused", action="store_true", help="decode without fused projections")
+    parser.add_argument("--python", action="store_true", help="run the blocks in Python, not in one C++ call")
     args = parser.parse_args()
 
     from qwenkit.generation import BatchDecoder, GenerationConfig, RowSettings
@@ -96,6 +102,8 @@ def main() -> None:
     model = build_model(args.preset, args.precision)
     if args.unfused:
         model.fused_decode = False
+    if args.python:
+        model.native_decode = False
     total_steps = 6 * args.steps + 16
     decoder = BatchDecoder(model, 1, args.context + total_steps + 8)
     config = GenerationConfig(max_new_tokens=total_steps, do_sample=False)
@@ -114,6 +122,11 @@ def main() -> None:
             return logits
 
         step_s = median_time(step, args.steps)
+        step()
+        native = model._native if model.native_decode and model._native is not None else None
+        if native is not None and native.usable:
+            print_native(args, bandwidth, model, native, decode_s, step_s, step)
+            return
 
         # The linear modules of one step, in order, with their inputs.
         calls: list[tuple[str, nn.Module, torch.Tensor]] = []
@@ -179,6 +192,73 @@ def main() -> None:
         lines.append(f"{'  ' + name:<28}{seconds * 1e3:>10.2f}{seconds / step_s:>8.0%}")
     lines.append(f"{'other ops (profiled)':<28}{profiled * 1e3:>10.2f}{profiled / step_s:>8.0%}")
     lines.append(f"{'rest of the step':<28}{rest_s * 1e3:>10.2f}{rest_s / step_s:>8.0%}")
+    roofline = weight_bytes / bandwidth
+    lines.append(f"roofline for {weight_bytes / 1e6:.0f} MB of weights: {roofline * 1e3:.2f} ms/token "
+                 f"({1 / roofline:.2f} tok/s); step at {roofline / step_s:.0%} of it")  # fmt: skip
+    print("\n".join(lines))
+
+
+def print_native(args, bandwidth, model, native, decode_s, step_s, step) -> None:
+    """The table for a step run in one C++ call (NativeDecode)."""
+    from qwenkit.model import NativeDecode
+
+    products = native.products()
+    inputs = [torch.randn(1, model.config.intermediate_size if "down" in name else
+                          model.config.num_attention_heads * model.config.head_dim if "o_proj" in name else
+                          model.config.hidden_size) for name, _, _ in products]  # fmt: skip
+    per_call = defaultdict(list)
+    for _ in range(args.steps):  # in a step's order, so each weight streams from memory as in a step
+        for (name, ints, operands), x in zip(products, inputs, strict=True):
+            start = time.perf_counter()
+            torch.ops.qwenkit_cpu.decode_linear(x, operands, ints)
+            per_call[name].append(time.perf_counter() - start)
+    gemv = defaultdict(lambda: [0.0, 0, 0])  # kind -> seconds per token, bytes per token, calls
+    for name, _, operands in products:
+        entry = gemv[kind_of(name)]
+        entry[0] += statistics.median(per_call[name])
+        entry[1] += sum(t.nbytes for t in operands if t is not None)
+        entry[2] += 1
+    gemv_s = sum(e[0] for e in gemv.values())
+    call_times = []
+    original = NativeDecode.__call__
+
+    def timed(self, *a, **k):
+        start = time.perf_counter()
+        out = original(self, *a, **k)
+        call_times.append(time.perf_counter() - start)
+        return out
+
+    NativeDecode.__call__ = timed
+    try:
+        for _ in range(args.steps):
+            step()
+    finally:
+        NativeDecode.__call__ = original
+    call_s = statistics.median(call_times)
+    lines = [
+        f"{args.preset} {args.precision}, {args.threads} threads, context {args.context}; read bandwidth "
+        f"{bandwidth / 1e9:.1f} GB/s; the step in one C++ call (NativeDecode)",
+        f"decode() per token {decode_s * 1e3:.2f} ms ({1 / decode_s:.2f} tok/s); decode_step alone "
+        f"{step_s * 1e3:.2f} ms; picking + bookkeeping {(decode_s - step_s) * 1e3:.2f} ms",
+        "",
+        f"{'part':<28}{'ms/token':>10}{'share':>8}{'MB':>9}{'GB/s':>8}{'of bw':>7}{'calls':>7}",
+    ]
+    weight_bytes = sum(e[1] for e in gemv.values())
+    for kind, (seconds, nbytes, count) in sorted(gemv.items(), key=lambda kv: -kv[1][0]):
+        lines.append(
+            f"{'GEMV ' + kind:<28}{seconds * 1e3:>10.2f}{seconds / step_s:>8.0%}{nbytes / 1e6:>9.1f}"
+            f"{nbytes / seconds / 1e9:>8.1f}{nbytes / seconds / bandwidth:>7.0%}{count:>7}"
+        )
+    lines.append(
+        f"{'GEMVs together':<28}{gemv_s * 1e3:>10.2f}{gemv_s / step_s:>8.0%}{weight_bytes / 1e6:>9.1f}"
+        f"{weight_bytes / gemv_s / 1e9:>8.1f}{weight_bytes / gemv_s / bandwidth:>7.0%}"
+    )
+    lines.append(
+        f"{'in C++ besides the GEMVs':<28}{(call_s - gemv_s) * 1e3:>10.2f}{(call_s - gemv_s) / step_s:>8.0%}"
+    )
+    lines.append(
+        f"{'Python around the C++ call':<28}{(step_s - call_s) * 1e3:>10.2f}{(step_s - call_s) / step_s:>8.0%}"
+    )
     roofline = weight_bytes / bandwidth
     lines.append(f"roofline for {weight_bytes / 1e6:.0f} MB of weights: {roofline * 1e3:.2f} ms/token "
                  f"({1 / roofline:.2f} tok/s); step at {roofline / step_s:.0%} of it")  # fmt: skip

@@ -137,6 +137,18 @@ def test_generate_greedy_matches_model_generate(tiny_checkpoint, capsys):
     assert first == tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True) + "\n"
 
 
+def test_generate_with_a_converted_head_matches_load_with_that_head(tiny_checkpoint, capsys):
+    """--head int8 (chat/generate/serve) decodes as qwenkit.load(head="int8") does."""
+    args = ["generate", "--model", str(tiny_checkpoint), "--prompt", "Once", "--greedy"]
+    assert main([*args, "--max-new-tokens", "8", "--head", "int8"]) == 0
+    out = capsys.readouterr().out
+    model, tokenizer = load(tiny_checkpoint, head="int8")
+    assert type(model.lm_head).__name__ == "QuantLinear"
+    ids = tokenizer.encode("Once")
+    expected = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
+    assert out == tokenizer.decode(expected[0, len(ids) :], skip_special_tokens=True) + "\n"
+
+
 def test_generate_sampling_reproducible_with_seed(tiny_checkpoint, capsys):
     args = ["generate", "--model", str(tiny_checkpoint), "--prompt", "Once", "--max-new-tokens", "6",
             "--top-k", "50"]  # fmt: skip

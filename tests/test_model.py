@@ -446,3 +446,175 @@ def test_cpu_decode_layout_copies_into_aligned_huge_page_memory():
             assert laid.data_ptr() % HUGE_PAGE_BYTES == 0
     small = huge_page_empty((3, 5), torch.float16)
     assert small.shape == (3, 5) and small.dtype == torch.float16 and small.is_contiguous()
+
+
+def native_and_python_logits(
+    model: Qwen, ids: torch.Tensor, prefill: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """decode_logits with the whole step in C++ (NativeDecode) and with the blocks run in Python."""
+    model.native_decode = False
+    python = decode_logits(model, ids, prefill, fused=True)
+    model.native_decode = True
+    return decode_logits(model, ids, prefill, fused=True), python
+
+
+def laid_out_for_decoding(model: Qwen) -> Qwen:
+    """Every linear weight in cpu_decode_layout, as qwenkit.load gives it (wide ones column-major)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.data = cpu_decode_layout(module.weight.data)
+    return model
+
+
+@pytest.mark.parametrize(
+    "weights", ["fp32", "fp32 decode layout", "fp32 tied", "fp16", "bf16", "int8", "int4"]
+)
+def test_native_decode_step_equals_the_python_blocks(weights):
+    """The whole step in one C++ call gives the Python path's logits (1e-5) for every kind of weight
+    it reads: fp32 row-major and column-major (a tied head too), 16-bit, int8, int4."""
+    from qwenkit.quant.linear import QuantLinear, native_kernels, use_half_weights
+    from qwenkit.quant.quantize import quantize_model
+
+    if not native_kernels():
+        pytest.skip("no compiled CPU kernels here")
+    model, _ = build_pair(
+        num_key_value_heads=2,
+        hidden_size=128,
+        intermediate_size=320,
+        tie_word_embeddings=weights == "fp32 tied",
+    )
+    if weights in ("fp32 decode layout", "fp32 tied"):
+        laid_out_for_decoding(model)
+        assert not model.lm_head.weight.is_contiguous()  # the head's product reads columns
+    elif weights in ("fp16", "bf16"):
+        use_half_weights(model, torch.float16 if weights == "fp16" else torch.bfloat16)
+    elif weights != "fp32":
+        quantize_model(model, weights, group_size=32, quantize_head=True, progress=False)
+    ids = torch.randint(0, VOCAB, (2, 14), generator=torch.Generator().manual_seed(21))
+    native, python = native_and_python_logits(model, ids, 8)
+    assert model._native is not None and model._native.usable
+    scale = python.abs().max()
+    if weights.startswith("int"):
+        # int8 activations: a last-bit difference in a layer's input (the C++ norms and attention sum
+        # in another order) can move one value across a rounding boundary, a jump of one level
+        torch.testing.assert_close(native / scale, python / scale, atol=1e-2, rtol=0)
+        for module in model.modules():
+            if isinstance(module, QuantLinear):
+                module.int8_activations = False  # fp32 inputs: no rounding, the same products
+        model._fused, model._native = [], None  # fused layers copied the setting
+        native, python = native_and_python_logits(model, ids, 8)
+        assert model._native.usable and not model._native.products()[0][1][2]
+    torch.testing.assert_close(native / scale, python / scale, atol=1e-5, rtol=0)
+
+
+def test_native_decode_step_masks_windows_and_rows_of_different_lengths():
+    """Window attention (each layer's own mask) and a batch decoded over the slots in use (`width`,
+    rows of different lengths after a padded prefill) give the Python path's logits."""
+    model, _ = build_pair(num_key_value_heads=2, use_window_attn=True, window_sizes=[4, 9, 80])
+    ids = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(22))
+    native, python = native_and_python_logits(model, ids, 20)
+    assert model._native is not None and model._native.usable
+    torch.testing.assert_close(native, python, atol=1e-5, rtol=0)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # a row 5 tokens shorter, left-padded at prefill
+    outs = []
+    for native_decode in (True, False):
+        model.native_decode = native_decode
+        with torch.inference_mode():
+            prefilled = KVCache(model.config, 2, 20, model.device, model.dtype)
+            model(ids[:, :20], attention_mask=mask[:, :20], cache=prefilled)
+            cache = KVCache(model.config, 2, 30, model.device, model.dtype)
+            cache.insert([0, 1], prefilled)  # row 1 holds 15 slots, row 0 20
+            outs.append(
+                torch.stack(
+                    [
+                        model.decode_step(ids[:, i : i + 1], cache.first_rows(2), width=i + 1)
+                        for i in range(20, 30)
+                    ]
+                )  # fmt: skip
+            )
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=0)
+
+
+def test_native_decode_step_falls_back_where_it_does_not_apply():
+    """int8 KV cache, LogN scaling, a bf16 model and act-order layers decode through the Python blocks."""
+    from qwenkit.quant.linear import QuantLinear
+    from qwenkit.quant.quantize import rtn
+
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(23))
+    for switches in ({"use_cache_quantization": True}, {"use_logn_attn": True}):
+        model, _ = build_pair(num_key_value_heads=2, **switches)
+        decode_logits(model, ids, 8, fused=True)
+        assert model._native is None
+    model, _ = build_pair(num_key_value_heads=2)
+    decode_logits(model.to(torch.bfloat16), ids, 8, fused=True)
+    assert model._native is None
+    model, _ = build_pair(num_key_value_heads=2)
+    down = model.model.layers[1].mlp.down_proj
+    weight = rtn(down.weight.detach(), 8, 32)
+    weight.g_idx = torch.randperm(down.in_features, generator=torch.Generator().manual_seed(0)) // 32
+    model.model.layers[1].mlp.down_proj = QuantLinear.from_weight(
+        weight
+    )  # act-order: the kernel does not take it
+    native, python = native_and_python_logits(model, ids, 8)
+    assert model._native is not None and not model._native.usable
+    torch.testing.assert_close(native, python, atol=0, rtol=0)
+
+
+def test_native_decode_step_follows_changes_to_the_model():
+    """A replaced layer, new tensors and a converted head after a native decode: the next decode
+    sees them (the C++ step is rebuilt), as the Python path does."""
+    from qwenkit.quant.linear import convert_head
+
+    model, _ = build_pair(num_key_value_heads=2)
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(24))
+    decode_logits(model, ids, 8, fused=True)
+    first = model._native
+    model.model.layers[0].self_attn.o_proj = torch.nn.Linear(64, 64, bias=False)
+    with torch.no_grad():
+        model.model.layers[2].mlp.down_proj.weight.data = torch.randn(64, 176)
+        model.model.layers[1].post_attention_layernorm.weight.mul_(
+            2
+        )  # in place: seen through the same memory
+    native, python = native_and_python_logits(model, ids, 8)
+    assert model._native is not first
+    torch.testing.assert_close(native, python, atol=1e-5, rtol=0)
+    convert_head(model, "int8")
+    native, python = native_and_python_logits(model, ids, 8)
+    torch.testing.assert_close(native, python, atol=1e-5, rtol=0)
+
+
+def test_native_decode_step_is_the_same_on_any_number_of_threads_and_after_fork():
+    """The team splits whole output rows, so 1 and 3 threads give the same bits; a forked child
+    (whose copy of the team has no threads) decodes too."""
+    import os
+    import signal
+
+    model, _ = build_pair(num_key_value_heads=2)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(25))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = decode_logits(model, ids, 8, fused=True)
+        torch.set_num_threads(3)
+        three = decode_logits(model, ids, 8, fused=True)
+        assert model._native.usable and torch.equal(one, three)
+        with torch.inference_mode():  # prefilled here: the child runs decoding steps only
+            prefilled = KVCache(model.config, 2, 8, model.device, model.dtype)
+            model(ids[:, :8], cache=prefilled)
+            cache = KVCache(model.config, 2, 12, model.device, model.dtype)
+            cache.insert([0, 1], prefilled)
+        pid = os.fork()
+        if pid == 0:  # the child: a hang ends at the alarm, an error in a non-zero status
+            signal.alarm(60)
+            try:
+                with torch.inference_mode():
+                    steps = [model.decode_step(ids[:, i : i + 1], cache) for i in range(8, 12)]
+                os._exit(0 if torch.equal(torch.stack(steps, dim=1), one) else 1)
+            except BaseException:
+                os._exit(2)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        torch.set_num_threads(threads)

@@ -411,3 +411,51 @@ def test_load_with_a_converted_head(tiny_checkpoint, tiny_model):
         qwenkit.load(tiny_checkpoint, head="int4")
     with pytest.raises(QwenkitError, match="already a QuantLinear"):
         convert_head(model, "fp16")
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["fp32 rows", "fp32 columns", "fp16", "bf16", "int8", "int4", "int8 fp32 x"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_decode_step_products_equal_the_reference(kind, rows):
+    """Each product as the C++ decode step runs it (qwenkit_cpu.decode_linear: its thread team, every
+    kind of weight decode_operands / model._float_operands hand it) against fp64 F.linear, with
+    output counts that are no multiple of the tile and fp32 inputs of odd length."""
+    from qwenkit.model import _float_operands
+
+    out, inp = 203, (96 if kind in ("fp16", "bf16") else 128 if "int" in kind else 77)
+    g = torch.Generator().manual_seed(5)
+    bias = torch.randn(out, generator=g)
+    if kind.startswith("fp32"):
+        w = torch.randn(out, inp, generator=g)
+        layer = torch.nn.Linear(inp, out)
+        with torch.no_grad():
+            layer.bias.copy_(bias)
+            # columns: the transposed storage cpu_decode_layout gives wide matrices, rows 256 apart
+            layer.weight.data = torch.empty(inp, 256)[:, :out].copy_(w.t()).t() if "columns" in kind else w
+        weight = w.double()
+    elif kind in ("fp16", "bf16"):
+        layer = HalfLinear(
+            torch.randn(out, inp, generator=g).to(getattr(torch, "float16" if kind == "fp16" else "bfloat16")), bias
+        )
+        weight = layer.weight.double()
+    else:
+        quantized = random_weight(8 if "int8" in kind else 4, 32, sym=False, out=out, inp=inp)
+        layer = QuantLinear.from_weight(quantized, bias)
+        layer.int8_activations = "fp32 x" not in kind
+        weight = quantized.dequantize().double()
+    ints, operands = _float_operands(layer)
+    assert ints[0] == {"fp32 rows": 0, "fp32 columns": 1, "fp16": 2, "bf16": 2}.get(
+        kind, 3 if "int8" in kind else 4
+    )
+    x = torch.randn(rows, inp, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(torch.ops.qwenkit_cpu.decode_linear(x, operands, ints))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])  # whole rows per thread: the same bits on any team
+    x_in = round_activations(x)[2] if "int" in kind and layer.int8_activations else x
+    assert_close_to(results[0], F.linear(x_in.double(), weight, bias.double()), torch.float32)

@@ -548,6 +548,19 @@ class NativeDecode:
         self.dims = [config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
                      config.head_dim, config.intermediate_size]  # fmt: skip
 
+    def products(self) -> list[tuple[str, list[int], list[torch.Tensor | None]]]:
+        """(name, ints, operands) of the step's matrix products in the order it runs them, each as
+        qwenkit_cpu.decode_linear takes one (benchmarks/decode_profile.py times them alone)."""
+        names = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+        out = []
+        blocks = (len(self.weights) - 5) // 18
+        for b in range(blocks):
+            for j, (name, at) in enumerate(zip(names, (1, 5, 10, 14), strict=True)):
+                t, i = b * 18 + at, b * 12 + 3 * j
+                out.append((f"layers.{b}.{name}", self.ints[i : i + 3], self.weights[t : t + 4]))
+        out.append(("lm_head", self.ints[-3:], self.weights[-4:]))
+        return out
+
     def current(self, model: Qwen, fused: list[FusedProjections]) -> bool:
         return (
             len(fused) == len(self.fused)

@@ -23,7 +23,7 @@ def add_parsers(verbs) -> None:
         "  qwenkit chat --model ./Qwen2.5-0.5B-Instruct --chat-format chatml\n"
         "in the chat, type :help for commands (:conf top_p=0.5, :seed 7, :history, :exit, ...)",
     )
-    add_model_arguments(p)
+    add_model_arguments(p, head=True)
     p.add_argument(
         "--system",
         metavar="TEXT",
@@ -49,7 +49,7 @@ def add_parsers(verbs) -> None:
         "  qwenkit generate --model ./ckpt --prompt 'def fib(n):' --greedy --max-new-tokens 64\n"
         "  qwenkit generate --model ./ckpt --prompt 'Once upon a time' --top-p 0.9 --seed 1",
     )
-    add_model_arguments(p)
+    add_model_arguments(p, head=True)
     p.add_argument(
         "--prompt",
         required=True,

@@ -40,7 +40,15 @@ def seed_value(text: str) -> int:
     return seed
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, head: bool = False) -> None:
+    """--model, --adapter, --device, --dtype, --kv-cache (and --head for the verbs that decode)."""
+    if head:
+        parser.add_argument(
+            "--head",
+            choices=("fp16", "bf16", "int8"),
+            help="hold the LM head in 16 bits or int8 (a copy beside the embeddings) for faster CPU "
+            "decoding (qwenkit.load(head=...); default: as stored)",
+        )
     parser.add_argument(
         "--model", metavar="DIR", help="checkpoint directory (default: the built-in default model)"
     )
@@ -71,7 +79,12 @@ def load_model(args: argparse.Namespace):
 
     path = Path(args.model) if args.model is not None else qwenkit.default_model_path()
     model, tokenizer = qwenkit.load(
-        path, device=args.device, dtype=args.dtype, adapter=args.adapter, kv_cache=args.kv_cache
+        path,
+        device=args.device,
+        dtype=args.dtype,
+        adapter=args.adapter,
+        kv_cache=args.kv_cache,
+        head=getattr(args, "head", None),
     )
     return model, tokenizer, path
 

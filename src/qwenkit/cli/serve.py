@@ -23,7 +23,7 @@ def add_parsers(verbs) -> None:
         "then: curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' "
         '-d \'{"model": "qwen", "messages": [{"role": "user", "content": "Hello"}]}\'',
     )
-    add_model_arguments(p)
+    add_model_arguments(p, head=True)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
     p.add_argument("--api-key", metavar="KEY", default=os.environ.get("QWENKIT_API_KEY"),

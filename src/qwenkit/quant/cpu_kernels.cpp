@@ -954,6 +954,33 @@ at::Tensor decode_layers(const at::Tensor& x_in, const c10::List<std::optional<a
   return logits;
 }
 
+// One linear layer as decode_layers runs it (the team, the same kernels): x [M, K] -> [M, N], for
+// tests and benchmarks/quant_kernels.py. operands and ints as one layer's part of decode_layers'.
+at::Tensor decode_linear(const at::Tensor& x_in, const c10::List<std::optional<at::Tensor>>& operands,
+                         at::IntArrayRef ints_ref) {
+  TORCH_CHECK(operands.size() == 4 && ints_ref.size() == 3, "operands: weight, scales, szeros, bias; ints: 3");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(), "x: fp32 [M, K]");
+  const at::Tensor x = x_in.contiguous();
+  const std::vector<int64_t> ints(ints_ref.begin(), ints_ref.end());
+  const Linear L = make_linear(operands, 0, ints, 0, x.size(1), "linear");
+  const int64_t M = x.size(0), N = L.N;
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0) return out;
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  std::lock_guard<std::mutex> lock(team_mutex);
+  Team& crew = get_team(std::max(1, at::get_num_threads()));
+  const std::function<void(int)> job = [&](int tid) {
+    Prepared prep;
+    prepare(L, xp, M, prep);
+    int64_t a, b;
+    std::tie(a, b) = share(N, tid, crew.size(), L.align());
+    linear_part(L, prep, a, b, op + a, N, false);
+  };
+  crew.run(job);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(qwenkit_cpu, m) {
@@ -966,6 +993,7 @@ TORCH_LIBRARY(qwenkit_cpu, m) {
   m.def("dequantize(Tensor q, Tensor scales, Tensor szeros, int group_size, int bits) -> Tensor");
   m.def("decode_layers(Tensor x, Tensor?[] weights, int[] ints, Tensor[] keys, Tensor[] values, Tensor[] masks, "
         "Tensor slot, Tensor cos, Tensor sin, float eps, int[] dims) -> Tensor");
+  m.def("decode_linear(Tensor x, Tensor?[] operands, int[] ints) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qwenkit_cpu, CPU, m) {
@@ -975,4 +1003,5 @@ TORCH_LIBRARY_IMPL(qwenkit_cpu, CPU, m) {
   m.impl("quantize_activations", &quantize_activations);
   m.impl("dequantize", &dequantize);
   m.impl("decode_layers", &decode_layers);
+  m.impl("decode_linear", &decode_linear);
 }
