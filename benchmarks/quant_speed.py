@@ -37,6 +37,7 @@ QWENKIT = {
     "qwenkit int4": "int4",
 }
 LLAMA = {"llama.cpp f32": "f32", "llama.cpp f16": "f16", "llama.cpp Q8_0": "q8_0"}
+PYTHON_BLOCKS = " (Python blocks)"  # --python-blocks: decode_step without the one C++ call
 
 
 def peak_memory_mb() -> float:
@@ -79,6 +80,9 @@ def run_qwenkit(kind: str | None, checkpoint: str, ids, args) -> tuple:
 
     native_kernels()  # build or load the kernels before timing
     model, _ = qwenkit.load(checkpoint, dtype="float32")
+    model.native_decode = (
+        not args.python_blocks
+    )  # decode_step's blocks in Python (the path before NativeDecode)
     if kind == "fp16":
         use_half_weights(model, torch.float16)
     elif kind is not None:
@@ -180,6 +184,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="fresh processes per engine, taking turns")
     parser.add_argument("--engines", nargs="+", default=[*QWENKIT, *LLAMA], help="which rows to run")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    parser.add_argument(
+        "--python-blocks",
+        action="store_true",
+        help="also run each qwenkit row with the blocks in Python (no C++ decode step), taking turns",
+    )
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     parser.add_argument("--target", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -210,16 +219,20 @@ def main() -> None:
         model.init_weights(seed=0)
         qwenkit.save(model, Tokenizer.from_file(official_vocab_path()), checkpoint)
         del model
-        targets = {e: str(checkpoint) for e in engines if e in QWENKIT}
+        if args.python_blocks:
+            engines = [v for e in engines for v in ((e, e + PYTHON_BLOCKS) if e in QWENKIT else (e,))]
+        targets = {e: str(checkpoint) for e in engines if e.removesuffix(PYTHON_BLOCKS) in QWENKIT}
         for e in engines:
             if e in LLAMA:
                 targets[e] = str(export_gguf(checkpoint, Path(tmp) / f"{LLAMA[e]}.gguf", LLAMA[e]))
         runs: dict[str, list[dict]] = {e: [] for e in engines}
         for _ in range(args.runs):
             for engine in engines:
-                command = [sys.executable, __file__, "--engine", engine, "--target", targets[engine],
-                           "--prompt", str(args.prompt), "--new", str(args.new), "--threads", str(args.threads),
-                           "--repeats", str(args.repeats)]  # fmt: skip
+                command = [sys.executable, __file__, "--engine", engine.removesuffix(PYTHON_BLOCKS),
+                           "--target", targets[engine], "--prompt", str(args.prompt), "--new", str(args.new),
+                           "--threads", str(args.threads), "--repeats", str(args.repeats)]  # fmt: skip
+                if engine.endswith(PYTHON_BLOCKS):
+                    command.append("--python-blocks")
                 env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
                 out = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
                 runs[engine].append(json.loads(out.stdout.strip().splitlines()[-1]))
