@@ -448,6 +448,15 @@ def test_cpu_decode_layout_copies_into_aligned_huge_page_memory():
     assert small.shape == (3, 5) and small.dtype == torch.float16 and small.is_contiguous()
 
 
+def _kernels() -> bool:
+    from qwenkit.quant.linear import native_kernels
+
+    return native_kernels()
+
+
+needs_kernels = pytest.mark.skipif("not _kernels()", reason="no compiled CPU kernels here")
+
+
 def native_and_python_logits(
     model: Qwen, ids: torch.Tensor, prefill: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -508,6 +517,7 @@ def test_native_decode_step_equals_the_python_blocks(weights):
     torch.testing.assert_close(native / scale, python / scale, atol=1e-5, rtol=0)
 
 
+@needs_kernels
 def test_native_decode_step_masks_windows_and_rows_of_different_lengths():
     """Window attention (each layer's own mask) and a batch decoded over the slots in use (`width`,
     rows of different lengths after a padded prefill) give the Python path's logits."""
@@ -537,6 +547,7 @@ def test_native_decode_step_masks_windows_and_rows_of_different_lengths():
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=0)
 
 
+@needs_kernels
 def test_native_decode_step_falls_back_where_it_does_not_apply():
     """int8 KV cache, LogN scaling, a bf16 model and act-order layers decode through the Python blocks."""
     from qwenkit.quant.linear import QuantLinear
@@ -562,6 +573,7 @@ def test_native_decode_step_falls_back_where_it_does_not_apply():
     torch.testing.assert_close(native, python, atol=0, rtol=0)
 
 
+@needs_kernels
 def test_native_decode_step_follows_changes_to_the_model():
     """A replaced layer, new tensors and a converted head after a native decode: the next decode
     sees them (the C++ step is rebuilt), as the Python path does."""
@@ -585,6 +597,7 @@ def test_native_decode_step_follows_changes_to_the_model():
     torch.testing.assert_close(native, python, atol=1e-5, rtol=0)
 
 
+@needs_kernels
 def test_native_decode_step_is_the_same_on_any_number_of_threads_and_after_fork():
     """The team splits whole output rows, so 1 and 3 threads give the same bits; a forked child
     (whose copy of the team has no threads) decodes too."""
