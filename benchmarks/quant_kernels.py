@@ -12,6 +12,13 @@ zeros); the roofline is the same STREAM-like read as benchmarks/quant_speed.py.
 
 `--compare FILE` also times another version of qwenkit/quant/linear.py (for example an older one
 from `git show`, its kernel file next to it under another extension name) side by side.
+
+Rows named "step: ..." run the same weights as the one-call decode step does
+(`qwenkit_cpu.decode_linear`: its thread team, its fp32 row- and column-major kernels; the
+column-major fp32 weight is the layout `cpu_decode_layout` gives wide matrices). Called alone
+after the 64 MB flush, each such call also wakes the team's worker, asleep by then (a decoding step
+wakes it once per token, then it spins between products): the small matrices' step rows are
+mostly that wake-up.
 """
 
 from __future__ import annotations
@@ -53,9 +60,41 @@ def layers(linear_module, inp: int, out: int) -> dict[str, torch.nn.Module]:
     }
 
 
+class StepProduct(torch.nn.Module):
+    """A layer called as the one-call decode step calls it (qwenkit_cpu.decode_linear)."""
+
+    def __init__(self, layer: torch.nn.Module, column_major: bool = False):
+        super().__init__()
+        from qwenkit.model import _float_operands, cpu_decode_layout
+
+        if column_major:
+            layer.weight.data = cpu_decode_layout(layer.weight.data)
+            assert not layer.weight.is_contiguous() or layer.out_features < 2 * layer.in_features
+        self.layer = layer
+        self.ints, self.operands = _float_operands(layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.qwenkit_cpu.decode_linear(x, self.operands, self.ints)
+
+
+def step_layers(built: dict[str, torch.nn.Module], inp: int, out: int) -> dict[str, torch.nn.Module]:
+    """The decode step's way of calling each layer of `built` that it reads."""
+    rows = {}
+    for name, layer in built.items():
+        from qwenkit.model import _float_operands
+
+        if _float_operands(layer) is not None:
+            rows[f"step: {name}"] = StepProduct(layer)
+    if out >= 2 * inp:  # what cpu_decode_layout stores column-major
+        wide = torch.nn.Linear(inp, out, bias=False).requires_grad_(False)
+        rows["step: fp32 column-major"] = StepProduct(wide, column_major=True)
+    return rows
+
+
 def weight_bytes(layer: torch.nn.Module) -> int:
     skip = {"column_group", "perm", "bias"}
-    return sum(t.nbytes for n, t in (*layer.named_parameters(), *layer.named_buffers()) if n not in skip)
+    tensors = (*layer.named_parameters(), *layer.named_buffers())
+    return sum(t.nbytes for n, t in tensors if n.rsplit(".", 1)[-1] not in skip)
 
 
 EVICT = torch.ones(1 << 24)  # 64 MB, twice the last-level cache
@@ -106,6 +145,7 @@ def main() -> None:
             inp, out = SHAPES[shape]
             built = {prefix + name: layer for prefix, module in modules.items()
                      for name, layer in layers(module, inp, out).items()}  # fmt: skip
+            built.update(step_layers(layers(linear, inp, out), inp, out))
             x = torch.randn(1, inp)
             best = {name: float("inf") for name in built}
             for _ in range(args.rounds):

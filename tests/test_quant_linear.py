@@ -435,7 +435,10 @@ def test_decode_step_products_equal_the_reference(kind, rows):
         weight = w.double()
     elif kind in ("fp16", "bf16"):
         layer = HalfLinear(
-            torch.randn(out, inp, generator=g).to(getattr(torch, "float16" if kind == "fp16" else "bfloat16")), bias
+            torch.randn(out, inp, generator=g).to(
+                getattr(torch, "float16" if kind == "fp16" else "bfloat16")
+            ),
+            bias,
         )
         weight = layer.weight.double()
     else:
