@@ -1,5 +1,5 @@
 """Decode and prefill speed and peak memory per precision: qwenkit (fp32, 16-bit, int8, int4) against
-llama.cpp (f32, f16, Q8_0) on the same random Qwen2.5-0.5B-shaped weights, with each row also given as
+llama.cpp (f32, f16, Q8_0, Q4_0) on the same random Qwen2.5-0.5B-shaped weights, with each row also given as
 a fraction of the memory-bandwidth roofline.
 
 Every run of an engine is its own subprocess (so peak memory is its own) and the engines take turns,
@@ -11,8 +11,9 @@ fp32 array) with the same number of threads, best of 10. Results go to docs/benc
     .venv/bin/python benchmarks/quant_speed.py [--prompt 256] [--new 64] [--threads 2] [--runs 3]
 
 llama.cpp comes from llama-cpp-python (pip install llama-cpp-python compiles it, about 15 minutes on
-two cores; a prebuilt copy is found through PYTHONPATH / LD_LIBRARY_PATH as usual). Its GGUF files are
-written by `qwenkit export gguf`, which has no Q4_0 type, so there is no llama.cpp Q4_0 row.
+two cores; a prebuilt copy is found through PYTHONPATH / LD_LIBRARY_PATH as usual). Its f32, f16 and Q8_0
+GGUF files are written by `qwenkit export gguf`; Q4_0 (which the export does not write) is made from the f16
+file by llama.cpp's own quantizer (`llama_model_quantize`, as its llama-quantize tool does).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ QWENKIT = {
     "qwenkit int8": "int8",
     "qwenkit int4": "int4",
 }
-LLAMA = {"llama.cpp f32": "f32", "llama.cpp f16": "f16", "llama.cpp Q8_0": "q8_0"}
+LLAMA = {"llama.cpp f32": "f32", "llama.cpp f16": "f16", "llama.cpp Q8_0": "q8_0", "llama.cpp Q4_0": "q4_0"}
 PYTHON_BLOCKS = " (Python blocks)"  # --python-blocks: decode_step without the one C++ call
 
 
@@ -105,6 +106,21 @@ def run_qwenkit(kind: str | None, checkpoint: str, ids, args) -> tuple:
         return out, time.perf_counter() - first
 
     return prefill, generate, weight_bytes_per_token(model)
+
+
+def llama_q4_0(f16_file: Path, threads: int) -> str:
+    """A Q4_0 GGUF made from an f16 one by llama.cpp's quantizer (its default mixture: Q4_0 matrices, the
+    token embeddings / output at the type llama-quantize picks)."""
+    import ctypes
+
+    import llama_cpp
+
+    out = f16_file.with_name("q4_0.gguf")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, threads
+    if llama_cpp.llama_model_quantize(str(f16_file).encode(), str(out).encode(), ctypes.byref(params)) != 0:
+        raise SystemExit("llama.cpp could not quantize to Q4_0")
+    return str(out)
 
 
 def run_llama(gguf_file: str, ids, args) -> tuple:
@@ -223,8 +239,12 @@ def main() -> None:
             engines = [v for e in engines for v in ((e, e + PYTHON_BLOCKS) if e in QWENKIT else (e,))]
         targets = {e: str(checkpoint) for e in engines if e.removesuffix(PYTHON_BLOCKS) in QWENKIT}
         for e in engines:
-            if e in LLAMA:
+            if e in LLAMA and LLAMA[e] != "q4_0":
                 targets[e] = str(export_gguf(checkpoint, Path(tmp) / f"{LLAMA[e]}.gguf", LLAMA[e]))
+            elif e in LLAMA:
+                targets[e] = llama_q4_0(
+                    export_gguf(checkpoint, Path(tmp) / "for_q4_0.gguf", "f16"), args.threads
+                )
         runs: dict[str, list[dict]] = {e: [] for e in engines}
         for _ in range(args.runs):
             for engine in engines:
