@@ -82,6 +82,22 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def gemv_lines(gemv: dict, gemv_s: float, step_s: float, bandwidth: float) -> list[str]:
+    """Table rows of the products per weight kind (slowest first) and of all of them together."""
+    lines = []
+    for kind, (seconds, nbytes, count) in sorted(gemv.items(), key=lambda kv: -kv[1][0]):
+        lines.append(
+            f"{'GEMV ' + kind:<28}{seconds * 1e3:>10.2f}{seconds / step_s:>8.0%}{nbytes / 1e6:>9.1f}"
+            f"{nbytes / seconds / 1e9:>8.1f}{nbytes / seconds / bandwidth:>7.0%}{count:>7}"
+        )
+    weight_bytes = sum(e[1] for e in gemv.values())
+    lines.append(
+        f"{'GEMVs together':<28}{gemv_s * 1e3:>10.2f}{gemv_s / step_s:>8.0%}{weight_bytes / 1e6:>9.1f}"
+        f"{weight_bytes / gemv_s / 1e9:>8.1f}{weight_bytes / gemv_s / bandwidth:>7.0%}"
+    )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -177,21 +193,13 @@ def main() -> None:
         "",
         f"{'part':<28}{'ms/token':>10}{'share':>8}{'MB':>9}{'GB/s':>8}{'of bw':>7}{'calls':>7}",
     ]
-    weight_bytes = sum(e[1] for e in gemv.values())
-    for kind, (seconds, nbytes, count) in sorted(gemv.items(), key=lambda kv: -kv[1][0]):
-        lines.append(
-            f"{'GEMV ' + kind:<28}{seconds * 1e3:>10.2f}{seconds / step_s:>8.0%}{nbytes / 1e6:>9.1f}"
-            f"{nbytes / seconds / 1e9:>8.1f}{nbytes / seconds / bandwidth:>7.0%}{count:>7}"
-        )
-    lines.append(
-        f"{'GEMVs together':<28}{gemv_s * 1e3:>10.2f}{gemv_s / step_s:>8.0%}{weight_bytes / 1e6:>9.1f}"
-        f"{weight_bytes / gemv_s / 1e9:>8.1f}{weight_bytes / gemv_s / bandwidth:>7.0%}"
-    )
+    lines += gemv_lines(gemv, gemv_s, step_s, bandwidth)
     profiled = sum(ops.values())
     for name, seconds in sorted(ops.items(), key=lambda kv: -kv[1])[:12]:
         lines.append(f"{'  ' + name:<28}{seconds * 1e3:>10.2f}{seconds / step_s:>8.0%}")
     lines.append(f"{'other ops (profiled)':<28}{profiled * 1e3:>10.2f}{profiled / step_s:>8.0%}")
     lines.append(f"{'rest of the step':<28}{rest_s * 1e3:>10.2f}{rest_s / step_s:>8.0%}")
+    weight_bytes = sum(e[1] for e in gemv.values())
     roofline = weight_bytes / bandwidth
     lines.append(f"roofline for {weight_bytes / 1e6:.0f} MB of weights: {roofline * 1e3:.2f} ms/token "
                  f"({1 / roofline:.2f} tok/s); step at {roofline / step_s:.0%} of it")  # fmt: skip
@@ -243,22 +251,14 @@ def print_native(args, bandwidth, model, native, decode_s, step_s, step) -> None
         "",
         f"{'part':<28}{'ms/token':>10}{'share':>8}{'MB':>9}{'GB/s':>8}{'of bw':>7}{'calls':>7}",
     ]
-    weight_bytes = sum(e[1] for e in gemv.values())
-    for kind, (seconds, nbytes, count) in sorted(gemv.items(), key=lambda kv: -kv[1][0]):
-        lines.append(
-            f"{'GEMV ' + kind:<28}{seconds * 1e3:>10.2f}{seconds / step_s:>8.0%}{nbytes / 1e6:>9.1f}"
-            f"{nbytes / seconds / 1e9:>8.1f}{nbytes / seconds / bandwidth:>7.0%}{count:>7}"
-        )
-    lines.append(
-        f"{'GEMVs together':<28}{gemv_s * 1e3:>10.2f}{gemv_s / step_s:>8.0%}{weight_bytes / 1e6:>9.1f}"
-        f"{weight_bytes / gemv_s / 1e9:>8.1f}{weight_bytes / gemv_s / bandwidth:>7.0%}"
-    )
+    lines += gemv_lines(gemv, gemv_s, step_s, bandwidth)
     lines.append(
         f"{'in C++ besides the GEMVs':<28}{(call_s - gemv_s) * 1e3:>10.2f}{(call_s - gemv_s) / step_s:>8.0%}"
     )
     lines.append(
         f"{'Python around the C++ call':<28}{(step_s - call_s) * 1e3:>10.2f}{(step_s - call_s) / step_s:>8.0%}"
     )
+    weight_bytes = sum(e[1] for e in gemv.values())
     roofline = weight_bytes / bandwidth
     lines.append(f"roofline for {weight_bytes / 1e6:.0f} MB of weights: {roofline * 1e3:.2f} ms/token "
                  f"({1 / roofline:.2f} tok/s); step at {roofline / step_s:.0%} of it")  # fmt: skip
