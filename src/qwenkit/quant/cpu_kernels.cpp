@@ -244,87 +244,6 @@ void check_quant_args(const at::Tensor& x, const at::Tensor& q, const at::Tensor
   }
 }
 
-// y = x W^T (+ bias) for int8 (bits 8) or int4 (bits 4) levels; see the top of the file.
-at::Tensor quant_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales,
-                      const at::Tensor& szeros, const c10::optional<at::Tensor>& bias, int64_t group_size,
-                      bool int8_activations, int bits) {
-  check_quant_args(x, q, scales, szeros, bias, group_size, bits == 4 ? 2 : 1);
-  const int64_t M = x.size(0), K = x.size(1), N = q.size(0), G = K / group_size;
-  const int64_t row_bytes = q.size(1), blocks_per_group = group_size / QBLOCK;
-  at::Tensor out = at::empty({M, N}, x.options());
-  const float *xp = x.data_ptr<float>(), *sp = scales.data_ptr<float>(), *zp = szeros.data_ptr<float>();
-  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
-  const uint8_t* qp = q.data_ptr<uint8_t>();
-  float* op = out.data_ptr<float>();
-
-  // Per (row of x, group): sum of x over the group, of x_hat with int8 activations.
-  std::vector<QuantizedRow> xq(int8_activations ? M : 0);
-  std::vector<float> xsum(M * G, 0.f);
-  for (int64_t m = 0; m < M; ++m) {
-    if (int8_activations) {
-      quantize_row(xp + m * K, K, group_size, xq[m]);
-      std::copy(xq[m].group_sum.begin(), xq[m].group_sum.end(), xsum.begin() + m * G);
-    } else {
-      for (int64_t i = 0; i < K; ++i) xsum[m * G + i / group_size] += xp[m * K + i];
-    }
-  }
-  // With int8 activations the int8 kernel takes q - 128, so its zero-point term uses zeros - 128.
-  const float zero_shift = int8_activations && bits == 8 ? 128.f : 0.f;
-
-  auto rows = [&](int64_t n0, int64_t count) {  // output rows n0 .. n0 + count - 1, count <= TILE
-    for (int64_t m = 0; m < M; ++m) {
-      float dots[TILE];
-      const uint8_t* qrow = qp + n0 * row_bytes;
-      const float* srow = sp + n0 * G;
-      if (int8_activations) {
-        if (bits == 8) {
-          if (count == TILE) int8_rows_i8x<TILE>(qrow, K, xq[m], srow, G, blocks_per_group, dots);
-          else for (int64_t r = 0; r < count; ++r) int8_rows_i8x<1>(qrow + r * K, K, xq[m], srow + r * G, G, blocks_per_group, dots + r);
-        } else {
-          if (count == TILE) int4_rows_i8x<TILE>(qrow, K, xq[m], srow, G, blocks_per_group, dots);
-          else for (int64_t r = 0; r < count; ++r) int4_rows_i8x<1>(qrow + r * (K / 2), K, xq[m], srow + r * G, G, blocks_per_group, dots + r);
-        }
-      } else {
-        const __m256i low4 = _mm256_set1_epi8(0x0F);
-        for (int64_t r = 0; r < count; ++r) {
-          const uint8_t* w = qrow + r * row_bytes;
-          dots[r] = bits == 8
-              ? quant_row_f32x(xp + m * K, srow + r * G, G, blocks_per_group,
-                               [&](int64_t b) { return _mm256_loadu_si256((const __m256i*)(w + b * QBLOCK)); })
-              : quant_row_f32x(xp + m * K, srow + r * G, G, blocks_per_group, [&](int64_t b) {
-                  const __m256i bytes = _mm256_loadu_si256((const __m256i*)(w + (b / 2) * QBLOCK));
-                  return b % 2 == 0 ? _mm256_and_si256(bytes, low4)
-                                    : _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
-                });
-        }
-      }
-      for (int64_t r = 0; r < count; ++r) {
-        const int64_t n = n0 + r;
-        float correction = 0.f;
-        for (int64_t g = 0; g < G; ++g) {
-          correction += (zp[n * G + g] - zero_shift * sp[n * G + g]) * xsum[m * G + g];
-        }
-        op[m * N + n] = dots[r] - correction + (bp ? bp[n] : 0.f);
-      }
-    }
-  };
-  const int64_t tiles = (N + TILE - 1) / TILE;
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) rows(t * TILE, std::min<int64_t>(TILE, N - t * TILE));
-  });
-  return out;
-}
-
-at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& szeros,
-                     const c10::optional<at::Tensor>& bias, int64_t group_size, bool int8_activations) {
-  return quant_gemv(x, q, scales, szeros, bias, group_size, int8_activations, 8);
-}
-
-at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& szeros,
-                     const c10::optional<at::Tensor>& bias, int64_t group_size, bool int8_activations) {
-  return quant_gemv(x, q, scales, szeros, bias, group_size, int8_activations, 4);
-}
-
 // Rows of levels -> fp32 weights [N, K] (prefill: the caller multiplies a chunk of rows at a time).
 at::Tensor dequantize(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& szeros, int64_t group_size,
                       int64_t bits) {
@@ -612,6 +531,46 @@ void linear_part(const Linear& L, const Prepared& p, int64_t n0, int64_t n1, flo
       for (int64_t r = 0; r < count; ++r) store(m, t0 + r, dots[r]);
     }
   }
+}
+
+// y = x W^T (+ bias) for int8 (bits 8) or int4 (bits 4) levels; see the top of the file. The layer
+// alone, its tiles of rows split over at::parallel_for, computed as the decode step computes them.
+at::Tensor quant_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales,
+                      const at::Tensor& szeros, const c10::optional<at::Tensor>& bias, int64_t group_size,
+                      bool int8_activations, int bits) {
+  check_quant_args(x, q, scales, szeros, bias, group_size, bits == 4 ? 2 : 1);
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  at::Tensor out = at::empty({M, N}, x.options());
+  Linear L;
+  L.kind = bits == 8 ? Q8 : Q4;
+  L.N = N;
+  L.K = K;
+  L.G = K / group_size;
+  L.group_size = group_size;
+  L.int8_act = int8_activations;
+  L.w = q.data_ptr<uint8_t>();
+  L.scales = scales.data_ptr<float>();
+  L.szeros = szeros.data_ptr<float>();
+  L.bias = bias ? bias->data_ptr<float>() : nullptr;
+  Prepared prep;
+  prepare(L, x.data_ptr<float>(), M, prep);
+  float* op = out.data_ptr<float>();
+  const int64_t tiles = (N + TILE - 1) / TILE;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    const int64_t n0 = begin * TILE, n1 = std::min(N, end * TILE);
+    linear_part(L, prep, n0, n1, op + n0, N, false);
+  });
+  return out;
+}
+
+at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& szeros,
+                     const c10::optional<at::Tensor>& bias, int64_t group_size, bool int8_activations) {
+  return quant_gemv(x, q, scales, szeros, bias, group_size, int8_activations, 8);
+}
+
+at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& szeros,
+                     const c10::optional<at::Tensor>& bias, int64_t group_size, bool int8_activations) {
+  return quant_gemv(x, q, scales, szeros, bias, group_size, int8_activations, 4);
 }
 
 // The share [begin, end) of n items that thread `tid` of `threads` takes, cut at multiples of `align`.
