@@ -147,6 +147,12 @@ def test_generate_with_a_converted_head_matches_load_with_that_head(tiny_checkpo
     ids = tokenizer.encode("Once")
     expected = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
     assert out == tokenizer.decode(expected[0, len(ids) :], skip_special_tokens=True) + "\n"
+    from qwenkit.cli.common import load_model  # the flag reaches the loader (greedy tokens may agree anyway)
+
+    for verb in ("generate", "chat", "serve"):
+        extra = ["--prompt", "x"] if verb == "generate" else []
+        parsed = build_parser().parse_args([verb, "--model", str(tiny_checkpoint), "--head", "int8", *extra])
+        assert type(load_model(parsed)[0].lm_head).__name__ == "QuantLinear"
 
 
 def test_generate_sampling_reproducible_with_seed(tiny_checkpoint, capsys):
