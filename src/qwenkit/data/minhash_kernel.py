@@ -130,14 +130,14 @@ class MinhashKernel:
 
 def _build():
     import pyarrow
-    from torch.utils import cpp_extension
 
-    return cpp_extension.load(
-        name="qwenkit_minhash_kernel",
+    from qwenkit.extensions import build_extension
+
+    return build_extension(
+        "qwenkit_minhash_kernel",
         sources=[str(Path(__file__).with_name("minhash_kernel.cpp"))],
         extra_include_paths=[pyarrow.get_include()],  # arrow/vendored/xxhash/xxhash.h: the official xxHash
         extra_cflags=["-O3"],
-        verbose=False,
     )
 
 

@@ -42,14 +42,13 @@ def native_kernels() -> bool:
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return False
     try:
-        from torch.utils import cpp_extension
+        from qwenkit.extensions import build_extension
 
-        cpp_extension.load(
-            name="qwenkit_cpu_kernels",
+        build_extension(
+            "qwenkit_cpu_kernels",
             sources=[str(Path(__file__).with_name("cpu_kernels.cpp"))],
             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"],
             is_python_module=False,
-            verbose=False,
         )
     except Exception as error:  # no compiler, or a build failure: the portable path still works
         warnings.warn(f"qwenkit CPU kernels unavailable ({error}); using dequantize + F.linear", stacklevel=2)
