@@ -99,8 +99,8 @@ def test_the_default_model_is_the_shipped_demo_model(shipped):
 def test_shipped_model_abilities_on_held_out_prompts(shipped):
     """Floors under the build's own measurement (held-out prompts of the composed data, greedy decoding is
     deterministic): a change that breaks the model, or the code it runs on, fails here. On these 48 the
-    shipped model scores language 97.9%, <|im_end|> 97.9%, calculator call 64.7%, final answer 70.6%, the
-    rest 100%; the card's targets (demo.TARGETS) are higher than some of these: docs/demo-model.md."""
+    shipped model scores 100% on every measure (10 calculator calls); docs/demo-model.md has the full
+    held-out numbers."""
     from qwenkit.demo.compose import compose_examples
     from qwenkit.demo.evaluate import training_prompts
 
@@ -111,7 +111,7 @@ def test_shipped_model_abilities_on_held_out_prompts(shipped):
     scores = demo.evaluate_examples(model, tokenizer, held)["scores"]
     rates = {k: v["rate"] for k, v in scores.items()}
     assert scores["react_action"]["n"] >= 10 and scores["refusal"]["n"] >= 5
-    floors = {"language": 0.95, "im_end": 0.95, "react_action": 0.6, "react_final": 0.6, "identity": 1.0,
+    floors = {"language": 0.97, "im_end": 0.97, "react_action": 0.9, "react_final": 0.9, "identity": 1.0,
               "knowledge": 0.9, "refusal": 1.0, "direct_without_tools": 1.0, "direct_with_tools": 1.0}  # fmt: skip
     assert {k: rates[k] >= floor for k, floor in floors.items()} == dict.fromkeys(floors, True), rates
 
