@@ -688,6 +688,39 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+// exp of 8 floats: e^x = 2^n * e^r with n = round(x / ln 2), |r| <= ln(2) / 2, e^r by a degree-6
+// polynomial (Cephes' expf coefficients; at most 1.3 ulp from the exact value over [-87, 88), measured
+// at 13.6M points); inputs clamped to [-87.3, 88].
+// Why hand-written: std::exp is scalar, and SiLU of the MLP takes one per intermediate unit per token.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln 2 in two parts (Cody-Waite)
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// out[j] = silu(gate[j]) * up[j] = gate / (1 + e^-gate) * up, for j < n.
+void silu_mul(const float* gate, const float* up, int64_t n, float* out) {
+  int64_t j = 0;
+  const __m256 one = _mm256_set1_ps(1.f);
+  for (; j + 8 <= n; j += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + j);
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+    _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + j)));
+  }
+  for (; j < n; ++j) out[j] = gate[j] / (1.f + std::exp(-gate[j])) * up[j];
+}
+
 // out = weight * (x * rsqrt(mean(x^2) + eps)), as qwenkit.model.RMSNorm in fp32.
 void rms_norm(const float* x, const float* weight, int64_t n, float eps, float* out) {
   double sum = 0.0;
@@ -863,8 +896,18 @@ at::Tensor decode_layers(const at::Tensor& x_in, const c10::List<std::optional<a
             scores[j] = visible[j * p.mask_col] ? dot(qr.data(), kc + j * p.k_stride[2], D) * scale : -INFINITY;
             top = std::max(top, scores[j]);
           }
-          float total = 0.f;
-          for (int64_t j = 0; j < p.width; ++j) {
+          // softmax numerators; masked slots (-inf) become exactly 0 and are skipped below
+          int64_t j = 0;
+          __m256 sums = _mm256_setzero_ps();
+          const __m256 top8 = _mm256_set1_ps(top), minus_inf = _mm256_set1_ps(-INFINITY);
+          for (; j + 8 <= p.width; j += 8) {
+            const __m256 v = _mm256_loadu_ps(scores.data() + j);
+            const __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(v, minus_inf, _CMP_EQ_OQ), exp8(_mm256_sub_ps(v, top8)));
+            _mm256_storeu_ps(scores.data() + j, e);
+            sums = _mm256_add_ps(sums, e);
+          }
+          float total = hsum(sums);
+          for (; j < p.width; ++j) {
             scores[j] = scores[j] == -INFINITY ? 0.f : std::exp(scores[j] - top);
             total += scores[j];
           }
@@ -891,12 +934,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, const c10::List<std::optional<a
       const int64_t n = b - a;
       linear_part(p.gate_up, prep, a, b, gu.data(), 2 * n, false);
       linear_part(p.gate_up, prep, I + a, I + b, gu.data() + n, 2 * n, false);
-      for (int64_t m = 0; m < M; ++m) {
-        for (int64_t j = 0; j < n; ++j) {
-          const float gate = gu[m * 2 * n + j], up = gu[m * 2 * n + n + j];
-          act[m * I + a + j] = gate / (1.f + std::exp(-gate)) * up;
-        }
-      }
+      for (int64_t m = 0; m < M; ++m) silu_mul(gu.data() + m * 2 * n, gu.data() + m * 2 * n + n, n, act.data() + m * I + a);
       crew.barrier();
       prepare(p.down, act.data(), M, prep);
       std::tie(a, b) = share(H, tid, T, p.down.align());
