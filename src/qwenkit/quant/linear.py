@@ -42,6 +42,8 @@ DEQUANT_CHUNK_ROWS = 512
 def chunk_rows(in_features: int) -> int:
     """Weight rows dequantized (or widened) at a time for inputs of more than GEMV_MAX_ROWS rows."""
     return max(1, min(DEQUANT_CHUNK_ROWS, DEQUANT_CHUNK_ELEMENTS // in_features))
+
+
 INT4_BLOCK = 64  # int4 columns per 32-byte block: column j in the low nibble of byte j, 32 + j in the high
 
 
