@@ -692,15 +692,20 @@ def number_names(rng: random.Random) -> str:
     return "\n".join(lines)
 
 
+def calculations(rng: random.Random, low: int, high: int) -> list[tuple[bool, str, str, str]]:
+    """low to high (zh, question, expression, result) of arithmetic_request, each in a random language."""
+    d = Draw(rng)
+    out = []
+    for _ in range(rng.randint(low, high)):
+        zh = rng.random() < 0.5
+        out.append((zh, *arithmetic_request(d, zh)))
+    return out
+
+
 def calculator_notes(rng: random.Random) -> str:
     """Requests for a calculation and the expression they ask for: "帮我算一下 56 乘以 78 -> 56 * 78 = 4368"."""
-    d = Draw(rng)
-    lines = []
-    for _ in range(rng.randint(2, 5)):
-        zh = rng.random() < 0.5
-        question, expression, result = arithmetic_request(d, zh)
-        lines.append(f"{question}\n{'算式' if zh else 'Expression'}: {expression} = {result}")
-    return "\n\n".join(lines)
+    return "\n\n".join(f"{question}\n{'算式' if zh else 'Expression'}: {expression} = {result}"
+                       for zh, question, expression, result in calculations(rng, 2, 5))  # fmt: skip
 
 
 def copy_drills(rng: random.Random) -> str:
@@ -724,11 +729,8 @@ def copy_drills(rng: random.Random) -> str:
 
 def react_text(rng: random.Random) -> str:
     """Calculator conversations as plain text: the question, then the ReAct steps that copy its expression."""
-    d = Draw(rng)
     parts = []
-    for _ in range(rng.randint(1, 3)):
-        zh = rng.random() < 0.5
-        question, expression, result = arithmetic_request(d, zh)
+    for zh, question, expression, result in calculations(rng, 1, 3):
         final = f"答案是{result}。" if zh else f"The answer is {result}."
         parts.append(
             f"Question: {question}\nThought: {react_thought(expression)}\nAction: calculator\n"
