@@ -33,15 +33,16 @@ from qwenkit.quant.weights import QuantizedWeight
 GEMV_MAX_ROWS = 4  # inputs with more rows (prefill) use chunked dequantization + F.linear
 ACTIVATION_BLOCK = 32  # columns per int8 activation scale in the kernels' default mode
 DEQUANT_CHUNK_ELEMENTS = 1 << 22  # float elements dequantized at a time by the fallback (16 MiB fp32) at most
-# Output rows widened at a time (prefill): 512 rows keep the float copy in cache for F.linear. Measured on
-# 2 threads, prompt 256, the four Qwen2.5-0.5B matrices: int8 68 ms, int4 65, fp16 61 against fp32's
-# 66 per layer; chunks of 16 MiB (the earlier rule) 75 / 69 / 71.
-DEQUANT_CHUNK_ROWS = 512
+# Output rows widened at a time on CPU (prefill): 512 rows keep the float copy in cache for F.linear.
+# Measured on 2 threads, prompt 256, the four Qwen2.5-0.5B matrices: int8 68 ms, int4 65, fp16 61 against
+# fp32's 66 per layer; chunks of 16 MiB (the rule kept for other devices, fewer launches) 75 / 69 / 71.
+CPU_CHUNK_ROWS = 512
 
 
-def chunk_rows(in_features: int) -> int:
-    """Weight rows dequantized (or widened) at a time for inputs of more than GEMV_MAX_ROWS rows."""
-    return max(1, min(DEQUANT_CHUNK_ROWS, DEQUANT_CHUNK_ELEMENTS // in_features))
+def chunk_rows(in_features: int, device: torch.device) -> int:
+    """Weight rows dequantized (or widened) at a time by the chunked paths."""
+    rows = DEQUANT_CHUNK_ELEMENTS // in_features
+    return max(1, min(CPU_CHUNK_ROWS, rows) if device.type == "cpu" else rows)
 
 
 INT4_BLOCK = 64  # int4 columns per 32-byte block: column j in the low nibble of byte j, 32 + j in the high
@@ -221,7 +222,7 @@ class QuantLinear(nn.Module):
     def _dequantized_forward(self, x2: torch.Tensor) -> torch.Tensor:
         """The portable path: dequantize a chunk of output rows at a time and multiply."""
         out = x2.new_empty((x2.shape[0], self.out_features))
-        step = chunk_rows(self.in_features)
+        step = chunk_rows(self.in_features, x2.device)
         for start in range(0, self.out_features, step):
             rows = slice(start, start + step)
             out[:, rows] = F.linear(x2, self.dequantize_rows(rows, x2.dtype))
@@ -285,7 +286,7 @@ class HalfLinear(nn.Module):
             y = F.linear(x2, self.weight)
         else:  # widen a chunk of rows at a time: never a whole float copy
             y = x2.new_empty((x2.shape[0], self.out_features))
-            step = chunk_rows(self.in_features)
+            step = chunk_rows(self.in_features, x2.device)
             for start in range(0, self.out_features, step):
                 y[:, start : start + step] = F.linear(x2, self.weight[start : start + step].to(x.dtype))
         if self.bias is not None:
