@@ -193,10 +193,10 @@ def test_background_processes_do_not_outlive_their_cell(interpreter):
     zombie = "import os, time\npid = os.fork()\nif pid == 0:\n    os._exit(0)\n"
     zombie += "while open(f'/proc/{pid}/stat').read().split()[2] != 'Z':\n    time.sleep(0.01)"
     assert run(interpreter, zombie).ok
-    result = run(interpreter, "os.waitpid(pid, 0)\nimport subprocess\nsubprocess.Popen(['sleep', '600'])")
+    result = run(interpreter, "os.waitpid(pid, 0)\nimport subprocess\nsubprocess.Popen(['sleep', '6171'])")
     assert result.notice.startswith("The code left 1 process(es) running")
-    assert (
-        "sleep 600"
+    assert (  # an unusual duration: another "sleep 600" on the host must not fail this
+        "sleep 6171"
         not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
     )
 
