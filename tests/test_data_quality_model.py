@@ -182,3 +182,32 @@ def test_a_large_held_out_fraction_still_trains_on_each_class(tmp_path):
     path = train_classifier([good], [bad], str(tmp_path / "clf"), held_out_fraction=0.9)
     info = json.loads((path.parent / "classifier.json").read_text())
     assert (info["trained_on"], info["held_out"], info["held_out_accuracy"]) == (2, 0, None)
+
+
+def test_a_diverging_learning_rate_is_halved_and_retried_then_a_clear_error(tmp_path, capsys):
+    # fastText raises "Encountered NaN." when training diverges (once seen at the default rate on CI)
+    rng = random.Random(0)
+    good = write_jsonl(tmp_path / "good.jsonl", [story(rng, i) for i in range(40)])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [word_salad(rng, story(rng, i)) for i in range(40)])
+    with pytest.warns(UserWarning, match="diverged"):
+        path = train_classifier([good], [bad], str(tmp_path / "clf"), learning_rate=40.0)
+    info = json.loads((path.parent / "classifier.json").read_text())
+    assert 40.0 / 8 <= info["learning_rate"] < 40.0
+    with pytest.warns(UserWarning, match="diverged"):
+        code = main(["data", "train-classifier", "--positive", good, "--negative", bad,
+                     "--out", str(tmp_path / "clf2"), "--lr", "1e12"])  # fmt: skip
+    assert code != 0
+    diverged = "diverged (NaN) at learning rates 1e+12, 5e+11, 2.5e+11, 1.25e+11; use a lower --lr"
+    assert diverged in capsys.readouterr().err
+    bad_rate = [
+        "data",
+        "train-classifier",
+        "--positive",
+        good,
+        "--negative",
+        bad,
+        "--out",
+        str(tmp_path / "c"),
+    ]
+    assert main([*bad_rate, "--lr", "0"]) == 2
+    assert "argument --lr: invalid value '0'; use a positive number" in capsys.readouterr().err

@@ -302,6 +302,16 @@ def fraction(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}; use a positive number")
+    return value
+
+
 def add_pack_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--input",
@@ -397,6 +407,10 @@ def add_train_classifier_arguments(parser: argparse.ArgumentParser) -> None:
         "--epoch", type=positive_int, default=10, metavar="N", help="fastText epochs (default 10)"
     )
     parser.add_argument(
+        "--lr", type=positive_float, default=0.5,
+        help="fastText learning rate (default 0.5; halved and retried up to 3 times if training diverges)",
+    )  # fmt: skip
+    parser.add_argument(
         "--seed", type=seed_value, default=0, help="held-out split and training seed (default 0)"
     )
 
@@ -411,6 +425,7 @@ def run_train_classifier(args: argparse.Namespace) -> int:
         held_out_fraction=args.held_out,
         epoch=args.epoch,
         seed=args.seed,
+        learning_rate=args.lr,
     )
     info = json.loads((path.parent / CLASSIFIER_INFO).read_text(encoding="utf-8"))
     accuracy = info["held_out_accuracy"]

@@ -18,6 +18,7 @@ import math
 import random
 import tempfile
 import unicodedata
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -142,6 +143,7 @@ class ClassifierReport:
     epoch: int
     dim: int
     word_ngrams: int
+    learning_rate: float
 
 
 def train_classifier(
@@ -154,14 +156,14 @@ def train_classifier(
     word_ngrams: int = 2,
     buckets: int = 2**18,
     seed: int = 0,
+    learning_rate: float = 0.5,
 ) -> Path:
     """Train the fastText quality classifier on positive (keep) and negative (remove) documents
     (files or directories, as `qwenkit data pack` reads them); `held_out_fraction` of each class,
     drawn with `seed` (at most all but one document of each class), measures accuracy and is not trained
-    on. Writes OUT/classifier.bin and OUT/classifier.json (counts and held-out accuracy); returns the
-    model's path."""
-    import fasttext
-
+    on. fastText stops with "Encountered NaN." when training diverges: it is retried at half the
+    learning rate, up to three times. Writes OUT/classifier.bin and OUT/classifier.json (counts,
+    held-out accuracy, the learning rate used); returns the model's path."""
     if not 0.0 <= held_out_fraction < 1.0:
         raise QwenkitError(f"held-out fraction must be in [0, 1), got {held_out_fraction}")
     rng = random.Random(seed)
@@ -184,9 +186,9 @@ def train_classifier(
     with tempfile.TemporaryDirectory() as tmp:
         train_file = Path(tmp) / "train.txt"
         train_file.write_text("\n".join(train) + "\n", encoding="utf-8")
-        model = fasttext.train_supervised(
-            input=str(train_file), epoch=epoch, dim=dim, wordNgrams=word_ngrams, bucket=buckets,
-            minCount=1, lr=0.5, loss="softmax", thread=1, seed=seed, verbose=0,
+        model, learning_rate = _train_fasttext(
+            train_file, learning_rate, epoch=epoch, dim=dim, wordNgrams=word_ngrams, bucket=buckets,
+            minCount=1, loss="softmax", thread=1, seed=seed, verbose=0,
         )  # fmt: skip
     accuracy = None
     if held:
@@ -195,10 +197,39 @@ def train_classifier(
     path = out_dir / CLASSIFIER_FILE
     model.save_model(str(path))
     report = ClassifierReport(
-        counts["positive"], counts["negative"], len(train), len(held), accuracy, epoch, dim, word_ngrams
-    )
+        counts["positive"], counts["negative"], len(train), len(held), accuracy, epoch, dim, word_ngrams,
+        learning_rate,
+    )  # fmt: skip
     (out_dir / CLASSIFIER_INFO).write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def _train_fasttext(train_file: Path, learning_rate: float, retries: int = 3, **options):
+    """fastText's supervised training at `learning_rate`, retried at half the rate on its NaN error
+    (divergence); -> (model, the rate that trained)."""
+    import fasttext
+
+    if not learning_rate > 0:
+        raise QwenkitError(f"learning rate must be positive, got {learning_rate}")
+    tried = []
+    for _ in range(retries + 1):
+        try:
+            return fasttext.train_supervised(
+                input=str(train_file), lr=learning_rate, **options
+            ), learning_rate
+        except RuntimeError as err:
+            if "nan" not in str(err).lower():
+                raise
+            tried.append(learning_rate)
+            warnings.warn(
+                f"fastText diverged (NaN) at learning rate {learning_rate:g}; retrying at {learning_rate / 2:g}",
+                stacklevel=3,
+            )
+            learning_rate /= 2
+    raise QwenkitError(
+        f"fastText training diverged (NaN) at learning rates {', '.join(f'{r:g}' for r in tried)}; "
+        "use a lower --lr"
+    )
 
 
 def classifier_path(model: str | Path) -> Path:
