@@ -73,6 +73,23 @@ def test_generated_items_are_reproducible_and_unlike_the_training_data():
     assert all(i.result and i.expect == [i.result] for i in calculations)
 
 
+def test_the_last_generated_turn_asks_something_unlike_the_earlier_ones(monkeypatch):
+    # the same question twice has the same right answer, which multi_turn scores as a repeat
+    drawn = []
+    draw = dg._draw_turn
+    monkeypatch.setattr(
+        dg, "_draw_turn", lambda rng, intent, *a: drawn.append(intent) or draw(rng, intent, *a)
+    )
+    items = dg.generated_items(300, 0)
+    intents = iter(drawn)
+    for item in items:
+        asked = [next(intents) for _ in item.turns]
+        assert asked[-1] == item.intent
+        if len(asked) > 1:
+            assert item.intent not in asked[:-1], item
+    assert next(intents, None) is None and sum(len(i.turns) > 1 for i in items) > 30
+
+
 def steps(*replies):
     return [dg.Step(content, raw, call, True) for content, raw, call in replies]
 

@@ -349,7 +349,8 @@ def _draw_turn(
 
 def generated_items(count: int, seed: int = 0) -> list[Item]:
     """`count` items from `seed`: single questions of every intent with and without tools, and 3-turn
-    conversations whose turns change intent and (half the time) language."""
+    conversations whose turns change intent and (half the time) language; the last turn's intent is
+    neither earlier turn's."""
     rng = random.Random(f"demo-generalization/{seed}")
     categories = ["greeting", "identity", "knowledge", "unknown", "calculation_with_tool", "tool_not_needed",
                   "calculation_without_tool", "multi_turn"]  # fmt: skip
@@ -359,7 +360,10 @@ def generated_items(count: int, seed: int = 0) -> list[Item]:
         category = rng.choices(categories, weights)[0]
         chinese = rng.random() < 0.5
         if category == "multi_turn":
-            intents = [rng.choice(INTENTS[:4]) for _ in range(2)] + [rng.choice(INTENTS[:4])]
+            intents = [rng.choice(INTENTS[:4]) for _ in range(2)]
+            # the last turn asks something unlike both earlier ones: the same question asked twice
+            # has the same right answer, which the multi_turn measure would count as a repeat
+            intents.append(rng.choice([i for i in INTENTS[:4] if i not in intents]))
             languages = [chinese]
             for _ in range(2):
                 languages.append(languages[-1] if rng.random() < 0.5 else not languages[-1])
