@@ -72,21 +72,18 @@ def weight_bytes_per_token(model) -> int:
 
 
 def run_qwenkit(kind: str | None, checkpoint: str, ids, args) -> tuple:
-    import torch
 
     import qwenkit
     from qwenkit.model import KVCache
-    from qwenkit.quant.linear import native_kernels, use_half_weights
+    from qwenkit.quant.linear import native_kernels
     from qwenkit.quant.quantize import quantize_model
 
     native_kernels()  # build or load the kernels before timing
-    model, _ = qwenkit.load(checkpoint, dtype="float32")
+    model, _ = qwenkit.load(checkpoint, dtype="float32", weights="fp16" if kind == "fp16" else None)
     model.native_decode = (
         not args.python_blocks
     )  # decode_step's blocks in Python (the path before NativeDecode)
-    if kind == "fp16":
-        use_half_weights(model, torch.float16)
-    elif kind is not None:
+    if kind is not None and kind != "fp16":
         quantize_model(model, kind, quantize_head=True, progress=False)
     prompt_len = ids.shape[1]
 
@@ -265,7 +262,8 @@ def main() -> None:
         f"tokens, {args.new} new tokens greedy; torch {torch.__version__}. Read bandwidth "
         f"({args.threads} threads, STREAM-like sum): {bandwidth / 1e9:.1f} GB/s. Roofline = weight bytes "
         "read per token x decode tokens/s / bandwidth. qwenkit int8/int4 quantize the head too (RTN; int8 "
-        "per channel, int4 groups of 128); fp16 weights keep fp32 activations. The last column counts "
+        'per channel, int4 groups of 128); fp16 weights (`qwenkit.load(weights="fp16")`, `--weights fp16`) keep fp32 '
+        "activations. The last column counts "
         "greedy tokens equal to qwenkit fp32's: random weights give near-tied logits, so it is no measure "
         "of quality (tests and benchmarks/verify_gguf.py check each engine's logits). "
         f"Load average at the end: {load:.1f}.",

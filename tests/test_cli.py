@@ -153,6 +153,10 @@ def test_generate_with_a_converted_head_matches_load_with_that_head(tiny_checkpo
         extra = ["--prompt", "x"] if verb == "generate" else []
         parsed = build_parser().parse_args([verb, "--model", str(tiny_checkpoint), "--head", "int8", *extra])
         assert type(load_model(parsed)[0].lm_head).__name__ == "QuantLinear"
+        parsed = build_parser().parse_args(
+            [verb, "--model", str(tiny_checkpoint), "--weights", "bf16", *extra]
+        )
+        assert type(load_model(parsed)[0].model.layers[0].self_attn.q_proj).__name__ == "HalfLinear"
 
 
 def test_generate_sampling_reproducible_with_seed(tiny_checkpoint, capsys):

@@ -4,10 +4,13 @@ With int8 activations (QuantLinear's default) the kernels compute W x_hat, x_hat
 to int8 per block of 32 columns; the reference rounds x the same way, written here in torch.
 """
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_tiny_model
+from torch import nn
 
 import qwenkit
 from qwenkit.errors import QwenkitError
@@ -411,6 +414,34 @@ def test_load_with_a_converted_head(tiny_checkpoint, tiny_model):
         qwenkit.load(tiny_checkpoint, head="int4")
     with pytest.raises(QwenkitError, match="already a QuantLinear"):
         convert_head(model, "fp16")
+
+
+@pytest.mark.parametrize("weights", ["fp16", "bf16"])
+def test_load_with_16_bit_weights(tiny_checkpoint, tiny_model, weights):
+    """weights="fp16"/"bf16": every block matrix and the head held in 16 bits, activations in fp32; the
+    logits are those of the float model with its matrices rounded to 16 bits."""
+    storage = {"fp16": torch.float16, "bf16": torch.bfloat16}[weights]
+    model, _ = qwenkit.load(tiny_checkpoint, weights=weights)
+    linears = [m for m in model.modules() if isinstance(m, (nn.Linear, HalfLinear))]
+    assert linears and all(type(m) is HalfLinear and m.weight.dtype == storage for m in linears)
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    rounded = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for m in rounded.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.copy_(m.weight.to(storage).float())
+    prompt = torch.tensor([[1, 5, 9, 3, 7]])
+    with torch.inference_mode():
+        torch.testing.assert_close(model(prompt), rounded(prompt), rtol=1e-4, atol=1e-4)
+    assert model.generate(prompt, max_new_tokens=4, do_sample=False).shape == (1, 9)  # decode kernels
+    with_head, _ = qwenkit.load(tiny_checkpoint, weights=weights, head="int8")
+    assert (
+        type(with_head.lm_head) is QuantLinear and type(with_head.model.layers[0].mlp.up_proj) is HalfLinear
+    )
+    with pytest.raises(QwenkitError, match="weights must be one of"):
+        qwenkit.load(tiny_checkpoint, weights="int8")
+    with pytest.raises(QwenkitError, match="keep fp32 activations: use them with dtype float32"):
+        qwenkit.load(tiny_checkpoint, weights=weights, dtype="bfloat16")
 
 
 @needs_kernels

@@ -335,9 +335,18 @@ def original_to_qwen2(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.
 
 
 def load_weights(
-    model: Qwen, directory: Path, layout: str, dtype: torch.dtype, device, quant: QuantConfig | None = None
+    model: Qwen,
+    directory: Path,
+    layout: str,
+    dtype: torch.dtype,
+    device,
+    quant: QuantConfig | None = None,
+    half: torch.dtype | None = None,
 ) -> None:
     """Fill a model built on the meta device from the checkpoint, checking every name and shape.
+
+    `half` (float16/bfloat16): the blocks' linear weights are read straight into that dtype (never a
+    whole fp32 copy of the model), for load(weights=...) to make HalfLinear layers of.
 
     With `quant` (a GPTQ/AWQ checkpoint), each linear layer stored as qweight/qzeros/scales[/g_idx]
     becomes a QuantLinear holding the packed weight; the fused c_attn of the original layout is
@@ -363,6 +372,8 @@ def load_weights(
                 unexpected.append(name)
             elif tuple(piece.shape) != tuple(expected[target].shape):
                 misshaped.append(f"{name} {tuple(piece.shape)} != {tuple(expected[target].shape)}")
+            elif half is not None and target.endswith("proj.weight"):
+                loaded[target] = piece.to(device=device, dtype=half)
             else:
                 piece = piece.to(device=device, dtype=dtype)
                 is_linear = (
@@ -412,6 +423,7 @@ def load(
     adapter: str | os.PathLike | None = None,
     kv_cache: str | None = None,
     head: str | None = None,
+    weights: str | None = None,
 ) -> tuple[Qwen, Tokenizer]:
     """Load a checkpoint directory (original Qwen or Qwen2 layout) -> (model in eval mode, tokenizer).
 
@@ -421,6 +433,12 @@ def load(
     kv_cache: "float" or "int8" (config.use_cache_quantization); None keeps the checkpoint's setting.
     head: "fp16", "bf16" or "int8" holds the LM head in fewer bytes for faster decoding
     (qwenkit.quant.linear.convert_head); None keeps it as stored.
+    weights: "fp16" or "bf16" stores the blocks' float matrices (and the head, unless `head` says
+    otherwise) in 16 bits while activations, norms and embeddings stay fp32
+    (qwenkit.quant.linear.use_half_weights): half the bytes per decoded token, widened to fp32 inside
+    qwenkit's CPU kernels, so faster than fp32 where the CPU has no 16-bit arithmetic. The blocks'
+    matrices are read straight into 16 bits (no fp32 copy of the model; with an adapter, after the
+    merge). Needs dtype float32.
     """
     if kv_cache is not None and kv_cache not in KV_CACHE_KINDS:
         raise QwenkitError(f"kv_cache must be one of {', '.join(KV_CACHE_KINDS)}, got {kv_cache!r}")
@@ -437,10 +455,24 @@ def load(
     stored = hf.get("torch_dtype") or hf.get("dtype")
     default = DTYPES.get(stored, torch.bfloat16) if device.type != "cpu" else torch.float32
     dtype = resolve_dtype(dtype, default)
+    if weights is not None:
+        from qwenkit.quant.linear import HALF_WEIGHTS
+
+        if weights not in HALF_WEIGHTS:
+            raise QwenkitError(f"weights must be one of {', '.join(HALF_WEIGHTS)}, got {weights!r}")
+        if dtype != torch.float32:
+            raise QwenkitError(
+                f"16-bit weights ({weights}) keep fp32 activations: use them with dtype float32, not {dtype}"
+            )
     tokenizer = Tokenizer.from_file(directory)
     with torch.device("meta"):
         model = Qwen(config)
-    load_weights(model, directory, layout, dtype, device, read_quant_config(directory, hf))
+    half = None
+    if weights is not None and adapter is None:  # an adapter merges into fp32 weights first
+        from qwenkit.quant.linear import HALF_WEIGHTS
+
+        half = HALF_WEIGHTS[weights]
+    load_weights(model, directory, layout, dtype, device, read_quant_config(directory, hf), half)
     from qwenkit.generation import GenerationConfig
 
     model.generation_config = GenerationConfig.from_checkpoint(directory)
@@ -449,6 +481,10 @@ def load(
         from qwenkit.lora import merge_adapter
 
         model = merge_adapter(model, adapter)
+    if weights is not None:
+        from qwenkit.quant.linear import HALF_WEIGHTS, use_half_weights
+
+        use_half_weights(model, HALF_WEIGHTS[weights], head=head is None)
     if head is not None:
         from qwenkit.quant.linear import convert_head
 

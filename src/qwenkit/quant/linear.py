@@ -297,6 +297,9 @@ class HalfLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.storage_dtype}"
 
 
+HALF_WEIGHTS = {"fp16": torch.float16, "bf16": torch.bfloat16}  # qwenkit.load(weights=...)
+
+
 def use_half_weights(model: nn.Module, dtype: torch.dtype = torch.float16, head: bool = True) -> nn.Module:
     """Replace the nn.Linear layers of the blocks (and the head unless head=False) by HalfLinear, in place.
 
