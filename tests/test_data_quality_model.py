@@ -197,7 +197,9 @@ def test_a_diverging_learning_rate_is_halved_and_retried_then_a_clear_error(tmp_
         code = main(["data", "train-classifier", "--positive", good, "--negative", bad,
                      "--out", str(tmp_path / "clf2"), "--lr", "1e12"])  # fmt: skip
     assert code != 0
-    diverged = "diverged (NaN) at learning rates 1e+12, 5e+11, 2.5e+11, 1.25e+11; use a lower --lr"
+    diverged = (
+        "diverged (NaN) at learning rates 1e+12, 5e+11, 2.5e+11, 1.25e+11; use a lower learning rate (--lr)"
+    )
     assert diverged in capsys.readouterr().err
     bad_rate = [
         "data",

@@ -455,6 +455,7 @@ def load(
     stored = hf.get("torch_dtype") or hf.get("dtype")
     default = DTYPES.get(stored, torch.bfloat16) if device.type != "cpu" else torch.float32
     dtype = resolve_dtype(dtype, default)
+    half = None
     if weights is not None:
         from qwenkit.quant.linear import HALF_WEIGHTS
 
@@ -464,15 +465,13 @@ def load(
             raise QwenkitError(
                 f"16-bit weights ({weights}) keep fp32 activations: use them with dtype float32, not {dtype}"
             )
+        half = HALF_WEIGHTS[weights]
     tokenizer = Tokenizer.from_file(directory)
     with torch.device("meta"):
         model = Qwen(config)
-    half = None
-    if weights is not None and adapter is None:  # an adapter merges into fp32 weights first
-        from qwenkit.quant.linear import HALF_WEIGHTS
-
-        half = HALF_WEIGHTS[weights]
-    load_weights(model, directory, layout, dtype, device, read_quant_config(directory, hf), half)
+    quant = read_quant_config(directory, hf)
+    early = half if adapter is None else None  # an adapter is merged into fp32 weights first
+    load_weights(model, directory, layout, dtype, device, quant, early)
     from qwenkit.generation import GenerationConfig
 
     model.generation_config = GenerationConfig.from_checkpoint(directory)
@@ -481,10 +480,10 @@ def load(
         from qwenkit.lora import merge_adapter
 
         model = merge_adapter(model, adapter)
-    if weights is not None:
-        from qwenkit.quant.linear import HALF_WEIGHTS, use_half_weights
+    if half is not None:
+        from qwenkit.quant.linear import use_half_weights
 
-        use_half_weights(model, HALF_WEIGHTS[weights], head=head is None)
+        use_half_weights(model, half, head=head is None)
     if head is not None:
         from qwenkit.quant.linear import convert_head
 

@@ -228,7 +228,7 @@ def _train_fasttext(train_file: Path, learning_rate: float, retries: int = 3, **
             learning_rate /= 2
     raise QwenkitError(
         f"fastText training diverged (NaN) at learning rates {', '.join(f'{r:g}' for r in tried)}; "
-        "use a lower --lr"
+        "use a lower learning rate (--lr)"
     )
 
 
