@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from qwenkit import Qwen, QwenConfig, load
 from qwenkit.cli import build_parser, main
+from qwenkit.cli.common import format_count
 
 
 @pytest.fixture(autouse=True)
@@ -157,6 +158,15 @@ def test_generate_with_a_converted_head_matches_load_with_that_head(tiny_checkpo
             [verb, "--model", str(tiny_checkpoint), "--weights", "bf16", *extra]
         )
         assert type(load_model(parsed)[0].model.layers[0].self_attn.q_proj).__name__ == "HalfLinear"
+
+
+def test_chat_banner_counts_the_parameters_of_16_bit_layers(tiny_checkpoint, tiny_model, monkeypatch, capsys):
+    # HalfLinear holds its matrix as a buffer: model.parameters() alone counted only embeddings and norms
+    total = format_count(sum(p.numel() for p in tiny_model.parameters()))
+    for extra, shown in (([], "float32;"), (["--weights", "bf16"], "float32, bf16 matrices;")):
+        code, out, _ = run_chat(monkeypatch, capsys, ["--model", str(tiny_checkpoint), *extra], [":exit"])
+        assert code == 0
+        assert f"({total} parameters, cpu, {shown} prompts in" in out.splitlines()[0]
 
 
 def test_generate_sampling_reproducible_with_seed(tiny_checkpoint, capsys):
