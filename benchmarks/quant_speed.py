@@ -72,7 +72,6 @@ def weight_bytes_per_token(model) -> int:
 
 
 def run_qwenkit(kind: str | None, checkpoint: str, ids, args) -> tuple:
-
     import qwenkit
     from qwenkit.model import KVCache
     from qwenkit.quant.linear import native_kernels
@@ -83,7 +82,7 @@ def run_qwenkit(kind: str | None, checkpoint: str, ids, args) -> tuple:
     model.native_decode = (
         not args.python_blocks
     )  # decode_step's blocks in Python (the path before NativeDecode)
-    if kind is not None and kind != "fp16":
+    if kind not in (None, "fp16"):
         quantize_model(model, kind, quantize_head=True, progress=False)
     prompt_len = ids.shape[1]
 

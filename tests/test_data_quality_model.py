@@ -201,15 +201,6 @@ def test_a_diverging_learning_rate_is_halved_and_retried_then_a_clear_error(tmp_
         "diverged (NaN) at learning rates 1e+12, 5e+11, 2.5e+11, 1.25e+11; use a lower learning rate (--lr)"
     )
     assert diverged in capsys.readouterr().err
-    bad_rate = [
-        "data",
-        "train-classifier",
-        "--positive",
-        good,
-        "--negative",
-        bad,
-        "--out",
-        str(tmp_path / "c"),
-    ]
+    bad_rate = ["data", "train-classifier", "--positive", good, "--negative", bad, "--out", str(tmp_path / "c")]  # fmt: skip
     assert main([*bad_rate, "--lr", "0"]) == 2
     assert "argument --lr: invalid value '0'; use a positive number" in capsys.readouterr().err

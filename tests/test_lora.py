@@ -60,6 +60,10 @@ def test_merged_weights_give_the_adapted_logits(adapter, tmp_path, official_toke
     loaded, _ = qwenkit.load(tmp_path / "base", adapter=path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(IDS), reference, atol=1e-5, rtol=0)
+    half, _ = qwenkit.load(tmp_path / "base", adapter=path, weights="bf16")  # merged in fp32, then 16-bit
+    assert type(half.model.layers[0].self_attn.q_proj).__name__ == "HalfLinear"
+    with torch.no_grad():
+        torch.testing.assert_close(half(IDS), reference, atol=0.05, rtol=0)
     assert main(["merge-lora", str(tmp_path / "base"), str(path), str(tmp_path / "merged")]) == 0
     written, _ = qwenkit.load(tmp_path / "merged")
     with torch.no_grad():

@@ -245,9 +245,8 @@ def run_chat(args: argparse.Namespace) -> int:
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401 - gives input() line editing and history
     session = ChatSession(model, tokenizer, args.system, args.seed, args.chat_format)
-    params = format_count(
-        model.config.num_parameters
-    )  # packed and 16-bit layers hold buffers, not parameters
+    # from the config: packed and 16-bit layers hold their matrices as buffers, not parameters
+    params = format_count(model.config.num_parameters)
     dtype = str(model.dtype).removeprefix("torch.") + (f", {args.weights} matrices" if args.weights else "")
     layout = "its chat template" if session.chat_format == "template" else "ChatML"
     print(f"qwenkit chat: {path} ({params} parameters, {model.device}, {dtype}; prompts in {layout})")
